@@ -1,0 +1,163 @@
+"""TrainGraph: the training step as ops in execution order and the tensors between them.
+
+A TrainGraph is lowered from an ONNX Runtime training model (see `lower.py`). Ops keep the file order
+of the training model, which is the order ONNX Runtime executes under poetc's runtime contract
+(PRIORITY_BASED, ORT_DISABLE_ALL). Tensors carry concrete shapes, dtypes and byte sizes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+
+class Role(str, enum.Enum):
+    """What an op does in the training step."""
+
+    FORWARD = "forward"
+    LOSS = "loss"
+    BACKWARD = "backward"
+    ACCUMULATE = "accumulate"  # InPlaceAccumulator: adds a gradient into its persistent buffer
+
+
+class TensorKind(str, enum.Enum):
+    """Where a tensor lives and who owns it."""
+
+    INPUT = "input"  # user data fed each step (and the lazy_reset_grad flag)
+    PARAMETER = "parameter"  # model weights, owned by the checkpoint state
+    GRAD_BUFFER = "grad_buffer"  # persistent gradient accumulation buffers
+    CONSTANT = "constant"  # initializers of the training graph
+    ACTIVATION = "activation"  # produced by forward or loss ops
+    GRADIENT = "gradient"  # produced by backward ops (gradients and their temporaries)
+
+    @property
+    def is_persistent(self) -> bool:
+        """Persistent tensors exist before the step starts and are not freed by it."""
+        return self in (TensorKind.INPUT, TensorKind.PARAMETER, TensorKind.GRAD_BUFFER, TensorKind.CONSTANT)
+
+
+# ONNX elem type -> bytes per element. Sub-byte and string types are rejected by lowering.
+DTYPE_BYTES = {
+    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.INT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.UINT16: 2, onnx.TensorProto.UINT32: 4, onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.BOOL: 1,
+}
+DTYPE_NAMES = {v: onnx.TensorProto.DataType.Name(v).lower() for v in DTYPE_BYTES}
+_PROFILE_DTYPES = {"float": onnx.TensorProto.FLOAT, "double": onnx.TensorProto.DOUBLE,
+                   "float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16,
+                   "int64": onnx.TensorProto.INT64, "int32": onnx.TensorProto.INT32,
+                   "int16": onnx.TensorProto.INT16, "int8": onnx.TensorProto.INT8,
+                   "uint8": onnx.TensorProto.UINT8, "uint16": onnx.TensorProto.UINT16,
+                   "uint32": onnx.TensorProto.UINT32, "uint64": onnx.TensorProto.UINT64,
+                   "bool": onnx.TensorProto.BOOL}
+
+
+def dtype_from_profile_name(name: str) -> int | None:
+    return _PROFILE_DTYPES.get(name)
+
+
+def tensor_nbytes(shape: tuple[int, ...], dtype: int) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[dtype] if shape else DTYPE_BYTES[dtype]
+
+
+# Ops whose output shares its input's buffer in ONNX Runtime's CPU kernels (declared `Alias`): the
+# output costs no new memory and keeps the input's buffer alive while it lives.
+ALIAS_OPS = {("", "Reshape"), ("", "Identity"), ("", "Squeeze"), ("", "Unsqueeze"), ("", "Flatten"),
+             ("com.microsoft", "ExpandDims")}
+
+
+@dataclass
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: int
+    nbytes: int
+    kind: TensorKind
+    producer: int | None = None  # op index
+    consumers: list[int] = field(default_factory=list)
+    is_graph_output: bool = False
+    alias_of: str | None = None  # the tensor whose buffer this one shares
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES.get(self.dtype, str(self.dtype))
+
+
+@dataclass
+class Op:
+    index: int
+    name: str
+    op_type: str
+    domain: str
+    inputs: list[str]  # "" for an omitted optional input
+    outputs: list[str]
+    role: Role
+    host_time_s: float | None = None  # measured by the shape probe on this machine, if run
+
+    @property
+    def qualified_type(self) -> str:
+        return self.op_type if self.domain in ("", "ai.onnx") else f"{self.domain}.{self.op_type}"
+
+
+@dataclass
+class TrainGraph:
+    """The training step. `ops` are in execution order; `tensors` maps name -> Tensor."""
+
+    ops: list[Op]
+    tensors: dict[str, Tensor]
+    loss_output: str
+    model: onnx.ModelProto  # the training model the graph was lowered from (shapes filled in)
+    parameter_names: list[str]
+    frozen_parameter_names: list[str] = field(default_factory=list)
+    optimizer_state_bytes: int = 0
+    user_inputs: list[str] = field(default_factory=list)
+
+    # ---- queries -------------------------------------------------------------------------------
+    def op(self, name: str) -> Op:
+        for op in self.ops:
+            if op.name == name:
+                return op
+        raise KeyError(name)
+
+    def ops_with_role(self, role: Role) -> list[Op]:
+        return [op for op in self.ops if op.role is role]
+
+    def tensors_of_kind(self, kind: TensorKind) -> list[Tensor]:
+        return [t for t in self.tensors.values() if t.kind is kind]
+
+    def bytes_of_kind(self, kind: TensorKind) -> int:
+        return sum(t.nbytes for t in self.tensors_of_kind(kind))
+
+    def storage_root(self, name: str) -> str:
+        """The tensor owning the buffer `name` lives in (follows Alias chains)."""
+        while self.tensors[name].alias_of is not None:
+            name = self.tensors[name].alias_of
+        return name
+
+    def saved_activations(self) -> list[Tensor]:
+        """Forward activations read by a backward op: the tensors a schedule may keep, recompute or page.
+
+        Ordered by producer. Aliases are reported through their storage root, once.
+        """
+        seen: dict[str, Tensor] = {}
+        for op in self.ops:
+            if op.role is not Role.BACKWARD:
+                continue
+            for name in op.inputs:
+                if not name:
+                    continue
+                root = self.tensors[self.storage_root(name)]
+                if root.kind is TensorKind.ACTIVATION and root.name not in seen:
+                    seen[root.name] = root
+        return sorted(seen.values(), key=lambda t: (t.producer, t.name))
+
+    def op_counts_by_role(self) -> dict[str, int]:
+        counts = {role.value: 0 for role in Role}
+        for op in self.ops:
+            counts[op.role.value] += 1
+        return counts

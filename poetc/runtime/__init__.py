@@ -1,0 +1,1 @@
+"""Running compiled artifacts in ONNX Runtime: session options, native ops, measurement."""

@@ -1,0 +1,329 @@
+"""Schedules: per-activation decisions, the explicit step list they imply, and the simulator.
+
+A `Schedule` holds one `Decision` per saved activation (keep, recompute, page). `build_steps` turns the
+decisions into the exact step list the rewritten training graph executes (compute, recompute,
+page-out, page-in), and `simulate` replays a step list with ONNX Runtime's allocation rules under
+poetc's runtime contract: a buffer is allocated when its step runs and freed after its last reader;
+alias ops (Reshape, Identity, ...) share their input's buffer. The simulator is the single source of
+truth for peak RAM, time and energy; solvers and reports quote it.
+
+Regeneration policy (the solver's formulation mirrors it exactly):
+- a PAGE tensor is spilled right after its producer and restored just before its first backward reader;
+- a RECOMPUTE tensor is recomputed just before its first backward reader from the nearest resident
+  tensors: saved activations it needs are materialized too and stay resident until their own last
+  reader; other forward intermediates on the way are recomputed transiently.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from .errors import InternalError
+from .ir.graph import Role, TensorKind, TrainGraph
+
+SPILL_HANDLE_BYTES = 16  # Spill returns an int64[2] handle
+
+
+class Decision(str, enum.Enum):
+    KEEP = "keep"
+    RECOMPUTE = "recompute"
+    PAGE = "page"
+
+
+class StepKind(str, enum.Enum):
+    COMPUTE = "compute"
+    RECOMPUTE = "recompute"
+    PAGE_OUT = "page_out"
+    PAGE_IN = "page_in"
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    op: int | None  # index into graph.ops for compute / recompute
+    tensor: str | None  # original tensor name for page_out / page_in
+    reads: tuple[str, ...]  # versioned tensor names ("" = omitted optional input)
+    writes: tuple[str, ...]
+
+    def to_json(self) -> list:
+        return [self.kind.value, self.op, self.tensor, list(self.reads), list(self.writes)]
+
+
+def recompute_name(name: str, k: int) -> str:
+    return f"{name}__poet_rc{k}"
+
+
+def restored_name(name: str) -> str:
+    return f"{name}__poet_restored"
+
+
+def handle_name(name: str) -> str:
+    return f"{name}__poet_handle"
+
+
+class StepBuilder:
+    """Expands decisions into a step list (see the module docstring for the policy)."""
+
+    def __init__(self, graph: TrainGraph, decisions: dict[str, Decision]):
+        self.g = graph
+        self.decisions = decisions
+        self.steps: list[Step] = []
+        self.origin: dict[str, str] = {}  # versioned name -> original name
+        self.regenerated: dict[str, str] = {}  # original -> registered regenerated version
+        self._counter: dict[str, int] = {}
+        self.saved = frozenset(t.name for t in graph.saved_activations())
+
+    def decision(self, name: str) -> Decision:
+        return self.decisions.get(self.g.storage_root(name), Decision.KEEP)
+
+    def is_forward_value(self, name: str) -> bool:
+        t = self.g.tensors[name]
+        return t.kind is TensorKind.ACTIVATION
+
+    def build(self) -> list[Step]:
+        for op in self.g.ops:
+            if op.role in (Role.FORWARD, Role.LOSS):
+                self.steps.append(Step(StepKind.COMPUTE, op.index, None, tuple(op.inputs), tuple(op.outputs)))
+                for out in op.outputs:
+                    if self.decisions.get(out) is Decision.PAGE:
+                        self.steps.append(Step(StepKind.PAGE_OUT, None, out, (out,), (handle_name(out),)))
+                        self.origin[handle_name(out)] = out
+            else:
+                reads = tuple(self.resolve(x) for x in op.inputs)
+                self.steps.append(Step(StepKind.COMPUTE, op.index, None, reads, tuple(op.outputs)))
+        return self.steps
+
+    def resolve(self, name: str) -> str:
+        if not name or not self.is_forward_value(name) or self.decision(name) is Decision.KEEP:
+            return name
+        return self.materialize(name, register=True)
+
+    def materialize(self, name: str, *, register: bool) -> str:
+        if name in self.regenerated:
+            return self.regenerated[name]
+        root = self.g.storage_root(name)
+        decision = self.decision(name)
+        if name == root and decision is Decision.PAGE:
+            new = restored_name(name)
+            self.steps.append(Step(StepKind.PAGE_IN, None, name, (handle_name(name),), (new,)))
+            self.origin[new] = name
+            self.regenerated[name] = new
+            return new
+        producer = self.g.tensors[name].producer
+        if producer is None:
+            raise InternalError(f"cannot regenerate {name!r}: it has no producer")
+        op = self.g.ops[producer]
+        reads = []
+        for x in op.inputs:
+            if not x or not self.is_forward_value(x):
+                reads.append(x)
+            elif self.g.storage_root(x) in self.saved:
+                reads.append(self.resolve(x))
+            else:  # a forward intermediate nobody saved: recompute it on the fly
+                reads.append(self.materialize(x, register=False))
+        writes = []
+        for out in op.outputs:
+            k = self._counter.get(out, 0) + 1
+            self._counter[out] = k
+            writes.append(recompute_name(out, k))
+            self.origin[writes[-1]] = out
+        self.steps.append(Step(StepKind.RECOMPUTE, op.index, None, tuple(reads), tuple(writes)))
+        new = writes[op.outputs.index(name)]
+        if register:
+            self.regenerated[name] = new
+        return new
+
+
+
+def build_steps(graph: TrainGraph, decisions: dict[str, Decision]) -> tuple[list[Step], dict[str, str]]:
+    """The step list for `decisions` and the map versioned name -> original tensor name."""
+    builder = StepBuilder(graph, decisions)
+    return builder.build(), builder.origin
+
+
+# ---------------------------------------------------------------------------------------------------
+# Simulation
+
+
+@dataclass
+class StepCosts:
+    """Time and energy of each kind of step, supplied by the cost model."""
+
+    op_time_s: list[float]
+    op_energy_j: list[float]
+    page_out: callable = None  # nbytes -> (time_s, energy_j)
+    page_in: callable = None
+
+
+@dataclass
+class SimResult:
+    peak_bytes: int  # activation peak above fixed state
+    peak_step: int
+    live_bytes: list[int]  # at each step, including that step's new outputs
+    fixed_bytes: int
+    time_s: float = 0.0
+    energy_j: float = 0.0
+    recompute_ops: int = 0
+    paged_bytes: int = 0
+    max_flash_bytes: int = 0
+
+    @property
+    def total_peak_bytes(self) -> int:
+        return self.fixed_bytes + self.peak_bytes
+
+
+class ScheduleError(InternalError):
+    """A step list that reads a tensor that is not resident: a poetc bug."""
+
+
+def fixed_state_bytes(graph: TrainGraph) -> dict[str, int]:
+    """Memory that exists for the whole step, by category."""
+    return {
+        "parameters": graph.bytes_of_kind(TensorKind.PARAMETER),
+        "gradient_buffers": graph.bytes_of_kind(TensorKind.GRAD_BUFFER),
+        "optimizer_state": graph.optimizer_state_bytes,
+        "inputs": graph.bytes_of_kind(TensorKind.INPUT),
+        "constants": graph.bytes_of_kind(TensorKind.CONSTANT),
+    }
+
+
+def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None = None,
+             costs: StepCosts | None = None) -> SimResult:
+    """Replay `steps` under ONNX Runtime's allocation rules; raise ScheduleError on an invalid read."""
+    origin = origin or {}
+    tensors = graph.tensors
+
+    def original(name: str) -> str:
+        return origin.get(name, name)
+
+    def persistent(name: str) -> bool:
+        t = tensors.get(original(name))
+        return t is not None and t.kind.is_persistent
+
+    last_read: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        for x in step.reads:
+            if x:
+                last_read[x] = i
+    outputs = {o.name for o in graph.model.graph.output}
+    # storage: versioned name -> buffer id (its own name, or the buffer it aliases)
+    buffer_of: dict[str, str] = {}
+    buffer_bytes: dict[str, int] = {}
+    buffer_users: dict[str, int] = {}
+    live = 0
+    peak, peak_step = 0, 0
+    timeline: list[int] = []
+    time_s = energy_j = 0.0
+    recompute_ops = paged = flash = max_flash = 0
+    for i, step in enumerate(steps):
+        for x in step.reads:
+            if x and not persistent(x) and x not in buffer_of:
+                raise ScheduleError(f"step {i} ({step.kind.value}) reads {x!r}, which is not resident")
+        for w in step.writes:
+            t = tensors[original(w)] if original(w) in tensors else None
+            src = None
+            if step.op is not None and t is not None and t.alias_of is not None:
+                op = graph.ops[step.op]
+                src_versioned = step.reads[op.inputs.index(t.alias_of)]
+                src = buffer_of.get(src_versioned)
+            if src is not None:
+                buffer_of[w] = src
+                buffer_users[src] += 1
+            elif t is not None and t.alias_of is not None and persistent(t.alias_of):
+                buffer_of[w] = w  # alias of a persistent buffer (e.g. accumulator output): no bytes
+                buffer_bytes[w], buffer_users[w] = 0, 1
+            else:
+                size = SPILL_HANDLE_BYTES if step.kind is StepKind.PAGE_OUT else (t.nbytes if t else 0)
+                buffer_of[w], buffer_bytes[w], buffer_users[w] = w, size, 1
+                live += size
+        timeline.append(live)
+        if live > peak:
+            peak, peak_step = live, i
+        # costs
+        if costs is not None:
+            if step.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
+                time_s += costs.op_time_s[step.op]
+                energy_j += costs.op_energy_j[step.op]
+            else:
+                nbytes = tensors[step.tensor].nbytes
+                dt, de = (costs.page_out if step.kind is StepKind.PAGE_OUT else costs.page_in)(nbytes)
+                time_s += dt
+                energy_j += de
+        if step.kind is StepKind.RECOMPUTE:
+            recompute_ops += 1
+        elif step.kind is StepKind.PAGE_OUT:
+            paged += tensors[step.tensor].nbytes
+            flash += tensors[step.tensor].nbytes
+            max_flash = max(max_flash, flash)
+        elif step.kind is StepKind.PAGE_IN:
+            flash -= tensors[step.tensor].nbytes
+        # frees: reads whose last reader is this step, and writes nobody reads
+        for x in set(step.reads) | set(step.writes):
+            if not x or x not in buffer_of or x in outputs:
+                continue
+            if last_read.get(x, -1) <= i:
+                buf = buffer_of.pop(x)
+                buffer_users[buf] -= 1
+                if buffer_users[buf] == 0:
+                    live -= buffer_bytes.pop(buf)
+                    del buffer_users[buf]
+    fixed = sum(fixed_state_bytes(graph).values())
+    return SimResult(peak, peak_step, timeline, fixed, time_s, energy_j, recompute_ops, paged, max_flash)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The schedule as a document
+
+
+@dataclass
+class Schedule:
+    """Decisions plus provenance. `steps` is derived from the decisions by `build_steps`."""
+
+    decisions: dict[str, Decision]
+    strategy: str
+    graph_fingerprint: str
+    steps: list[Step] = field(default_factory=list)
+    origin: dict[str, str] = field(default_factory=dict)
+    solver: dict = field(default_factory=dict)  # status, gap, bound, time, granularity
+
+    @classmethod
+    def from_decisions(cls, graph: TrainGraph, decisions: dict[str, Decision], strategy: str,
+                       solver: dict | None = None) -> "Schedule":
+        decisions = {k: v for k, v in sorted(decisions.items()) if v is not Decision.KEEP}
+        steps, origin = build_steps(graph, decisions)
+        return cls(decisions, strategy, graph_fingerprint(graph), steps, origin, solver or {})
+
+    def counts(self) -> dict[str, int]:
+        out = {d.value: 0 for d in Decision}
+        for d in self.decisions.values():
+            out[d.value] += 1
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "format": "poetc-schedule/1",
+            "strategy": self.strategy,
+            "graph_fingerprint": self.graph_fingerprint,
+            "decisions": {k: v.value for k, v in sorted(self.decisions.items())},
+            "steps": [s.to_json() for s in self.steps],
+            "solver": self.solver,
+        }
+
+    def compact_encoding(self, graph: TrainGraph) -> bytes:
+        """The device-side encoding: 2 bits per saved activation (in producer order), packed."""
+        saved = graph.saved_activations()
+        codes = {Decision.KEEP: 0, Decision.RECOMPUTE: 1, Decision.PAGE: 2}
+        bits = bytearray((len(saved) + 3) // 4)
+        for i, t in enumerate(saved):
+            bits[i // 4] |= codes[self.decisions.get(t.name, Decision.KEEP)] << (2 * (i % 4))
+        return len(saved).to_bytes(4, "little") + bytes(bits)
+
+
+def graph_fingerprint(graph: TrainGraph) -> str:
+    h = hashlib.sha256()
+    for op in graph.ops:
+        h.update(json.dumps([op.name, op.op_type, op.inputs, op.outputs]).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,97 @@
+"""Parsing and formatting of sizes, times and deadlines at the edges of poetc.
+
+Inside poetc sizes are integer bytes and times float seconds. Accepted spellings:
+sizes "8MB" (10^6), "8MiB" (2^20), "512kB", "512KiB", "1.5GB", "4096" or "4096B" (bytes);
+times "250ms", "1.5s", "20us", "2min"; deadlines "1.3x" (relative to keep-all) or a time.
+Unit letters are case-sensitive where case carries meaning ("mb" would be millibits: rejected).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+_SIZE_UNITS = {
+    "B": 1, "": 1,
+    "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "min": 60.0}
+_NUMBER = r"(?P<num>(?:\d+(?:\.\d*)?|\.\d+))"
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """'8MB' -> 8_000_000. Rejects spaces, signs, exponents and unknown or miscased units."""
+    m = re.fullmatch(_NUMBER + r"(?P<unit>[A-Za-z]*)", text.strip()) if isinstance(text, str) else None
+    if not m or m.group("unit") not in _SIZE_UNITS or text != text.strip():
+        raise UsageError(
+            f"cannot read {what} {text!r}",
+            hint="write a number followed by B, kB, MB, GB (powers of 10) or KiB, MiB, GiB "
+            "(powers of 2), with no space: e.g. 8MB or 512KiB",
+        )
+    value = float(m.group("num")) * _SIZE_UNITS[m.group("unit")]
+    if value <= 0 or not math.isfinite(value):
+        raise UsageError(f"{what} {text!r} must be positive")
+    return int(round(value))
+
+
+def parse_time(text: str, *, what: str = "time") -> float:
+    """'250ms' -> 0.25 (seconds)."""
+    m = re.fullmatch(_NUMBER + r"(?P<unit>[a-z]+)", text) if isinstance(text, str) else None
+    if not m or m.group("unit") not in _TIME_UNITS:
+        raise UsageError(
+            f"cannot read {what} {text!r}",
+            hint="write a number followed by s, ms, us or min, with no space: e.g. 250ms",
+        )
+    value = float(m.group("num")) * _TIME_UNITS[m.group("unit")]
+    if value <= 0:
+        raise UsageError(f"{what} {text!r} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A step-time limit: either `factor` x the keep-all step time or an absolute `seconds`."""
+
+    factor: float | None = None
+    seconds: float | None = None
+
+    def resolve(self, keep_all_time_s: float) -> float:
+        return self.seconds if self.seconds is not None else self.factor * keep_all_time_s
+
+    def __str__(self) -> str:
+        return f"{self.factor:g}x" if self.factor is not None else format_time(self.seconds)
+
+
+def parse_deadline(text: str) -> Deadline:
+    """'1.3x' -> Deadline(factor=1.3); '2s' -> Deadline(seconds=2.0)."""
+    m = re.fullmatch(_NUMBER + r"x", text) if isinstance(text, str) else None
+    if m:
+        factor = float(m.group("num"))
+        if factor < 1.0:
+            raise UsageError(
+                f"deadline {text!r} is below 1x: no schedule can be faster than keeping everything",
+                hint="use a factor of at least 1.0, e.g. --deadline 1.3x",
+            )
+        return Deadline(factor=factor)
+    return Deadline(seconds=parse_time(text, what="deadline"))
+
+
+def format_size(num_bytes: float) -> str:
+    """Human-readable size in MiB/KiB (binary units, as memory is reported)."""
+    n = float(num_bytes)
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.1f} us"

@@ -2,18 +2,24 @@
 
 Models are exported in **training form**: the module is put in ``train()``
 mode and exported with ``torch.onnx.TrainingMode.TRAINING`` and constant
-folding off, so every BatchNorm appears as ``BatchNormalization`` with
-``training_mode=1`` (normalising with batch statistics) and is turned into
-``BatchNormInternal``/``BatchNormalizationGrad`` by ORT's gradient builder.
-The running-mean/var outputs of those nodes are dead (the legacy exporter
-drops the buffer updates), so the running statistics are never updated by
-an ORT training step; they stay embedded as non-trainable initializers.
+folding off (folding would rename or fuse parameters), so every BatchNorm
+appears as ``BatchNormalization`` with ``training_mode=1`` (normalising with
+batch statistics), which ORT's gradient builder turns into
+``BatchNormInternal``/``BatchNormalizationGrad``. The running-mean/var
+outputs of those nodes are dead (the legacy exporter drops the buffer
+updates), so an ORT training step never updates the running statistics;
+they stay embedded as non-trainable initializers.
 
-onnxruntime-training 1.19.2 mis-builds the *eval* model of such a graph: it
-flips ``training_mode`` to 0 but keeps the three BN outputs, which ORT then
-refuses to load. :func:`training_artifacts` wraps ``generate_artifacts`` and
-repairs the eval model; use it (or copy its fix) rather than calling
-``generate_artifacts`` directly on a model with BatchNorm.
+Two ORT 1.19.2 quirks are handled here:
+
+* ``LayerNormalization`` is exported with only ``Y``, but ORT's gradient for
+  it reads the optional Mean/InvStdDev outputs; :func:`export_proto` adds them.
+* ``generate_artifacts`` builds an invalid *eval* model for training-mode BN
+  (it flips ``training_mode`` to 0 but keeps three outputs, which ORT then
+  refuses to load). :func:`training_artifacts` wraps ``generate_artifacts``
+  and repairs the eval model; use it (or copy its fix) rather than calling
+  ``generate_artifacts`` directly on a model with BatchNorm. The repaired
+  eval model normalises with the (never updated) running statistics.
 """
 
 from __future__ import annotations
@@ -150,6 +156,7 @@ def _atomic_write(data: bytes, path: pathlib.Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -225,14 +232,22 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def build(name: str, cache_dir: str | os.PathLike[str] | None = None,
-          batch: int | None = None, seed: int = 0) -> pathlib.Path:
-    """Return ``<cache_dir>/<name>-b<batch>-s<seed>/model.onnx``, exporting it if absent."""
+          batch: int | None = None, seed: int = 0,
+          dynamic_batch: bool = False) -> pathlib.Path:
+    """Return ``<cache_dir>/<name>-b<batch>-s<seed>/model.onnx``, exporting it if absent.
+
+    ``cache_dir`` defaults to :func:`default_cache_dir`. With ``dynamic_batch``
+    the directory is ``<name>-bdyn-s<seed>`` (traced at the default batch).
+    Concurrent builders are safe: the file appears atomically.
+    """
     spec = get_spec(name)
     batch = spec.default_batch if batch is None else batch
     root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / f"{name}-b{batch}-s{seed}" / "model.onnx"
+    tag = "dyn" if dynamic_batch else str(batch)
+    path = root / f"{name}-b{tag}-s{seed}" / "model.onnx"
     if not path.exists():
-        export_onnx(name, path, batch=batch, seed=seed)
+        export_onnx(name, path, batch=None if dynamic_batch else batch, seed=seed,
+                    dynamic_batch=dynamic_batch)
     return path
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from ..errors import InputFileError, UnsupportedModelError
+from .canonicalize import hoist_accumulators
 from .graph import ALIAS_OPS, DTYPE_BYTES, Op, Role, Tensor, TensorKind, TrainGraph, dtype_from_profile_name, tensor_nbytes
 
 log = logging.getLogger(__name__)
@@ -203,10 +204,13 @@ def assign_roles(model: onnx.ModelProto, loss_output: str, label_inputs: set[str
 
 def lower_training_model(model: onnx.ModelProto, *, parameters: dict[str, tuple[np.ndarray, bool]],
                          eval_input_names: set[str] | None, optimizer_factor: int = 2,
-                         probe_values: dict[str, np.ndarray] | None = None) -> TrainGraph:
+                         probe_values: dict[str, np.ndarray] | None = None, hoist: bool = True) -> TrainGraph:
     """Lower a training model (nodes topologically sorted, concrete input shapes) to a TrainGraph."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     ensure_unique_node_names(model)
+    if hoist:
+        moved = hoist_accumulators(model)
+        log.debug("moved %d gradient accumulators next to their gradients", moved)
     g = model.graph
     if not g.output:
         raise UnsupportedModelError("the training model has no outputs (expected the loss first)")
@@ -309,7 +313,8 @@ def _check_dtype(dtype: int, name: str) -> None:
             hint="supported: float, double, float16, bfloat16, integer types and bool")
 
 
-def load_artifacts(directory: Path, probe_values: dict[str, np.ndarray] | None = None) -> TrainGraph:
+def load_artifacts(directory: Path, probe_values: dict[str, np.ndarray] | None = None,
+                   hoist: bool = True) -> TrainGraph:
     """Lower an artifacts directory (training/eval/optimizer models + checkpoint) to a TrainGraph."""
     paths = ArtifactPaths(Path(directory))
     paths.check()
@@ -325,5 +330,6 @@ def load_artifacts(directory: Path, probe_values: dict[str, np.ndarray] | None =
         raise InputFileError(f"cannot read checkpoint {paths.checkpoint}: {exc}") from exc
     eval_inputs = {i.name for i in eval_model.graph.input} - {t.name for t in eval_model.graph.initializer}
     return lower_training_model(model, parameters=parameters, eval_input_names=eval_inputs,
-                                optimizer_factor=optimizer_state_factor(optimizer), probe_values=probe_values)
+                                optimizer_factor=optimizer_state_factor(optimizer), probe_values=probe_values,
+                                hoist=hoist)
 

@@ -1,0 +1,19 @@
+"""Graph rewrites that apply a schedule to an ONNX Runtime training model (shipped as poetc.passes).
+
+Each pass applies decisions already made; none calls a solver. `default_pipeline()` lists them in the
+order they run.
+"""
+
+from .cleanup import Cleanup
+from .insert_recompute import InsertRecompute
+from .insert_spill_restore import InsertSpillRestore
+from .manager import PassContext, PassError, PassManager, PassResult
+from .order import OrderNodes
+
+
+def default_pipeline() -> list:
+    return [InsertRecompute(), InsertSpillRestore(), OrderNodes(), Cleanup()]
+
+
+__all__ = ["Cleanup", "InsertRecompute", "InsertSpillRestore", "OrderNodes", "PassContext", "PassError",
+           "PassManager", "PassResult", "default_pipeline"]

@@ -1,0 +1,39 @@
+"""order-nodes: write the node list in the schedule's exact step order.
+
+ONNX Runtime executes graph.node in file order under PRIORITY_BASED + ORT_DISABLE_ALL, so the file
+order is the schedule. Rewrites: node order only (Constant nodes, which ORT folds into initializers,
+go first). Guarantees: every step maps to exactly one node and every node to a step (cleanup checks that the
+result is topological).
+"""
+
+from __future__ import annotations
+
+from poetc.schedule import StepKind
+
+from .manager import PassContext, PassResult
+
+
+def step_node_name(ctx: PassContext, step) -> str:
+    if step.kind is StepKind.COMPUTE:
+        return ctx.graph.ops[step.op].name
+    if step.kind is StepKind.RECOMPUTE:
+        suffix = step.writes[0].rsplit("__poet_rc", 1)[1]
+        return f"{ctx.graph.ops[step.op].name}__poet_rc{suffix}"
+    return f"{step.writes[0]}__spill" if step.kind is StepKind.PAGE_OUT else f"{step.writes[0]}__restore"
+
+
+class OrderNodes:
+    name = "order-nodes"
+
+    def run(self, ctx: PassContext) -> PassResult:
+        nodes = ctx.nodes_by_name()
+        ordered = [n for n in ctx.gs_graph.nodes if n.op == "Constant"]
+        for step in ctx.schedule.steps:
+            ordered.append(nodes.pop(step_node_name(ctx, step)))
+        leftovers = [n.name for n in nodes.values() if n.op != "Constant"]
+        if leftovers:
+            raise ValueError(f"nodes not covered by the schedule: {leftovers[:5]}")
+        before = [n.name for n in ctx.gs_graph.nodes]
+        ctx.gs_graph.nodes = ordered
+        return PassResult(modified=before != [n.name for n in ordered], stats={"nodes": len(ordered)})
+

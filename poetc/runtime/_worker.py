@@ -1,0 +1,190 @@
+"""Measurement worker: runs training steps in a fresh process.
+
+Started by :func:`poetc.runtime.measure.measure_training` as
+
+    python -m poetc.runtime._worker --artifacts DIR --feeds FEEDS.npz \
+        --steps N --result RESULT.json --params-out PARAMS.npz \
+        [--spill-library LIB.so]
+
+with ``LD_PRELOAD`` set to poetc's heap counter and
+``MALLOC_MMAP_THRESHOLD_=65536``.  For every step it records the loss, the
+heap peak above the live heap just before the step (counter peak reset right
+before it), the wall time, and -- as an independent cross-check -- the
+VmHWM growth after resetting the high-water mark through
+``/proc/self/clear_refs``.  After the last step it saves the parameters to
+``PARAMS.npz`` and writes everything as JSON to ``RESULT.json``.  Errors
+(including custom-op failures such as a Restore checksum mismatch) go to
+stderr and make the exit status non-zero.
+
+Kept small on purpose: it imports only numpy, onnxruntime and
+:mod:`poetc.runtime.session`, so the worker's own footprint stays low.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+class HeapCounter:
+    """ctypes view of the preloaded heap counter (``heap_counter.c``)."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(None)
+        try:
+            self._peak = lib.poetc_heap_peak_bytes
+            self._cur = lib.poetc_heap_current_bytes
+            self._reset = lib.poetc_heap_reset_peak
+            active = lib.poetc_heap_active
+        except AttributeError as exc:
+            raise RuntimeError("poetc heap counter is not preloaded (LD_PRELOAD)") from exc
+        for fn in (self._peak, self._cur):
+            fn.restype = ctypes.c_uint64
+            fn.argtypes = []
+        self._reset.restype = None
+        active.restype = ctypes.c_int
+        if not active():
+            raise RuntimeError("poetc heap counter is loaded but not bound to the allocator")
+
+    def current(self) -> int:
+        return int(self._cur())
+
+    def peak(self) -> int:
+        return int(self._peak())
+
+    def reset_peak(self) -> None:
+        self._reset()
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def param_digest(arr) -> str:
+    """SHA-256 over dtype, shape and the raw bytes of an array."""
+    import numpy as np
+
+    a = np.ascontiguousarray(arr)
+    h = hashlib.sha256()
+    h.update(a.dtype.str.encode())
+    h.update(repr(tuple(a.shape)).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def run(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from poetc.runtime.session import open_training
+
+    heap = HeapCounter()
+    t_open = time.perf_counter()
+    sess = open_training(args.artifacts, spill_library=args.spill_library)
+    open_seconds = time.perf_counter() - t_open
+    with np.load(args.feeds) as npz:
+        feeds = {k: np.ascontiguousarray(npz[k]) for k in npz.files}
+    missing = [n for n in sess.input_names if n not in feeds]
+    if missing:
+        raise KeyError(f"feeds file {args.feeds} lacks training inputs {missing} "
+                       f"(model inputs: {sess.input_names}; file has {sorted(feeds)})")
+    feeds = {n: feeds[n] for n in sess.input_names}
+
+    steps = []
+    for i in range(args.steps):
+        gc.collect()
+        hwm_ok = _reset_hwm()
+        rss_before_kib = _proc_status_kib("VmRSS")
+        heap_before = heap.current()
+        heap.reset_peak()
+        t0 = time.perf_counter()
+        loss = sess.step(feeds)
+        dt = time.perf_counter() - t0
+        heap_peak = heap.peak()
+        hwm_kib = _proc_status_kib("VmHWM")
+        heap_after = heap.current()
+        vm_peak = None
+        if hwm_ok and hwm_kib is not None and rss_before_kib is not None:
+            vm_peak = max(0, (hwm_kib - rss_before_kib) * 1024)
+        steps.append({
+            "index": i,
+            "loss": loss,
+            "peak_heap_bytes": max(0, heap_peak - heap_before),
+            "heap_before_bytes": heap_before,
+            "heap_after_bytes": heap_after,
+            "step_seconds": dt,
+            "vmhwm_peak_bytes": vm_peak,
+            "rss_before_bytes": None if rss_before_kib is None else rss_before_kib * 1024,
+        })
+
+    params = sess.parameters()
+    tmp = args.params_out + ".tmp.npz"
+    np.savez(tmp, **params)
+    os.replace(tmp, args.params_out)
+    return {
+        "ok": True,
+        "steps": steps,
+        "open_seconds": open_seconds,
+        "params_npz": args.params_out,
+        "params_sha256": {k: param_digest(v) for k, v in sorted(params.items())},
+        "input_names": sess.input_names,
+        "pid": os.getpid(),
+    }
+
+
+def _write_json(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m poetc.runtime._worker")
+    ap.add_argument("--artifacts", required=True)
+    ap.add_argument("--feeds", required=True)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--result", required=True)
+    ap.add_argument("--params-out", required=True)
+    ap.add_argument("--spill-library", default=None)
+    args = ap.parse_args(argv)
+    try:
+        result = run(args)
+    except BaseException as exc:  # noqa: BLE001 - report everything to the parent
+        traceback.print_exc(file=sys.stderr)
+        msg = f"{type(exc).__name__}: {exc}"
+        print(f"poetc worker error: {msg}", file=sys.stderr, flush=True)
+        try:
+            _write_json(args.result, {"ok": False, "error": msg})
+        except OSError:
+            pass
+        return 1
+    _write_json(args.result, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

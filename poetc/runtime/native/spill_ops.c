@@ -1,0 +1,474 @@
+/*
+ * spill_ops.c -- poetc's native Spill/Restore custom operators for ONNX Runtime.
+ *
+ * Built as a shared library and registered with
+ *   SessionOptions.register_custom_ops_library(path)
+ * which calls RegisterCustomOps() below.  Only the ORT C API is used; the
+ * API table is requested at version POET_ORT_API_VERSION (19 == ORT 1.19), so
+ * the library loads in onnxruntime(-training) >= 1.19 even though it is
+ * compiled against newer headers.
+ *
+ * Op contract (domain "poet", opset version 1):
+ *
+ *   Spill(X) -> H
+ *     X: tensor of float, double, float16, int64, int32, int8, uint8 or bool.
+ *     H: int64 tensor of shape [2] = [token, pid].  The tensor is written to
+ *        <dir>/poet-<pid>-<token as 16 hex digits>.spill (format in io_core.h).
+ *     attribute key (string, optional): label used only in error messages.
+ *
+ *   Restore(H) -> Y  (float)         Restore_double(H)  -> Y (double)
+ *   Restore_float16(H) -> Y          Restore_int64(H)   -> Y
+ *   Restore_int32(H)   -> Y          Restore_int8(H)    -> Y
+ *   Restore_uint8(H)   -> Y          Restore_bool(H)    -> Y
+ *     One op type per output element type: ORT 1.19 custom ops need a
+ *     static output type, and an UNDEFINED output type is not resolved from an
+ *     attribute (its type inference leaves elem_type unset; see nativelib.py).
+ *     Reads the file named by H, allocates Y with the stored shape, reads the
+ *     payload straight into Y, verifies the xxHash64 checksum, and deletes the
+ *     file.  Any problem -- missing file, bad magic/header, token/dtype
+ *     mismatch, truncation, checksum mismatch -- fails the run with an error
+ *     status naming the file; a damaged file is kept for inspection.
+ *     attribute key (string, optional): label used only in error messages.
+ *
+ * Environment, read when a kernel is created (i.e. at session creation):
+ *   POETC_SPILL_DIR         spill directory (default ${TMPDIR:-/tmp}/poetc-spill,
+ *                           created with mode 0700 if missing)
+ *   POETC_SPILL_DROP_CACHE  "1": fdatasync each spill file and advise
+ *                           POSIX_FADV_DONTNEED so it leaves the page cache.
+ */
+#define _GNU_SOURCE
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "io_core.h"
+#include "onnxruntime_c_api.h"
+
+#define POET_ORT_API_VERSION 19
+#define POET_DOMAIN "poet"
+
+static const OrtApi *g_ort = NULL;
+
+enum { POET_KIND_SPILL = 0, POET_KIND_RESTORE = 1 };
+
+typedef struct {
+  OrtCustomOp base; /* must be first: ORT hands us &base */
+  int kind;
+  int32_t dtype;    /* Restore: produced element type; Spill: unused */
+  const char *name;
+} PoetOp;
+
+typedef struct {
+  const PoetOp *op;
+  char dir[POET_PATH_BYTES];
+  char key[256];
+  int drop_cache;
+} PoetKernel;
+
+/* ------------------------------------------------------------------------ */
+/* helpers                                                                  */
+
+static OrtStatus *make_status(OrtErrorCode code, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static OrtStatus *make_status(OrtErrorCode code, const char *fmt, ...) {
+  char msg[POET_ERR_MSG_BYTES + 512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  return g_ort->CreateStatus(code, msg);
+}
+
+static const char *op_label(const PoetKernel *k) { return k->op->name; }
+
+/* Prefix "poetc <Op>[key=...]: " for error messages. */
+static void label_prefix(const PoetKernel *k, char *out, size_t n) {
+  if (k->key[0])
+    snprintf(out, n, "poetc %s[key=%s]", op_label(k), k->key);
+  else
+    snprintf(out, n, "poetc %s", op_label(k));
+}
+
+/* Wraps an ORT API status from a call we made, adding context. */
+static OrtStatus *wrap_status(const PoetKernel *k, OrtStatus *st, const char *what) {
+  char pre[400];
+  OrtStatus *out;
+  if (!st) return NULL;
+  label_prefix(k, pre, sizeof pre);
+  out = make_status(ORT_RUNTIME_EXCEPTION, "%s: %s failed: %s", pre, what,
+                    g_ort->GetErrorMessage(st));
+  g_ort->ReleaseStatus(st);
+  return out;
+}
+
+static OrtStatus *io_status(const PoetKernel *k, const poet_err *err) {
+  char pre[400];
+  label_prefix(k, pre, sizeof pre);
+  return make_status(ORT_RUNTIME_EXCEPTION, "%s: %s", pre, err->msg);
+}
+
+static void default_spill_dir(char *out, size_t n) {
+  const char *env = getenv("POETC_SPILL_DIR");
+  const char *tmp;
+  if (env && *env) {
+    snprintf(out, n, "%s", env);
+    return;
+  }
+  tmp = getenv("TMPDIR");
+  if (!tmp || !*tmp) tmp = "/tmp";
+  snprintf(out, n, "%s/poetc-spill", tmp);
+}
+
+/* ------------------------------------------------------------------------ */
+/* OrtCustomOp callbacks                                                    */
+
+static const char *ORT_API_CALL op_get_name(const OrtCustomOp *op) {
+  return ((const PoetOp *)op)->name;
+}
+
+static const char *ORT_API_CALL op_get_ep(const OrtCustomOp *op) {
+  (void)op;
+  return NULL; /* CPU execution provider */
+}
+
+static ONNXTensorElementDataType ORT_API_CALL op_input_type(const OrtCustomOp *op, size_t i) {
+  const PoetOp *p = (const PoetOp *)op;
+  (void)i;
+  return p->kind == POET_KIND_SPILL ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
+                                    : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+}
+
+static ONNXTensorElementDataType ORT_API_CALL op_output_type(const OrtCustomOp *op, size_t i) {
+  const PoetOp *p = (const PoetOp *)op;
+  (void)i;
+  return p->kind == POET_KIND_SPILL ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                                    : (ONNXTensorElementDataType)p->dtype;
+}
+
+static size_t ORT_API_CALL op_one(const OrtCustomOp *op) {
+  (void)op;
+  return 1;
+}
+
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL op_required(const OrtCustomOp *op,
+                                                                     size_t i) {
+  (void)op;
+  (void)i;
+  return INPUT_OUTPUT_REQUIRED;
+}
+
+static OrtMemType ORT_API_CALL op_input_mem(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  (void)i;
+  return OrtMemTypeDefault;
+}
+
+static int ORT_API_CALL op_arity_one(const OrtCustomOp *op) {
+  (void)op;
+  return 1;
+}
+
+static int ORT_API_CALL op_zero(const OrtCustomOp *op) {
+  (void)op;
+  return 0;
+}
+
+static int ORT_API_CALL op_start_version(const OrtCustomOp *op) {
+  (void)op;
+  return 1;
+}
+
+static int ORT_API_CALL op_end_version(const OrtCustomOp *op) {
+  (void)op;
+  return INT_MAX;
+}
+
+/* Spill's H is always int64[2]: tell ORT's shape inference. */
+static OrtStatusPtr ORT_API_CALL op_infer_shape(const OrtCustomOp *op, OrtShapeInferContext *ctx) {
+  const PoetOp *p = (const PoetOp *)op;
+  OrtTensorTypeAndShapeInfo *info = NULL;
+  OrtStatus *st;
+  int64_t two = 2;
+  if (p->kind != POET_KIND_SPILL) return NULL;
+  st = g_ort->CreateTensorTypeAndShapeInfo(&info);
+  if (st) return st;
+  st = g_ort->SetTensorElementType(info, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
+  if (!st) st = g_ort->SetDimensions(info, &two, 1);
+  if (!st) st = g_ort->ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
+  g_ort->ReleaseTensorTypeAndShapeInfo(info);
+  return st;
+}
+
+static OrtStatusPtr ORT_API_CALL op_create_kernel(const OrtCustomOp *op, const OrtApi *api,
+                                                  const OrtKernelInfo *info, void **kernel) {
+  const PoetOp *p = (const PoetOp *)op;
+  PoetKernel *k;
+  size_t sz = 0;
+  OrtStatus *st;
+  const char *drop;
+  (void)api;
+  *kernel = NULL;
+  k = (PoetKernel *)calloc(1, sizeof *k);
+  if (!k) return make_status(ORT_FAIL, "poetc %s: out of memory creating kernel", p->name);
+  k->op = p;
+  default_spill_dir(k->dir, sizeof k->dir);
+  drop = getenv("POETC_SPILL_DROP_CACHE");
+  k->drop_cache = drop && drop[0] && strcmp(drop, "0") != 0;
+
+  /* optional string attribute "key" (two-call pattern: size, then value) */
+  st = g_ort->KernelInfoGetAttribute_string(info, "key", NULL, &sz);
+  if (st) {
+    g_ort->ReleaseStatus(st); /* absent: fine */
+  } else if (sz > 0) {
+    char *buf = (char *)malloc(sz);
+    if (buf) {
+      st = g_ort->KernelInfoGetAttribute_string(info, "key", buf, &sz);
+      if (st)
+        g_ort->ReleaseStatus(st);
+      else
+        snprintf(k->key, sizeof k->key, "%s", buf);
+      free(buf);
+    }
+  }
+
+  if (p->kind == POET_KIND_SPILL) {
+    poet_err err;
+    if (poet_ensure_dir(k->dir, &err) != POET_OK) {
+      OrtStatus *out;
+      char pre[400];
+      label_prefix(k, pre, sizeof pre);
+      out = make_status(ORT_FAIL, "%s: unusable spill directory (POETC_SPILL_DIR=%s): %s", pre,
+                        getenv("POETC_SPILL_DIR") ? getenv("POETC_SPILL_DIR") : "<unset>",
+                        err.msg);
+      free(k);
+      return out;
+    }
+  }
+  *kernel = k;
+  return NULL;
+}
+
+static void ORT_API_CALL op_destroy_kernel(void *kernel) { free(kernel); }
+
+/* Reads type/shape of an input or output value. */
+static OrtStatus *value_meta(const PoetKernel *k, const OrtValue *v, int32_t *dtype,
+                             uint32_t *rank, int64_t *dims) {
+  OrtTensorTypeAndShapeInfo *ti = NULL;
+  ONNXTensorElementDataType et;
+  size_t n = 0;
+  OrtStatus *st = g_ort->GetTensorTypeAndShape(v, &ti);
+  if (st) return wrap_status(k, st, "GetTensorTypeAndShape");
+  st = g_ort->GetTensorElementType(ti, &et);
+  if (!st) st = g_ort->GetDimensionsCount(ti, &n);
+  if (!st && n > POET_SPILL_MAX_RANK) {
+    char pre[400];
+    g_ort->ReleaseTensorTypeAndShapeInfo(ti);
+    label_prefix(k, pre, sizeof pre);
+    return make_status(ORT_INVALID_ARGUMENT, "%s: tensor rank %zu exceeds the supported "
+                       "maximum %d", pre, n, POET_SPILL_MAX_RANK);
+  }
+  if (!st && n > 0) st = g_ort->GetDimensions(ti, dims, n);
+  g_ort->ReleaseTensorTypeAndShapeInfo(ti);
+  if (st) return wrap_status(k, st, "reading tensor shape");
+  *dtype = (int32_t)et;
+  *rank = (uint32_t)n;
+  return NULL;
+}
+
+static OrtStatus *spill_compute(PoetKernel *k, OrtKernelContext *ctx) {
+  const OrtValue *x = NULL;
+  OrtValue *h = NULL;
+  void *xdata = NULL;
+  int64_t *hdata = NULL;
+  int64_t hshape = 2;
+  poet_spill_header hdr;
+  poet_err err;
+  char path[POET_PATH_BYTES];
+  OrtStatus *st;
+  int64_t pid = (int64_t)getpid();
+
+  memset(&hdr, 0, sizeof hdr);
+  st = g_ort->KernelContext_GetInput(ctx, 0, &x);
+  if (st) return wrap_status(k, st, "KernelContext_GetInput");
+  if (!x) return make_status(ORT_INVALID_ARGUMENT, "poetc Spill: missing input X");
+  st = value_meta(k, x, &hdr.dtype, &hdr.rank, hdr.dims);
+  if (st) return st;
+  if (poet_dtype_size(hdr.dtype) == 0) {
+    char pre[400];
+    label_prefix(k, pre, sizeof pre);
+    return make_status(ORT_INVALID_ARGUMENT, "%s: unsupported input element type %d (supported: "
+                       "float, double, float16, int64, int32, int8, uint8, bool)", pre,
+                       (int)hdr.dtype);
+  }
+  st = g_ort->GetTensorMutableData((OrtValue *)x, &xdata);
+  if (st) return wrap_status(k, st, "GetTensorMutableData(X)");
+
+  hdr.token = poet_new_token();
+  if (poet_spill_path(path, sizeof path, k->dir, pid, hdr.token, &err) != POET_OK)
+    return io_status(k, &err);
+  if (poet_spill_write(path, &hdr, xdata, k->drop_cache, &err) != POET_OK)
+    return io_status(k, &err);
+
+  st = g_ort->KernelContext_GetOutput(ctx, 0, &hshape, 1, &h);
+  if (!st) st = g_ort->GetTensorMutableData(h, (void **)&hdata);
+  if (st) {
+    unlink(path);
+    return wrap_status(k, st, "allocating output H");
+  }
+  hdata[0] = (int64_t)hdr.token;
+  hdata[1] = pid;
+  return NULL;
+}
+
+static OrtStatus *restore_compute(PoetKernel *k, OrtKernelContext *ctx) {
+  const OrtValue *h = NULL;
+  OrtValue *y = NULL;
+  void *ydata = NULL;
+  int64_t *hdata = NULL;
+  int32_t hdt = 0;
+  uint32_t hrank = 0;
+  int64_t hdims[POET_SPILL_MAX_RANK];
+  uint64_t token;
+  int64_t pid;
+  poet_spill_reader rd;
+  poet_err err;
+  char path[POET_PATH_BYTES], pre[400];
+  OrtStatus *st;
+
+  label_prefix(k, pre, sizeof pre);
+  st = g_ort->KernelContext_GetInput(ctx, 0, &h);
+  if (st) return wrap_status(k, st, "KernelContext_GetInput");
+  if (!h) return make_status(ORT_INVALID_ARGUMENT, "%s: missing input H", pre);
+  st = value_meta(k, h, &hdt, &hrank, hdims);
+  if (st) return st;
+  if (hdt != POET_DT_INT64 || hrank != 1 || hdims[0] != 2)
+    return make_status(ORT_INVALID_ARGUMENT, "%s: input H must be an int64 tensor of shape [2] "
+                       "produced by poet.Spill", pre);
+  st = g_ort->GetTensorMutableData((OrtValue *)h, (void **)&hdata);
+  if (st) return wrap_status(k, st, "GetTensorMutableData(H)");
+  token = (uint64_t)hdata[0];
+  pid = hdata[1];
+  if (poet_spill_path(path, sizeof path, k->dir, pid, token, &err) != POET_OK)
+    return io_status(k, &err);
+
+  if (poet_spill_open(path, &rd, &err) != POET_OK) return io_status(k, &err);
+  if (rd.hdr.token != token) {
+    poet_spill_reader_close(&rd, 0);
+    return make_status(ORT_RUNTIME_EXCEPTION, "%s: spill file '%s' holds token %016llx, "
+                       "expected %016llx (file mix-up)", pre, path,
+                       (unsigned long long)rd.hdr.token, (unsigned long long)token);
+  }
+  if (rd.hdr.dtype != k->op->dtype) {
+    poet_spill_reader_close(&rd, 0);
+    return make_status(ORT_RUNTIME_EXCEPTION, "%s: dtype mismatch: spill file '%s' holds %s "
+                       "data but this op produces %s (use the Restore op for %s)", pre, path,
+                       poet_dtype_name(rd.hdr.dtype), poet_dtype_name(k->op->dtype),
+                       poet_dtype_name(rd.hdr.dtype));
+  }
+  st = g_ort->KernelContext_GetOutput(ctx, 0, rd.hdr.dims, rd.hdr.rank, &y);
+  if (!st && rd.hdr.payload_bytes > 0) st = g_ort->GetTensorMutableData(y, &ydata);
+  if (st) {
+    poet_spill_reader_close(&rd, 0);
+    return wrap_status(k, st, "allocating output Y");
+  }
+  if (poet_spill_read_payload(&rd, ydata, &err) != POET_OK) {
+    poet_spill_reader_close(&rd, 0);
+    return make_status(ORT_RUNTIME_EXCEPTION, "%s: %s; the file was kept for inspection", pre,
+                       err.msg);
+  }
+  poet_spill_reader_close(&rd, 1);
+  return NULL;
+}
+
+static OrtStatusPtr ORT_API_CALL op_compute(void *kernel, OrtKernelContext *ctx) {
+  PoetKernel *k = (PoetKernel *)kernel;
+  return k->op->kind == POET_KIND_SPILL ? spill_compute(k, ctx) : restore_compute(k, ctx);
+}
+
+/* Legacy (pre-V2) entry points; ORT uses the V2 ones for version >= 16. */
+static void *ORT_API_CALL op_create_kernel_v1(const OrtCustomOp *op, const OrtApi *api,
+                                              const OrtKernelInfo *info) {
+  void *k = NULL;
+  OrtStatus *st = op_create_kernel(op, api, info, &k);
+  if (st) g_ort->ReleaseStatus(st);
+  return k;
+}
+
+static void ORT_API_CALL op_compute_v1(void *kernel, OrtKernelContext *ctx) {
+  OrtStatus *st = op_compute(kernel, ctx);
+  if (st) g_ort->ReleaseStatus(st);
+}
+
+/* ------------------------------------------------------------------------ */
+/* op table and registration                                                */
+
+#define POET_OP_INIT(KIND, DTYPE, NAME)                                              \
+  {                                                                                  \
+    .base = {                                                                        \
+        .version = POET_ORT_API_VERSION,                                             \
+        .CreateKernel = op_create_kernel_v1,                                         \
+        .GetName = op_get_name,                                                      \
+        .GetExecutionProviderType = op_get_ep,                                       \
+        .GetInputType = op_input_type,                                               \
+        .GetInputTypeCount = op_one,                                                 \
+        .GetOutputType = op_output_type,                                             \
+        .GetOutputTypeCount = op_one,                                                \
+        .KernelCompute = op_compute_v1,                                              \
+        .KernelDestroy = op_destroy_kernel,                                          \
+        .GetInputCharacteristic = op_required,                                       \
+        .GetOutputCharacteristic = op_required,                                      \
+        .GetInputMemoryType = op_input_mem,                                          \
+        .GetVariadicInputMinArity = op_arity_one,                                    \
+        .GetVariadicInputHomogeneity = op_zero,                                      \
+        .GetVariadicOutputMinArity = op_arity_one,                                   \
+        .GetVariadicOutputHomogeneity = op_zero,                                     \
+        .CreateKernelV2 = op_create_kernel,                                          \
+        .KernelComputeV2 = op_compute,                                               \
+        .InferOutputShapeFn = op_infer_shape,                                        \
+        .GetStartVersion = op_start_version,                                         \
+        .GetEndVersion = op_end_version,                                             \
+    },                                                                               \
+    .kind = (KIND), .dtype = (DTYPE), .name = (NAME)                                 \
+  }
+
+static PoetOp g_ops[] = {
+    POET_OP_INIT(POET_KIND_SPILL, 0, "Spill"),
+    POET_OP_INIT(POET_KIND_RESTORE, POET_DT_FLOAT, "Restore"),
+    POET_OP_INIT(POET_KIND_RESTORE, POET_DT_DOUBLE, "Restore_double"),
+    POET_OP_INIT(POET_KIND_RESTORE, POET_DT_FLOAT16, "Restore_float16"),
+    POET_OP_INIT(POET_KIND_RESTORE, POET_DT_INT64, "Restore_int64"),
+    POET_OP_INIT(POET_KIND_RESTORE, POET_DT_INT32, "Restore_int32"),
+    POET_OP_INIT(POET_KIND_RESTORE, POET_DT_INT8, "Restore_int8"),
+    POET_OP_INIT(POET_KIND_RESTORE, POET_DT_UINT8, "Restore_uint8"),
+    POET_OP_INIT(POET_KIND_RESTORE, POET_DT_BOOL, "Restore_bool"),
+};
+
+__attribute__((visibility("default"))) OrtStatus *ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
+  OrtCustomOpDomain *domain = NULL;
+  OrtStatus *st;
+  size_t i;
+  const OrtApi *api = api_base->GetApi(POET_ORT_API_VERSION);
+  if (!api) {
+    /* Older runtime: report through the oldest API table, which has CreateStatus. */
+    const OrtApi *old = api_base->GetApi(1);
+    char msg[256];
+    snprintf(msg, sizeof msg, "poetc spill ops need ONNX Runtime C API version %d (ORT >= 1.19); "
+             "this runtime is %s", POET_ORT_API_VERSION, api_base->GetVersionString());
+    return old ? old->CreateStatus(ORT_FAIL, msg) : NULL;
+  }
+  g_ort = api;
+  st = g_ort->CreateCustomOpDomain(POET_DOMAIN, &domain);
+  if (st) return st;
+  for (i = 0; i < sizeof g_ops / sizeof g_ops[0]; i++) {
+    st = g_ort->CustomOpDomain_Add(domain, &g_ops[i].base);
+    if (st) return st;
+  }
+  /* The domain must outlive every session created from these options; it is
+   * deliberately never released (a few hundred bytes per registration). */
+  return g_ort->AddCustomOpDomain(options, domain);
+}

@@ -1,0 +1,111 @@
+"""ONNX Runtime sessions under poetc's execution contract.
+
+poetc's memory model assumes that ORT executes a training graph's nodes in
+file order with no graph rewrites and no memory arena.  That holds with
+
+* ``execution_order = PRIORITY_BASED`` (keeps ``graph.node`` order),
+* ``graph_optimization_level = ORT_DISABLE_ALL`` (no fusions/reorders),
+* ``enable_cpu_mem_arena = False`` (every tensor is a real malloc/free, so
+  the step's heap peak equals a live-tensor simulation of the graph).
+
+:func:`contract_session_options` builds such options (optionally with the
+Spill/Restore library registered) and :func:`open_training` opens an
+artifacts directory produced by ``onnxruntime.training.artifacts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+
+
+def contract_session_options(spill_library: str | os.PathLike | None = None
+                             ) -> ort.SessionOptions:
+    """SessionOptions that make ORT follow poetc's execution contract.
+
+    PRIORITY_BASED order, ORT_DISABLE_ALL, CPU arena off, log severity 3
+    (errors only), and ``spill_library`` (path of the poet Spill/Restore
+    ``.so``) registered if given.
+    """
+    so = ort.SessionOptions()
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.enable_cpu_mem_arena = False
+    so.log_severity_level = 3
+    if spill_library is not None:
+        lib = Path(spill_library)
+        if not lib.is_file():
+            raise FileNotFoundError(f"spill library not found: {lib}")
+        so.register_custom_ops_library(str(lib))
+    return so
+
+
+@dataclass
+class TrainingSession:
+    """CheckpointState + Module + Optimizer of one artifacts directory."""
+
+    artifacts_dir: Path
+    state: object
+    module: object
+    optimizer: object
+    session_options: ort.SessionOptions
+    input_names: list[str] = field(default_factory=list)
+
+    def step(self, feeds: Mapping[str, np.ndarray]) -> float:
+        """One training step: forward+backward, optimizer step, lazy grad reset.
+
+        ``feeds`` maps each training-model user input name (see
+        :attr:`input_names`, e.g. ``input``/``labels``) to an array.
+        Returns the loss as a Python float.
+        """
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise KeyError(f"feeds lack training inputs {missing}; expected {self.input_names}, "
+                           f"got {sorted(feeds)}")
+        self.module.train()
+        outputs = self.module(*[feeds[n] for n in self.input_names])
+        loss = outputs[0] if isinstance(outputs, tuple) else outputs
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return float(np.asarray(loss).reshape(-1)[0])
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Current parameter values by name (copies, safe to keep)."""
+        return {name: np.array(p.data, copy=True) for name, p in self.state.parameters}
+
+
+def open_training(artifacts_dir: str | os.PathLike,
+                  spill_library: str | os.PathLike | None = None) -> TrainingSession:
+    """Open ``training_model.onnx``, ``eval_model.onnx`` (optional),
+    ``optimizer_model.onnx`` and ``checkpoint`` in ``artifacts_dir`` with
+    :func:`contract_session_options`."""
+    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+    d = Path(artifacts_dir)
+    for name in (TRAINING_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
+        if not (d / name).exists():
+            raise FileNotFoundError(f"training artifacts in {d} lack {name}")
+    so = contract_session_options(spill_library)
+    state = CheckpointState.load_checkpoint(str(d / CHECKPOINT))
+    eval_path = d / EVAL_MODEL
+    module = Module(str(d / TRAINING_MODEL), state,
+                    str(eval_path) if eval_path.exists() else None,
+                    device="cpu", session_options=so)
+    optimizer = Optimizer(str(d / OPTIMIZER_MODEL), module)
+    names = list(module.input_names())
+    logger.debug("opened training artifacts %s; inputs %s", d, names)
+    return TrainingSession(artifacts_dir=d, state=state, module=module, optimizer=optimizer,
+                           session_options=so, input_names=names)

@@ -1,0 +1,260 @@
+"""Strategies: keep-all, Chen sqrt(n), Capuchin-like greedy, and the MILPs (poet, remat-only,
+paging-only). Every strategy returns a `StrategyResult` whose numbers come from the simulator.
+Heuristics double as warm starts for the MILPs.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..errors import InfeasibleError, UsageError
+from ..schedule import Decision, Schedule, SimResult, simulate
+from .formulation import Limits, build_model, read_choice, start_values
+from .problem import Problem, chen_checkpoints, evaluate_linear
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("poet", "keep-all", "chen", "capuchin", "remat-only", "paging-only")
+
+
+@dataclass
+class StrategyResult:
+    strategy: str
+    choice: list[Decision]
+    schedule: Schedule
+    sim: SimResult
+    fits: bool  # peak within budget and time within deadline, per the simulator
+    status: str  # optimal / feasible / heuristic / infeasible / no-solution-in-time
+    overhead_time_s: float
+    overhead_energy_j: float
+    bound: float | None = None  # lower bound on the overhead objective (MILPs)
+    gap: float | None = None  # (objective - bound) / objective, on the overhead
+    solve_time_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "strategy": self.strategy, "status": self.status, "fits": self.fits,
+            "peak_bytes": self.sim.total_peak_bytes, "activation_peak_bytes": self.sim.peak_bytes,
+            "time_s": self.sim.time_s, "energy_j": self.sim.energy_j,
+            "overhead_time_s": self.overhead_time_s, "overhead_energy_j": self.overhead_energy_j,
+            "decisions": self.schedule.counts(), "bound": self.bound, "gap": self.gap,
+            "solve_time_s": round(self.solve_time_s, 3), "notes": self.notes,
+        }
+
+
+def finish(problem: Problem, strategy: str, choice: list[Decision], limits: Limits, status: str,
+           **kw) -> StrategyResult:
+    schedule = Schedule.from_decisions(problem.graph, problem.decisions_from(dict(enumerate(choice))), strategy,
+                                       solver={"status": status, "granularity": "op"})
+    sim = simulate(problem.graph, schedule.steps, schedule.origin, problem.costs)
+    over_t, over_e = sim.time_s - problem.base_time_s, sim.energy_j - problem.base_energy_j
+    fits = (sim.peak_bytes <= limits.activation_budget_bytes + 0.5
+            and over_t <= limits.overhead_time_s * (1 + 1e-9) + 1e-12
+            and sim.max_flash_bytes <= limits.flash_bytes)
+    schedule.solver.update({k: v for k, v in kw.items() if k in ("bound", "gap")})
+    return StrategyResult(strategy, choice, schedule, sim, fits, status, over_t, over_e, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_options: int = 16) -> list[Decision] | None:
+    """Free memory at the peak until it fits. Each round tries the `max_options` most promising
+    (tensor, mode) moves at the peak position and takes the one that lowers the peak most per unit of
+    cost. rule="capuchin": a tensor's preferred mode is paging when it is compute-heavy (recompute time
+    above paging time), recompute otherwise; rule="cheapest": the mode with the lower objective cost.
+    Then give back (keep) whatever still fits, most expensive first. None if nothing fits."""
+    cands = problem.candidates
+    choice = [Decision.KEEP] * len(cands)
+    metric = (lambda c, d: c.rec_time_s if d is Decision.RECOMPUTE else c.page_time_s) \
+        if limits.objective == "time" else \
+        (lambda c, d: c.rec_energy_j if d is Decision.RECOMPUTE else c.page_energy_j)
+
+    def modes(c):
+        out = []
+        if c.recomputable and limits.allow_recompute:
+            out.append(Decision.RECOMPUTE)
+        if c.pageable and limits.allow_page:
+            out.append(Decision.PAGE)
+        if rule == "capuchin" and len(out) == 2:
+            heavy = c.rec_time_s > c.page_time_s
+            out.sort(key=lambda d: (d is not (Decision.PAGE if heavy else Decision.RECOMPUTE)))
+        else:
+            out.sort(key=lambda d: metric(c, d))
+        return out
+
+    ev = evaluate_linear(problem, choice)
+    while ev.peak_bytes > limits.activation_budget_bytes:
+        p = ev.peak_position
+        options = []
+        for i, c in enumerate(cands):
+            if choice[i] is not Decision.KEEP or c.fixed or not (c.lf < p < c.fb):
+                continue
+            for rank, d in enumerate(modes(c)):
+                options.append((rank, -c.nbytes / (metric(c, d) + 1e-15), i, d))
+        options.sort()
+        best = None
+        for rank, neg_ratio, i, d in options[:max_options]:
+            trial = list(choice)
+            trial[i] = d
+            ev_t = evaluate_linear(problem, trial)
+            if ev_t.time_s > limits.overhead_time_s or ev_t.flash_bytes > limits.flash_bytes:
+                continue
+            gain = (ev.peak_bytes - ev_t.peak_bytes, ev.profile[p] - ev_t.profile[p])
+            if gain[0] < 0 or gain[1] <= 0:
+                continue
+            cost = metric(cands[i], d) + 1e-15
+            key = (gain[0] / cost, gain[1] / cost)
+            if best is None or key > best[0]:
+                best = (key, trial, ev_t)
+        if best is None:
+            return None
+        _, choice, ev = best
+    # give back
+    order = sorted((i for i, d in enumerate(choice) if d is not Decision.KEEP),
+                   key=lambda i: -metric(cands[i], choice[i]))
+    for i in order:
+        trial = list(choice)
+        trial[i] = Decision.KEEP
+        if evaluate_linear(problem, trial).peak_bytes <= limits.activation_budget_bytes:
+            choice = trial
+    return choice
+
+
+def _milp_worker(problem: Problem, limits: Limits, start: list[Decision] | None, time_limit_s: float,
+                 seed: int, threads: int, conn) -> None:
+    """Runs in a forked child: build, solve, send back (status, choice, objective, bound)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # HiGHS prints its banner on stdout whatever python-mip's verbosity
+    try:
+        model, v = build_model(problem, limits)
+        model.seed = seed
+        model.threads = threads
+        model.max_mip_gap = 1e-4
+        if start is not None:
+            model.start = start_values(problem, v, start, evaluate_linear(problem, start))
+        status = model.optimize(max_seconds=time_limit_s)
+        if model.num_solutions:
+            choice = read_choice(problem, v)
+            conn.send((status.name, [d.value for d in choice], model.objective_value, model.objective_bound,
+                       model.num_cols, model.num_rows))
+        else:
+            conn.send((status.name, None, None, model.objective_bound, model.num_cols, model.num_rows))
+    except Exception as exc:  # reported to the parent, which falls back to the heuristic
+        conn.send(("ERROR", repr(exc), None, None, 0, 0))
+    finally:
+        conn.close()
+
+
+def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s: float, seed: int = 0,
+               threads: int = 1) -> StrategyResult:
+    starts = [greedy(problem, limits, rule="cheapest"), greedy(problem, limits, rule="capuchin")]
+    starts = [s for s in starts if s is not None]
+    start = None
+    if starts:
+        start = min(starts, key=lambda s: _objective(problem, s, limits))
+    t0 = time.perf_counter()
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_milp_worker, args=(problem, limits, start, time_limit_s, seed, threads, child),
+                       daemon=True)
+    proc.start()
+    child.close()
+    grace = 5.0 + 0.1 * time_limit_s
+    message = parent.recv() if parent.poll(time_limit_s + grace) else None
+    if message is None:
+        proc.kill()
+    proc.join(5)
+    elapsed = time.perf_counter() - t0
+    notes = []
+    if message is None or message[0] == "ERROR" or message[1] is None:
+        if message is None:
+            why = f"the solver found no solution within {time_limit_s:g} s"
+        elif message[0] == "ERROR":
+            why = f"the solver failed ({message[1]})"
+        elif message[0] == "INFEASIBLE":
+            why = "the MILP is infeasible: no schedule meets the budget, deadline and flash limits"
+        else:
+            why = f"the solver stopped with status {message[0]} and no solution"
+        if start is None:
+            return finish(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "infeasible",
+                          solve_time_s=elapsed, notes=[why + "; no heuristic schedule fits either"])
+        notes.append(why + "; falling back to the best heuristic schedule that fits")
+        return finish(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed, notes=notes)
+    status_name, values, objective, bound, ncols, nrows = message
+    choice = [Decision(x) for x in values]
+    bound = max(bound, 0.0) if bound is not None else None
+    gap = (objective - bound) / objective if objective and bound is not None and objective > 1e-18 else 0.0
+    status = "optimal" if status_name == "OPTIMAL" else "feasible"
+    notes.append(f"MILP: {ncols} variables, {nrows} rows, {len(problem.candidates)} candidates")
+    result = finish(problem, strategy, choice, limits, status, bound=bound, gap=gap, solve_time_s=elapsed,
+                    notes=notes)
+    if start is not None and not result.fits:  # never worse than the start: the simulator decides
+        fallback = finish(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed,
+                          notes=notes + ["the MILP solution failed simulation; using the heuristic start"])
+        if fallback.fits:
+            return fallback
+    return result
+
+
+def _objective(problem: Problem, choice: list[Decision], limits: Limits) -> float:
+    ev = evaluate_linear(problem, choice)
+    return ev.time_s if limits.objective == "time" else ev.energy_j
+
+
+def run_strategy(problem: Problem, limits: Limits, strategy: str, *, time_limit_s: float = 120.0, seed: int = 0,
+                 threads: int = 1) -> StrategyResult:
+    t0 = time.perf_counter()
+    if strategy == "keep-all":
+        return finish(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "heuristic")
+    if strategy == "chen":
+        return finish(problem, strategy, chen_checkpoints(problem), limits, "heuristic",
+                      solve_time_s=time.perf_counter() - t0)
+    if strategy == "capuchin":
+        choice = greedy(problem, limits, rule="capuchin")
+        if choice is None:
+            return finish(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "infeasible",
+                          notes=["the greedy found no schedule within the limits"])
+        return finish(problem, strategy, choice, limits, "heuristic", solve_time_s=time.perf_counter() - t0)
+    if strategy == "poet":
+        return solve_milp(problem, limits, strategy, time_limit_s=time_limit_s, seed=seed, threads=threads)
+    if strategy == "remat-only":
+        return solve_milp(problem, _replace(limits, allow_page=False), strategy, time_limit_s=time_limit_s,
+                          seed=seed, threads=threads)
+    if strategy == "paging-only":
+        return solve_milp(problem, _replace(limits, allow_recompute=False), strategy, time_limit_s=time_limit_s,
+                          seed=seed, threads=threads)
+    raise UsageError(f"unknown strategy {strategy!r}", hint=f"strategies: {', '.join(STRATEGIES)}")
+
+
+def _replace(limits: Limits, **kw) -> Limits:
+    from dataclasses import replace
+    return replace(limits, **kw)
+
+
+def check_lower_bound(problem: Problem, budget_bytes: int) -> None:
+    """Fail before solving when no schedule can fit: the peak of the decision-independent part of
+    every position (fixed state + what no decision can remove) is above the budget."""
+    from ..units import format_size
+    cands = problem.candidates
+    floor = problem.const_bytes.copy()
+    for c in cands:
+        if c.fixed:
+            continue
+        floor[c.prod: c.lf + 1] += c.nbytes
+        floor[c.fb: c.lb + 1] += c.nbytes
+    p = int(floor.argmax())
+    need = problem.fixed_bytes + int(floor[p])
+    if need > budget_bytes:
+        op = problem.graph.ops[p]
+        suggestion = f"{(need * 1.02) / 1e6:.2f}MB"
+        raise InfeasibleError(
+            f"budget {format_size(budget_bytes)} is below the lower bound {format_size(need)} set by "
+            f"{op.op_type} {op.name!r} (position {p}): fixed state {format_size(problem.fixed_bytes)} plus "
+            f"{format_size(floor[p])} of tensors no schedule can drop there",
+            hint=f"try --ram {suggestion}")

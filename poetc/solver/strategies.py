@@ -18,6 +18,7 @@ from .problem import Problem, chen_checkpoints, evaluate_linear
 
 log = logging.getLogger(__name__)
 
+SOLVERS = {"highs": "HiGHS", "cbc": "CBC"}
 STRATEGIES = ("poet", "keep-all", "chen", "capuchin", "remat-only", "paging-only")
 
 
@@ -127,12 +128,12 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
 
 
 def _milp_worker(problem: Problem, limits: Limits, start: list[Decision] | None, time_limit_s: float,
-                 seed: int, threads: int, conn) -> None:
+                 seed: int, threads: int, solver: str, conn) -> None:
     """Runs in a forked child: build, solve, send back (status, choice, objective, bound)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # HiGHS prints its banner on stdout whatever python-mip's verbosity
     try:
-        model, v = build_model(problem, limits)
+        model, v = build_model(problem, limits, solver_name=SOLVERS[solver])
         model.seed = seed
         model.threads = threads
         model.max_mip_gap = 1e-4
@@ -152,7 +153,7 @@ def _milp_worker(problem: Problem, limits: Limits, start: list[Decision] | None,
 
 
 def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s: float, seed: int = 0,
-               threads: int = 1) -> StrategyResult:
+               threads: int = 1, solver: str = "highs") -> StrategyResult:
     starts = [greedy(problem, limits, rule="cheapest"), greedy(problem, limits, rule="capuchin")]
     starts = [s for s in starts if s is not None]
     start = None
@@ -161,7 +162,7 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
     t0 = time.perf_counter()
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_milp_worker, args=(problem, limits, start, time_limit_s, seed, threads, child),
+    proc = ctx.Process(target=_milp_worker, args=(problem, limits, start, time_limit_s, seed, threads, solver, child),
                        daemon=True)
     proc.start()
     child.close()
@@ -208,7 +209,7 @@ def _objective(problem: Problem, choice: list[Decision], limits: Limits) -> floa
 
 
 def run_strategy(problem: Problem, limits: Limits, strategy: str, *, time_limit_s: float = 120.0, seed: int = 0,
-                 threads: int = 1) -> StrategyResult:
+                 threads: int = 1, solver: str = "highs") -> StrategyResult:
     t0 = time.perf_counter()
     if strategy == "keep-all":
         return finish(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "heuristic")
@@ -222,13 +223,13 @@ def run_strategy(problem: Problem, limits: Limits, strategy: str, *, time_limit_
                           notes=["the greedy found no schedule within the limits"])
         return finish(problem, strategy, choice, limits, "heuristic", solve_time_s=time.perf_counter() - t0)
     if strategy == "poet":
-        return solve_milp(problem, limits, strategy, time_limit_s=time_limit_s, seed=seed, threads=threads)
+        return solve_milp(problem, limits, strategy, time_limit_s=time_limit_s, seed=seed, threads=threads, solver=solver)
     if strategy == "remat-only":
         return solve_milp(problem, _replace(limits, allow_page=False), strategy, time_limit_s=time_limit_s,
-                          seed=seed, threads=threads)
+                          seed=seed, threads=threads, solver=solver)
     if strategy == "paging-only":
         return solve_milp(problem, _replace(limits, allow_recompute=False), strategy, time_limit_s=time_limit_s,
-                          seed=seed, threads=threads)
+                          seed=seed, threads=threads, solver=solver)
     raise UsageError(f"unknown strategy {strategy!r}", hint=f"strategies: {', '.join(STRATEGIES)}")
 
 

@@ -1,0 +1,450 @@
+"""poetc's library entry points: inspect, compile, verify, train. The CLI is a thin layer over these.
+
+Nothing here prints or exits; errors are `poetc.errors` types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import InfeasibleError, InputFileError, OutputError, RuntimeFailure, UsageError, VerificationError
+from .importer import ImportOptions, import_model
+from .ir.graph import Role, TensorKind, TrainGraph
+from .ir.lower import load_artifacts
+from .schedule import Decision, StepCosts, build_steps, fixed_state_bytes, simulate
+from .units import Deadline
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT = "poetc-report/1"
+RUNTIME_CONTRACT = {
+    "graph_optimization_level": "ORT_DISABLE_ALL",
+    "execution_order": "PRIORITY_BASED",
+    "enable_cpu_mem_arena": False,
+    "custom_op_library": "libpoet_spill.so (host) / aarch64/libpoet_spill.so",
+    "spill_dir_env": "POETC_SPILL_DIR",
+    "why": "ONNX Runtime executes graph.node in file order only with PRIORITY_BASED at ORT_DISABLE_ALL; "
+           "higher levels fuse nodes, reorder them and merge recompute duplicates; the arena hides frees",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def open_graph(model_path: Path, work_dir: Path, import_options: ImportOptions) -> tuple[Path, TrainGraph]:
+    """Import the model into work_dir and lower it. Returns (artifacts dir, graph)."""
+    artifacts = import_model(Path(model_path), work_dir, import_options)
+    return artifacts, load_artifacts(artifacts)
+
+
+def lower_bound_bytes(graph: TrainGraph) -> tuple[int, str]:
+    """A bound valid for any schedule: fixed state + the largest single-op working set (inputs and
+    outputs of one op, non-persistent ones), and the op that sets it."""
+    best, where = 0, ""
+    for op in graph.ops:
+        names = {x for x in op.inputs + op.outputs if x}
+        roots = {graph.storage_root(x) for x in names}
+        size = sum(graph.tensors[r].nbytes for r in roots if not graph.tensors[r].kind.is_persistent)
+        if size > best:
+            best, where = size, f"{op.op_type} {op.name}"
+    return sum(fixed_state_bytes(graph).values()) + best, where
+
+
+def keep_all(graph: TrainGraph):
+    steps, origin = build_steps(graph, {})
+    return simulate(graph, steps, origin)
+
+
+def ort_order_keep_all(graph: TrainGraph, original_model: onnx.ModelProto):
+    """Keep-all peak in the order onnxruntime-training wrote (before accumulator hoisting)."""
+    from .schedule import Step, StepKind
+    by_name = {op.name: op for op in graph.ops}
+    order = [by_name[n.name] for n in original_model.graph.node if n.name in by_name]
+    if len(order) != len(graph.ops):
+        return None
+    steps = [Step(StepKind.COMPUTE, op.index, None, tuple(op.inputs), tuple(op.outputs)) for op in order]
+    return simulate(graph, steps)
+
+
+def largest_activations(graph: TrainGraph, n: int = 10) -> list[dict]:
+    saved = sorted(graph.saved_activations(), key=lambda t: -t.nbytes)[:n]
+    return [{"name": t.name, "bytes": t.nbytes, "shape": list(t.shape), "dtype": t.dtype_name,
+             "producer": graph.ops[t.producer].op_type} for t in saved]
+
+
+# ---------------------------------------------------------------------------------------------------
+# inspect
+
+
+def inspect_model(model_path: Path, import_options: ImportOptions, *, measure: bool = False) -> dict:
+    with tempfile.TemporaryDirectory(prefix="poetc-inspect-") as work:
+        artifacts, graph = open_graph(model_path, Path(work), import_options)
+        sim = keep_all(graph)
+        original = onnx.load(str(artifacts / "training_model.onnx"), load_external_data=False)
+        from .ir.lower import ensure_unique_node_names
+        ensure_unique_node_names(original)
+        ort_sim = ort_order_keep_all(graph, original)
+        bound, bound_op = lower_bound_bytes(graph)
+        fixed = fixed_state_bytes(graph)
+        kinds = {k.value: len(graph.tensors_of_kind(k)) for k in TensorKind}
+        doc = {
+            "format": "poetc-inspect/1",
+            "model": str(model_path),
+            "ops": len(graph.ops),
+            "ops_by_role": graph.op_counts_by_role(),
+            "tensors_by_kind": kinds,
+            "saved_activations": len(graph.saved_activations()),
+            "saved_activation_bytes": sum(t.nbytes for t in graph.saved_activations()),
+            "fixed_state_bytes": fixed,
+            "fixed_total_bytes": sum(fixed.values()),
+            "keep_all_activation_peak_bytes": sim.peak_bytes,
+            "keep_all_peak_bytes": sim.total_peak_bytes,
+            "keep_all_peak_ort_order_bytes": ort_sim.total_peak_bytes if ort_sim else None,
+            "lower_bound_bytes": bound,
+            "lower_bound_set_by": bound_op,
+            "largest_activations": largest_activations(graph),
+        }
+        if measure:
+            run = measure_artifacts(artifacts, graph, steps=2)
+            doc["measured_step_peak_bytes"] = max(s.peak_heap_bytes for s in run.steps)
+            doc["measured_ort_order_note"] = "measured on the artifacts as onnxruntime-training wrote them"
+        return doc
+
+
+# ---------------------------------------------------------------------------------------------------
+# compile
+
+
+@dataclass
+class CompileOptions:
+    ram_bytes: int
+    out_dir: Path
+    target: str = "rpi4"
+    deadline: Deadline = field(default_factory=lambda: Deadline(factor=1.3))
+    flash_bytes: int | None = None
+    objective: str = "energy"
+    strategy: str = "poet"
+    baselines: tuple[str, ...] = ("keep-all", "chen", "capuchin", "remat-only", "paging-only")
+    time_limit_s: float = 120.0
+    solver: str = "highs"
+    seed: int = 0
+    threads: int = 1
+    costs_path: Path | None = None
+    import_options: ImportOptions = field(default_factory=ImportOptions)
+    force: bool = False
+    disable_passes: tuple[str, ...] = ()
+    dump_after: tuple[str, ...] = ()
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    report: dict
+
+
+def step_costs_for(graph: TrainGraph, target, costs_path: Path | None) -> StepCosts:
+    from .cost import build_cost_table, load_costs
+    measured = load_costs(costs_path, graph) if costs_path else None
+    table = build_cost_table(graph, target, measured)
+    return StepCosts([c.time_s for c in table.ops], [c.energy_j for c in table.ops], table.page_out, table.page_in)
+
+
+def _check_output_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not force:
+        raise OutputError(f"output directory {out_dir} already exists", hint="choose another -o or pass --force")
+    parent = out_dir.resolve().parent
+    if not parent.exists():
+        raise OutputError(f"cannot write {out_dir}: its parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {out_dir}: {parent} is not writable")
+
+
+def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
+    from .solver import Limits, build_problem, check_lower_bound, run_strategy
+    from .targets import load_target
+
+    out_dir = Path(options.out_dir)
+    _check_output_dir(out_dir, options.force)
+    target = load_target(options.target)
+    parent = out_dir.resolve().parent
+    with tempfile.TemporaryDirectory(prefix=".poetc-", dir=parent) as work:
+        work = Path(work)
+        t0 = time.perf_counter()
+        artifacts, graph = open_graph(model_path, work, options.import_options)
+        costs = step_costs_for(graph, target, options.costs_path)
+        problem = build_problem(graph, costs)
+        check_lower_bound(problem, options.ram_bytes)
+        bound, bound_op = lower_bound_bytes(graph)
+        deadline_s = options.deadline.resolve(problem.base_time_s)
+        flash = options.flash_bytes if options.flash_bytes is not None else target.flash_bytes
+        limits = Limits(options.ram_bytes - problem.fixed_bytes, deadline_s - problem.base_time_s, flash,
+                        objective=options.objective)
+        if limits.overhead_time_s < 0:
+            raise InfeasibleError(f"deadline {options.deadline} is below the keep-all step time "
+                                  f"{problem.base_time_s:.4g} s on {target.name}")
+        main = run_strategy(problem, limits, options.strategy, time_limit_s=options.time_limit_s,
+                            seed=options.seed, threads=options.threads, solver=options.solver)
+        baselines = {}
+        for name in options.baselines:
+            if name == options.strategy:
+                continue
+            baselines[name] = run_strategy(problem, limits, name, time_limit_s=max(options.time_limit_s / 4, 5),
+                                           seed=options.seed, threads=options.threads, solver=options.solver)
+        if not main.fits:
+            raise InfeasibleError(_infeasible_message(main, options, problem),
+                                  hint="raise --ram, relax --deadline, or allow more flash (--flash)")
+        model, pass_records = rewrite(graph, main.schedule, options, work / "dumps")
+        stage = work / "out"
+        stage.mkdir()
+        for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
+            shutil.copy2(artifacts / name, stage / name)
+        (stage / "reference").mkdir()
+        shutil.copy2(artifacts / "training_model.onnx", stage / "reference" / "training_model.onnx")
+        onnx.save(model, str(stage / "training_model.onnx"))
+        uses_paging = any(d is Decision.PAGE for d in main.schedule.decisions.values())
+        libraries = _copy_native_libraries(stage, required=uses_paging)
+        schedule_doc = main.schedule.to_json()
+        _write_json(stage / "schedule.json", schedule_doc)
+        encoding = main.schedule.compact_encoding(graph)
+        (stage / "schedule.bin").write_bytes(encoding)
+        report = {
+            "format": REPORT_FORMAT,
+            "model": Path(model_path).name,
+            "target": target.name,
+            "objective": options.objective,
+            "ram_budget_bytes": options.ram_bytes,
+            "deadline": str(options.deadline),
+            "deadline_s": deadline_s,
+            "flash_bytes": flash,
+            "fixed_state_bytes": fixed_state_bytes(graph),
+            "fixed_total_bytes": problem.fixed_bytes,
+            "lower_bound_bytes": bound,
+            "lower_bound_set_by": bound_op,
+            "keep_all": {"peak_bytes": problem.fixed_bytes + problem.keep_all_peak_bytes,
+                         "activation_peak_bytes": problem.keep_all_peak_bytes,
+                         "time_s": problem.base_time_s, "energy_j": problem.base_energy_j},
+            "result": main.summary(),
+            "baselines": {k: v.summary() for k, v in baselines.items()},
+            "candidates": len(problem.candidates),
+            "granularity": "op (every saved activation of the ONNX Runtime training graph)",
+            "schedule_encoding_bytes": len(encoding),
+            "passes": pass_records,
+            "native_libraries": libraries,
+            "runtime_contract": RUNTIME_CONTRACT,
+            "label_classes": _label_classes(graph),
+            "inputs": {n: {"shape": list(graph.tensors[n].shape), "dtype": graph.tensors[n].dtype_name}
+                       for n in graph.user_inputs if n != "lazy_reset_grad"},
+            "compile_seconds": round(time.perf_counter() - t0, 3),
+        }
+        _write_json(stage / "report.json", report)
+        _write_json(stage / "runtime.json", RUNTIME_CONTRACT)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(stage, out_dir)
+    return CompileResult(out_dir, report)
+
+
+def _infeasible_message(result, options: CompileOptions, problem) -> str:
+    from .units import format_size
+    notes = "; ".join(result.notes)
+    return (f"no schedule found that fits {format_size(options.ram_bytes)} within deadline {options.deadline} "
+            f"(strategy {result.strategy}: {result.status}{', ' + notes if notes else ''}); keep-all needs "
+            f"{format_size(problem.fixed_bytes + problem.keep_all_peak_bytes)}")
+
+
+def _label_classes(graph: TrainGraph) -> int | None:
+    for op in graph.ops:
+        if op.role is Role.LOSS and op.op_type.startswith("SoftmaxCrossEntropyLoss"):
+            shape = graph.tensors[op.inputs[0]].shape
+            return int(shape[1]) if len(shape) > 1 else None
+    return None
+
+
+def rewrite(graph: TrainGraph, schedule, options: CompileOptions, dump_dir: Path) -> tuple[onnx.ModelProto, list]:
+    import onnx_graphsurgeon as gs
+
+    from .passes import PassContext, PassManager, default_pipeline
+    manager = PassManager(default_pipeline(), disabled=set(options.disable_passes),
+                          dump_after=set(options.dump_after), dump_dir=dump_dir)
+    ctx = PassContext(graph, schedule, gs.import_onnx(graph.model))
+    model = manager.run(ctx)
+    return model, manager.records
+
+
+def _copy_native_libraries(stage: Path, *, required: bool) -> dict:
+    from .runtime import nativelib
+    out = {}
+    try:
+        host = nativelib.build_spill_library("host")
+        shutil.copy2(host, stage / "libpoet_spill.so")
+        out["host"] = "libpoet_spill.so"
+    except Exception as exc:
+        if required:
+            raise RuntimeFailure(f"the schedule pages tensors but the Spill/Restore library could not be built: {exc}",
+                                 hint="check network access to the Debian archive, or use --strategy remat-only") from exc
+        out["host"] = f"not built: {exc}"
+    if nativelib.cross_compiler_available():
+        try:
+            arm = nativelib.build_spill_library("aarch64")
+            (stage / "aarch64").mkdir()
+            shutil.copy2(arm, stage / "aarch64" / "libpoet_spill.so")
+            out["aarch64"] = "aarch64/libpoet_spill.so"
+        except Exception as exc:
+            out["aarch64"] = f"not built: {exc}"
+    else:
+        out["aarch64"] = "not built: aarch64-linux-gnu-gcc not installed"
+    return out
+
+
+def _write_json(path: Path, doc) -> None:
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    return str(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# running compiled artifacts
+
+
+def make_feeds(report: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs for the training model's user inputs, from report.json."""
+    rng = np.random.default_rng(seed)
+    classes = report.get("label_classes") or 2
+    feeds = {}
+    for name, spec in sorted(report["inputs"].items()):
+        shape, dtype = tuple(spec["shape"]), spec["dtype"]
+        if dtype in ("float", "double", "float16"):
+            feeds[name] = rng.standard_normal(shape).astype({"float": np.float32, "double": np.float64,
+                                                             "float16": np.float16}[dtype])
+        elif dtype == "bool":
+            feeds[name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[name] = rng.integers(0, classes, shape).astype(np.int64 if dtype == "int64" else np.int32)
+    return feeds
+
+
+def load_report(out_dir: Path) -> dict:
+    path = Path(out_dir) / "report.json"
+    if not path.exists():
+        raise InputFileError(f"{out_dir} is not a poetc output directory (no report.json)",
+                             hint="pass the directory written by `poetc compile -o DIR`")
+    return json.loads(path.read_text())
+
+
+def measure_artifacts(artifacts: Path, graph: TrainGraph | None = None, steps: int = 2, feeds=None,
+                      spill_library: Path | None = None, spill_dir: Path | None = None):
+    from .runtime.measure import MeasurementError, measure_training
+    if feeds is None:
+        report = {"inputs": {n: {"shape": list(graph.tensors[n].shape), "dtype": graph.tensors[n].dtype_name}
+                             for n in graph.user_inputs if n != "lazy_reset_grad"},
+                  "label_classes": _label_classes(graph)}
+        feeds = make_feeds(report)
+    try:
+        return measure_training(artifacts, feeds, steps=steps, spill_library=spill_library, spill_dir=spill_dir)
+    except MeasurementError as exc:
+        raise RuntimeFailure(f"the training step failed in ONNX Runtime: {exc}") from exc
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    doc: dict
+
+
+def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: float = 1e-6,
+           spill_dir: Path | None = None) -> VerifyResult:
+    """Train the reference and the compiled artifacts side by side and compare."""
+    out_dir = Path(out_dir)
+    report = load_report(out_dir)
+    feeds = dict(np.load(data)) if data else make_feeds(report)
+    with tempfile.TemporaryDirectory(prefix="poetc-verify-") as work:
+        ref_dir = Path(work) / "reference"
+        ref_dir.mkdir()
+        for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
+            os.symlink((out_dir / name).resolve(), ref_dir / name)
+        os.symlink((out_dir / "reference" / "training_model.onnx").resolve(), ref_dir / "training_model.onnx")
+        library = out_dir / "libpoet_spill.so"
+        ref = measure_artifacts(ref_dir, steps=steps, feeds=feeds)
+        comp = measure_artifacts(out_dir, steps=steps, feeds=feeds,
+                                 spill_library=library if library.exists() else None, spill_dir=spill_dir)
+        ref_params, comp_params = dict(np.load(ref.params_npz)), dict(np.load(comp.params_npz))
+    loss_diffs = [abs(a.loss - b.loss) for a, b in zip(ref.steps, comp.steps)]
+    loss_rel = max(d / max(abs(a.loss), 1e-30) for d, a in zip(loss_diffs, ref.steps))
+    param_diff, param_rel, bitwise = 0.0, 0.0, True
+    for name, a in ref_params.items():
+        b = comp_params[name]
+        diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+        param_diff = max(param_diff, diff)
+        param_rel = max(param_rel, diff / max(float(np.max(np.abs(a))), 1e-30))
+        bitwise &= a.tobytes() == b.tobytes()
+    fixed = report["fixed_total_bytes"]
+    predicted = report["result"]["activation_peak_bytes"]
+    measured = [s.peak_heap_bytes for s in comp.steps]
+    budget = report["ram_budget_bytes"]
+    peak_ok = fixed + max(measured) <= budget
+    close = all(abs(m - predicted) <= max(0.03 * predicted, 2**20) for m in measured)
+    same = loss_rel <= rtol and param_rel <= rtol
+    doc = {
+        "steps": steps,
+        "losses_reference": [s.loss for s in ref.steps],
+        "losses_compiled": [s.loss for s in comp.steps],
+        "max_abs_loss_diff": max(loss_diffs),
+        "max_rel_loss_diff": loss_rel,
+        "max_abs_param_diff": param_diff,
+        "max_rel_param_diff": param_rel,
+        "bitwise_identical_params": bitwise,
+        "ram_budget_bytes": budget,
+        "fixed_total_bytes": fixed,
+        "predicted_activation_peak_bytes": predicted,
+        "measured_step_peak_bytes": measured,
+        "reference_step_peak_bytes": [s.peak_heap_bytes for s in ref.steps],
+        "measured_total_peak_bytes": fixed + max(measured),
+        "within_budget": peak_ok,
+        "prediction_within_3pct_or_1MiB": close,
+        "step_seconds_reference": [s.step_seconds for s in ref.steps],
+        "step_seconds_compiled": [s.step_seconds for s in comp.steps],
+        "identical_results": same,
+    }
+    return VerifyResult(ok=same and peak_ok, doc=doc)
+
+
+def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
+          spill_dir: Path | None = None) -> dict:
+    out_dir = Path(out_dir)
+    report = load_report(out_dir)
+    feeds = dict(np.load(data)) if data else make_feeds(report, seed)
+    library = out_dir / "libpoet_spill.so"
+    run = measure_artifacts(out_dir, steps=steps, feeds=feeds,
+                            spill_library=library if library.exists() else None, spill_dir=spill_dir)
+    return {"losses": [s.loss for s in run.steps], "step_peak_bytes": [s.peak_heap_bytes for s in run.steps],
+            "step_seconds": [s.step_seconds for s in run.steps]}
+
+
+def file_hashes(out_dir: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(Path(out_dir).rglob("*")):
+        if path.is_file():
+            out[str(path.relative_to(out_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+__all__ = ["CompileOptions", "CompileResult", "compile_model", "inspect_model", "verify", "train",
+           "UsageError"]

@@ -1,0 +1,275 @@
+"""Command line: `poetc inspect | compile | verify | train | profile | targets`.
+
+The only module that prints or chooses exit codes (see `poetc.errors.EXIT_CODES`, docs/errors.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import EXIT_CODES, PoetcError, UsageError
+from .units import format_size, format_time, parse_deadline, parse_size
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2 with usage on stderr: same code as UsageError
+        self.print_usage(sys.stderr)
+        print(f"poetc: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("import (forward ONNX models)")
+    g.add_argument("--loss", default="cross_entropy", help="cross_entropy (default), mse, bce, l1")
+    g.add_argument("--optimizer", default="adamw", help="adamw (default) or sgd")
+    g.add_argument("--batch", type=_positive_int, help="concrete batch size for a symbolic (or different) axis 0")
+    g.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="concrete shape of one input (repeatable)")
+    g.add_argument("--freeze", action="append", default=[], metavar="PATTERN",
+                   help="glob of initializers to keep frozen (repeatable)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _import_options(args):
+    from .importer import ImportOptions, parse_input_shape
+    shapes = dict(parse_input_shape(s) for s in args.input_shape)
+    return ImportOptions(loss=args.loss, optimizer=args.optimizer, batch=args.batch, input_shapes=shapes,
+                         freeze=list(args.freeze))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="poetc", description="Compile ONNX training graphs to fit a RAM budget "
+                     "(recompute + paging, POET-style MILP).",
+                     epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+    parser.add_argument("--version", action="version", version=f"poetc {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="where training memory goes: fixed state, keep-all peak, lower bound")
+    p.add_argument("model", type=Path, help="forward ONNX model or training artifacts directory")
+    p.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
+    p.add_argument("--measure", action="store_true", help="also measure the keep-all step peak in ONNX Runtime")
+    _import_args(p)
+
+    p = sub.add_parser("compile", help="schedule keep/recompute/page and write runnable artifacts")
+    p.add_argument("model", type=Path)
+    p.add_argument("--ram", required=True, help="RAM budget for training, e.g. 8MB or 64MiB")
+    p.add_argument("-o", "--out", type=Path, help="output directory (default: <model>.poetc)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--target", default="rpi4", help="device profile name or TOML file (see `poetc targets`)")
+    p.add_argument("--target-file", type=Path, help="a device profile TOML file (same as --target PATH)")
+    p.add_argument("--costs", type=Path, help="measured per-op costs from `poetc profile`")
+    p.add_argument("--deadline", default="1.3x", help="step-time limit: factor of keep-all (1.3x) or a time (2s)")
+    p.add_argument("--flash", help="flash capacity for paging (default: the target's)")
+    p.add_argument("--objective", choices=("energy", "time"), default="energy")
+    p.add_argument("--strategy", default="poet",
+                   choices=("poet", "keep-all", "chen", "capuchin", "remat-only", "paging-only"))
+    p.add_argument("--baselines", default="keep-all,chen,capuchin,remat-only,paging-only",
+                   help="comma-separated strategies to run for the report ('' for none)")
+    p.add_argument("--solver", choices=("highs", "cbc"), default="highs")
+    p.add_argument("--time-limit", default="120s", help="solver wall-clock limit (default 120s)")
+    p.add_argument("--threads", type=_positive_int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify", action="store_true", help="run `poetc verify` on the result")
+    p.add_argument("--disable-pass", action="append", default=[], metavar="NAME")
+    p.add_argument("--dump-after", action="append", default=[], metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _import_args(p)
+
+    p = sub.add_parser("verify", help="train reference and compiled artifacts side by side and compare")
+    p.add_argument("out", type=Path)
+    p.add_argument("--steps", type=_positive_int, default=3)
+    p.add_argument("--data", type=Path, help=".npz with the training inputs (default: seeded random)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("train", help="run training steps of compiled artifacts")
+    p.add_argument("out", type=Path)
+    p.add_argument("--steps", type=_positive_int, default=10)
+    p.add_argument("--data", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("profile", help="measure per-op times on this machine (for --costs)")
+    p.add_argument("model", type=Path)
+    p.add_argument("-o", "--out", type=Path, required=True)
+    p.add_argument("--repeats", type=_positive_int, default=5)
+    _import_args(p)
+
+    sub.add_parser("targets", help="list device profiles")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),
+                        format="poetc: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except PoetcError as exc:
+        print(f"poetc: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("poetc: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_inspect(args) -> int:
+    from .api import inspect_model
+    doc = inspect_model(args.model, _import_options(args), measure=args.measure)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    print(f"model {args.model}: {doc['ops']} ops " +
+          ", ".join(f"{k} {v}" for k, v in doc["ops_by_role"].items()))
+    print("fixed state:")
+    for k, v in doc["fixed_state_bytes"].items():
+        print(f"  {k:<18} {format_size(v):>12}")
+    print(f"  {'total':<18} {format_size(doc['fixed_total_bytes']):>12}")
+    print(f"saved activations: {doc['saved_activations']} tensors, {format_size(doc['saved_activation_bytes'])}")
+    if doc["keep_all_peak_ort_order_bytes"]:
+        print(f"keep-all peak, ORT's order:          {format_size(doc['keep_all_peak_ort_order_bytes'])}")
+    print(f"keep-all peak, accumulators hoisted: {format_size(doc['keep_all_peak_bytes'])} "
+          f"(activations {format_size(doc['keep_all_activation_peak_bytes'])})")
+    if "measured_step_peak_bytes" in doc:
+        print(f"measured step peak (ORT order):      {format_size(doc['measured_step_peak_bytes'])} above fixed state")
+    print(f"lower bound (any schedule):          {format_size(doc['lower_bound_bytes'])}, set by {doc['lower_bound_set_by']}")
+    print("largest saved activations:")
+    for a in doc["largest_activations"]:
+        print(f"  {format_size(a['bytes']):>12}  {a['producer']:<24} {a['name']}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .api import CompileOptions, compile_model
+    from .units import parse_time
+    target = str(args.target_file) if args.target_file else args.target
+    options = CompileOptions(
+        ram_bytes=parse_size(args.ram, what="--ram"),
+        out_dir=args.out or args.model.with_name(args.model.name + ".poetc"),
+        target=target, deadline=parse_deadline(args.deadline),
+        flash_bytes=parse_size(args.flash, what="--flash") if args.flash else None,
+        objective=args.objective, strategy=args.strategy,
+        baselines=tuple(b for b in args.baselines.split(",") if b),
+        time_limit_s=parse_time(args.time_limit, what="--time-limit"), seed=args.seed, threads=args.threads,
+        costs_path=args.costs, import_options=_import_options(args), force=args.force,
+        disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver)
+    result = compile_model(args.model, options)
+    report = result.report
+    if args.verify:
+        from .api import verify
+        v = verify(result.out_dir)
+        report = dict(report, verify=v.doc)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        _print_report(report, result.out_dir)
+        if args.verify:
+            _print_verify(report["verify"])
+    if args.verify and not report["verify"]["identical_results"] or args.verify and not report["verify"]["within_budget"]:
+        return 8
+    return 0
+
+
+def _print_report(r: dict, out_dir: Path) -> None:
+    keep = r["keep_all"]
+    res = r["result"]
+    print(f"poetc: {r['model']} on {r['target']}, budget {format_size(r['ram_budget_bytes'])}, "
+          f"deadline {r['deadline']} ({format_time(r['deadline_s'])})")
+    print(f"  fixed state {format_size(r['fixed_total_bytes'])}; lower bound {format_size(r['lower_bound_bytes'])}")
+    print(f"  {'strategy':<12} {'status':<19} {'fits':<5} {'peak':>12} {'time':>12} {'energy':>12} "
+          f"{'overhead':>9}  recompute/page")
+    rows = [("keep-all*", {"status": "-", "fits": keep["peak_bytes"] <= r["ram_budget_bytes"],
+                           "peak_bytes": keep["peak_bytes"], "time_s": keep["time_s"], "energy_j": keep["energy_j"],
+                           "overhead_energy_j": 0.0, "decisions": {"recompute": 0, "page": 0}})]
+    rows.append((res["strategy"] + " <", res))
+    rows += [(k, v) for k, v in r["baselines"].items() if k != "keep-all"]
+    for name, s in rows:
+        over = s["overhead_energy_j"] / keep["energy_j"] * 100 if keep["energy_j"] else 0.0
+        print(f"  {name:<12} {s['status']:<19} {str(s['fits']).lower():<5} {format_size(s['peak_bytes']):>12} "
+              f"{format_time(s['time_s']):>12} {s['energy_j']:>10.4g} J {over:>8.2f}%  "
+              f"{s['decisions']['recompute']}/{s['decisions']['page']}")
+    gap = res.get("gap")
+    print(f"  solver: {res['status']}, overhead gap {gap * 100:.2f}%" if gap is not None else
+          f"  solver: {res['status']}", f"in {res['solve_time_s']:.2f} s; {r['candidates']} candidates, "
+          f"granularity {r['granularity']}; schedule encoding {r['schedule_encoding_bytes']} B")
+    for note in res.get("notes", []):
+        print(f"  note: {note}")
+    print(f"  wrote {out_dir}")
+
+
+def _print_verify(v: dict) -> None:
+    print(f"verify: {v['steps']} steps; max |loss diff| {v['max_abs_loss_diff']:.3g}, max |param diff| "
+          f"{v['max_abs_param_diff']:.3g} (bitwise identical: {str(v['bitwise_identical_params']).lower()})")
+    print(f"  measured step peak {format_size(max(v['measured_step_peak_bytes']))} (reference "
+          f"{format_size(max(v['reference_step_peak_bytes']))}), predicted "
+          f"{format_size(v['predicted_activation_peak_bytes'])}; total {format_size(v['measured_total_peak_bytes'])} "
+          f"vs budget {format_size(v['ram_budget_bytes'])}: {'ok' if v['within_budget'] else 'OVER BUDGET'}")
+    print(f"  step time reference {format_time(min(v['step_seconds_reference']))}, compiled "
+          f"{format_time(min(v['step_seconds_compiled']))}; results "
+          f"{'identical' if v['identical_results'] else 'DIFFER'}")
+
+
+def cmd_verify(args) -> int:
+    from .api import verify
+    result = verify(args.out, steps=args.steps, data=args.data)
+    if args.json:
+        print(json.dumps(result.doc, indent=2, sort_keys=True))
+    else:
+        _print_verify(result.doc)
+    return 0 if result.ok else 8
+
+
+def cmd_train(args) -> int:
+    from .api import train
+    doc = train(args.out, steps=args.steps, data=args.data, seed=args.seed)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        for i, (loss, peak, secs) in enumerate(zip(doc["losses"], doc["step_peak_bytes"], doc["step_seconds"])):
+            print(f"step {i}: loss {loss:.6f}  peak {format_size(peak)}  {format_time(secs)}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    import tempfile
+
+    from .api import open_graph
+    from .cost import profile_host, save_costs
+    with tempfile.TemporaryDirectory(prefix="poetc-profile-") as work:
+        _, graph = open_graph(args.model, Path(work), _import_options(args))
+        times = profile_host(graph, repeats=args.repeats)
+        save_costs(args.out, graph, times)
+    print(f"wrote {len(times)} op times to {args.out}")
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from .targets import list_targets
+    for t in list_targets():
+        print(t.summary())
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "compile": cmd_compile, "verify": cmd_verify, "train": cmd_train,
+            "profile": cmd_profile, "targets": cmd_targets}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Import: a forward ONNX model (or an artifacts directory) -> ONNX Runtime training artifacts.
+
+Forward models are canonicalized where an exactly equivalent form exists (IR version lowered to 10,
+opset converted into ORT 1.19's range, symbolic dims fixed from --batch / --input-shape, Reshape
+shapes that bake in the export batch size), then `onnxruntime.training.artifacts.generate_artifacts`
+builds the training, eval and optimizer models and the checkpoint. Anything poetc cannot make
+trainable fails with an error naming the op, the node and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import InputFileError, UnsupportedModelError, UsageError
+from .ir.lower import ARTIFACT_FILES
+
+log = logging.getLogger(__name__)
+
+MAX_IR_VERSION = 10  # ONNX Runtime 1.19.2 loads IR 3-10
+MAX_OPSET = 21  # ... and ai.onnx opsets up to 21
+MIN_OPSET = 13  # older models are converted up (training needs recent op definitions)
+LOSSES = {"cross_entropy": "CrossEntropyLoss", "mse": "MSELoss", "bce": "BCEWithLogitsLoss", "l1": "L1Loss"}
+OPTIMIZERS = {"adamw": "AdamW", "sgd": "SGD"}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+@dataclass
+class ImportOptions:
+    loss: str = "cross_entropy"
+    optimizer: str = "adamw"
+    batch: int | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of frozen initializers
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """'input=8,3,32,32' -> ('input', (8, 3, 32, 32))."""
+    m = re.fullmatch(r"([^=]+)=(\d+(?:,\d+)*)", text)
+    if not m:
+        raise UsageError(f"cannot read --input-shape {text!r}", hint="write NAME=d0,d1,... e.g. input=8,3,32,32")
+    dims = tuple(int(d) for d in m.group(2).split(","))
+    if any(d <= 0 for d in dims):
+        raise UsageError(f"--input-shape {text!r}: every dimension must be positive")
+    return m.group(1), dims
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """Load an ONNX file with errors a person can act on."""
+    if not path.exists():
+        raise InputFileError(f"model file {path} does not exist")
+    if path.is_dir():
+        raise InputFileError(f"{path} is a directory without training artifacts "
+                             f"({', '.join(ARTIFACT_FILES)})")
+    if not os.access(path, os.R_OK):
+        raise InputFileError(f"model file {path} is not readable")
+    data = path.read_bytes()
+    if not data:
+        raise InputFileError(f"model file {path} is empty")
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:
+        raise InputFileError(f"{path} is not an ONNX model, or it is truncated or corrupt ({type(exc).__name__})",
+                             hint="export the model again, e.g. with torch.onnx.export") from exc
+    if not model.graph.node or not model.graph.output:
+        raise InputFileError(f"{path} does not contain an ONNX graph with nodes and outputs",
+                             hint="is it really an ONNX model? (it parsed, but holds no graph)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise InputFileError(f"{path} is not a valid ONNX model: {str(exc).splitlines()[0][:300]}") from exc
+    return model
+
+
+def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> onnx.ModelProto:
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise UnsupportedModelError("the model has no ai.onnx opset import")
+    if opset > MAX_OPSET or opset < MIN_OPSET:
+        target = min(max(opset, MIN_OPSET), 17 if opset < MIN_OPSET else MAX_OPSET)
+        try:
+            model = onnx.version_converter.convert_version(model, target)
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"the model uses opset {opset}; onnxruntime-training 1.19 needs {MIN_OPSET}..{MAX_OPSET} and "
+                f"converting to {target} failed: {str(exc).splitlines()[0][:200]}",
+                hint=f"re-export the model with opset between {MIN_OPSET} and {MAX_OPSET}") from exc
+        log.info("converted opset %d -> %d", opset, target)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    _fix_input_shapes(model, options)
+    return model
+
+
+def _fix_input_shapes(model: onnx.ModelProto, options: ImportOptions) -> None:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in initializers]
+    unknown = set(options.input_shapes) - {vi.name for vi in inputs}
+    if unknown:
+        raise UsageError(f"--input-shape names unknown input(s) {sorted(unknown)}",
+                         hint=f"the model's inputs are {[vi.name for vi in inputs]}")
+    old_batch = None
+    for vi in inputs:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in options.input_shapes:
+            shape = options.input_shapes[vi.name]
+            if len(shape) != len(dims):
+                raise UsageError(f"--input-shape {vi.name}: the input has rank {len(dims)}, not {len(shape)}")
+            for d, value in zip(dims, shape):
+                d.Clear()
+                d.dim_value = value
+            continue
+        if options.batch is not None and dims:
+            if dims[0].HasField("dim_value") and dims[0].dim_value != options.batch:
+                old_batch = dims[0].dim_value
+            dims[0].Clear()
+            dims[0].dim_value = options.batch
+        for axis, d in enumerate(dims):
+            if not d.HasField("dim_value"):
+                raise UnsupportedModelError(
+                    f"input {vi.name!r} has a dynamic dimension {d.dim_param or '?'!r} at axis {axis}",
+                    hint=(f"give concrete sizes with --batch N (axis 0) or --input-shape {vi.name}=d0,d1,..."))
+    if old_batch is not None:
+        _rebatch_reshapes(model, old_batch)
+    # outputs follow from the (now concrete) inputs; the loss's label input takes its shape from them
+    for vi in model.graph.output:
+        vi.type.tensor_type.ClearField("shape")
+    del model.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for vi, new in zip(model.graph.output, inferred.graph.output):
+        vi.CopyFrom(new)
+
+
+def _rebatch_reshapes(model: onnx.ModelProto, old_batch: int) -> None:
+    """Reshape targets that bake in the export batch size: write 0 (copy the input's dim 0) instead.
+    Exact when the reshape keeps the batch axis first, which is what exporters emit."""
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for x in node.input:
+            uses[x] = uses.get(x, 0) + 1
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        shape = onnx.numpy_helper.to_array(inits[node.input[1]])
+        if shape.ndim == 1 and shape.size and shape[0] == old_batch:
+            allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
+            if allowzero:
+                continue
+            new = shape.copy()
+            new[0] = 0
+            tensor = onnx.numpy_helper.from_array(new.astype(np.int64), node.input[1])
+            if uses[node.input[1]] > 1:
+                tensor.name = f"{node.input[1]}__poetc_rebatched_{node.name}"
+                model.graph.initializer.append(tensor)
+                node.input[1] = tensor.name
+            else:
+                inits[node.input[1]].CopyFrom(tensor)
+            log.info("Reshape %s: batch %d in its target shape replaced by 0 (copy input dim)", node.name, old_batch)
+
+
+def trainable_parameters(model: onnx.ModelProto, freeze: list[str]) -> tuple[list[str], list[str]]:
+    """(trainable, frozen): float initializers of rank >= 1 except BatchNorm running statistics."""
+    stats = {x for n in model.graph.node if n.op_type == "BatchNormalization" for x in n.input[3:5]}
+    trainable, frozen = [], []
+    for t in model.graph.initializer:
+        if t.data_type not in FLOAT_TYPES or not t.dims or t.name in stats:
+            continue
+        (frozen if any(fnmatch.fnmatchcase(t.name, p) for p in freeze) else trainable).append(t.name)
+    return trainable, frozen
+
+
+@contextlib.contextmanager
+def quiet_artifact_generation():
+    """generate_artifacts builds its own SessionOptions at INFO level, ignoring the default logger
+    severity; swap that factory for one at ERROR level while it runs."""
+    import onnxruntime
+    from onnxruntime.training.onnxblock import _training_graph_utils as tgu
+
+    onnxruntime.set_default_logger_severity(3)
+    original = getattr(tgu, "SessionOptions", None)
+    if original is None:
+        yield
+        return
+
+    def factory():
+        so = original()
+        so.log_severity_level = 3
+        return so
+
+    tgu.SessionOptions = factory
+    try:
+        yield
+    finally:
+        tgu.SessionOptions = original
+
+
+def generate_training_artifacts(model: onnx.ModelProto, out_dir: Path, options: ImportOptions) -> Path:
+    """Run generate_artifacts into out_dir (created) and apply the fixes ORT 1.19.2 needs."""
+    from onnxruntime.training import artifacts
+
+    if options.loss not in LOSSES:
+        raise UsageError(f"unknown loss {options.loss!r}", hint=f"losses: {', '.join(LOSSES)}")
+    if options.optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {options.optimizer!r}", hint=f"optimizers: {', '.join(OPTIMIZERS)}")
+    trainable, frozen = trainable_parameters(model, options.freeze)
+    if not trainable:
+        raise UnsupportedModelError("the model has no trainable float initializers (or --freeze matched all)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with quiet_artifact_generation():
+            artifacts.generate_artifacts(
+                model, requires_grad=trainable, frozen_params=frozen,
+                loss=getattr(artifacts.LossType, LOSSES[options.loss]),
+                optimizer=getattr(artifacts.OptimType, OPTIMIZERS[options.optimizer]),
+                artifact_directory=str(out_dir))
+    except Exception as exc:
+        raise _gradient_error(model, exc) from exc
+    _fix_artifacts(out_dir)
+    return out_dir
+
+
+def _gradient_error(model: onnx.ModelProto, exc: Exception) -> UnsupportedModelError:
+    text = str(exc)
+    m = re.search(r"[Gg]radient.*?(?:for|of) (?:op )?['\"]?([A-Za-z0-9_]+)", text)
+    op = m.group(1) if m else None
+    nodes = [n.name or n.op_type for n in model.graph.node if op and n.op_type == op]
+    where = f" (node {nodes[0]!r})" if nodes else ""
+    return UnsupportedModelError(
+        f"onnxruntime-training could not build the training graph{where}: {text.strip().splitlines()[0][:400]}",
+        hint="ops without a gradient builder must be frozen (--freeze) or replaced by a differentiable "
+        "equivalent before export")
+
+
+def _fix_artifacts(out_dir: Path) -> None:
+    """IR <= 10 everywhere (generate_artifacts with newer onnx writes IR 14 optimizer models), and
+    eval-mode BatchNormalization with a single output (ORT 1.19 rejects the three it keeps)."""
+    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+        path = out_dir / name
+        model = onnx.load(str(path))
+        changed = model.ir_version > MAX_IR_VERSION
+        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+        if name == "eval_model.onnx":
+            for node in model.graph.node:
+                training = next((a.i for a in node.attribute if a.name == "training_mode"), 0)
+                if node.op_type == "BatchNormalization" and not training and len(node.output) > 1:
+                    del node.output[1:]
+                    changed = True
+        if changed:
+            onnx.save(model, str(path))
+
+
+def import_model(path: Path, work_dir: Path, options: ImportOptions) -> Path:
+    """Return an artifacts directory for `path` (a forward model or an artifacts directory)."""
+    path = Path(path)
+    if path.is_dir() and all((path / f).exists() for f in ARTIFACT_FILES):
+        dest = work_dir / "imported"
+        shutil.copytree(path, dest)
+        _fix_artifacts(dest)
+        return dest
+    model = canonicalize(load_onnx(path), options)
+    return generate_training_artifacts(model, work_dir / "imported", options)

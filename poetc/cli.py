@@ -180,7 +180,7 @@ def cmd_compile(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
-        _print_report(report, result.out_dir)
+        _print_report(report, result.out_dir, result.timings)
         if args.verify:
             _print_verify(report["verify"])
     if args.verify and not report["verify"]["identical_results"] or args.verify and not report["verify"]["within_budget"]:
@@ -188,7 +188,7 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _print_report(r: dict, out_dir: Path) -> None:
+def _print_report(r: dict, out_dir: Path, timings: dict) -> None:
     keep = r["keep_all"]
     res = r["result"]
     print(f"poetc: {r['model']} on {r['target']}, budget {format_size(r['ram_budget_bytes'])}, "
@@ -208,7 +208,7 @@ def _print_report(r: dict, out_dir: Path) -> None:
               f"{s['decisions']['recompute']}/{s['decisions']['page']}")
     gap = res.get("gap")
     print(f"  solver: {res['status']}, overhead gap {gap * 100:.2f}%" if gap is not None else
-          f"  solver: {res['status']}", f"in {res['solve_time_s']:.2f} s; {r['candidates']} candidates, "
+          f"  solver: {res['status']}", f"in {timings['solve_s']:.2f} s (compile {timings['compile_s']:.1f} s); {r['candidates']} candidates, "
           f"granularity {r['granularity']}; schedule encoding {r['schedule_encoding_bytes']} B")
     for note in res.get("notes", []):
         print(f"  note: {note}")
@@ -218,9 +218,10 @@ def _print_report(r: dict, out_dir: Path) -> None:
 def _print_verify(v: dict) -> None:
     print(f"verify: {v['steps']} steps; max |loss diff| {v['max_abs_loss_diff']:.3g}, max |param diff| "
           f"{v['max_abs_param_diff']:.3g} (bitwise identical: {str(v['bitwise_identical_params']).lower()})")
-    print(f"  measured step peak {format_size(max(v['measured_step_peak_bytes']))} (reference "
-          f"{format_size(max(v['reference_step_peak_bytes']))}), predicted "
-          f"{format_size(v['predicted_activation_peak_bytes'])}; total {format_size(v['measured_total_peak_bytes'])} "
+    k = v["steady_state_from_step"]
+    print(f"  measured step peak {format_size(max(v['measured_step_peak_bytes'][k:]))} (reference "
+          f"{format_size(max(v['reference_step_peak_bytes'][k:]))}), predicted "
+          f"{format_size(v['predicted_step_peak_bytes'])} (steps {k}+); total {format_size(v['measured_total_peak_bytes'])} "
           f"vs budget {format_size(v['ram_budget_bytes'])}: {'ok' if v['within_budget'] else 'OVER BUDGET'}")
     print(f"  step time reference {format_time(min(v['step_seconds_reference']))}, compiled "
           f"{format_time(min(v['step_seconds_compiled']))}; results "

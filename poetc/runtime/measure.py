@@ -86,6 +86,9 @@ class MeasuredRun:
     open_seconds: float = 0.0
     wall_seconds: float = 0.0
     stderr_tail: str = ""
+    #: spill files of the worker still in spill_dir afterwards (a Spill
+    #: without a matching Restore); only checked when spill_dir was given
+    spill_leftovers: list[Path] = field(default_factory=list)
 
     @property
     def losses(self) -> list[float]:
@@ -228,6 +231,11 @@ def measure_training(artifacts_dir: str | os.PathLike,
         raise MeasurementError(f"measurement worker failed: {data.get('error')}",
                                stderr_tail=tail, returncode=rc, workdir=wd)
 
+    leftovers: list[Path] = []
+    if spill_dir is not None and Path(spill_dir).is_dir() and data.get("pid"):
+        leftovers = sorted(Path(spill_dir).glob(f"poet-{int(data['pid'])}-*.spill"))
+        if leftovers:
+            logger.warning("%d spill files left in %s after the run", len(leftovers), spill_dir)
     run = MeasuredRun(
         steps=[StepMeasurement(**s) for s in data["steps"]],
         params_npz=Path(data["params_npz"]),
@@ -237,6 +245,7 @@ def measure_training(artifacts_dir: str | os.PathLike,
         open_seconds=float(data.get("open_seconds", 0.0)),
         wall_seconds=wall,
         stderr_tail=tail,
+        spill_leftovers=leftovers,
     )
     for s in run.steps:
         logger.info("step %d: loss %.6g, heap peak %.1f MiB, VmHWM peak %s, %.3f s", s.index,

@@ -268,10 +268,12 @@ def _fetch_headers(dest: Path, work: Path) -> None:
             "(set POETC_ORT_INCLUDE_DIR to a directory containing onnxruntime_c_api.h)")
     mirror = _debian_mirror()
     sources = work / "sources.list"
+    shutil.rmtree(work / "lists", ignore_errors=True)  # never trust lists of an earlier try
     sources.write_text(f"deb {mirror} {_HEADER_SUITE} main\n")
     opts = _apt_options(work, sources)
+    update = ["apt-get", *opts, "update"]
     try:
-        _run(["apt-get", *opts, "update"], f"apt-get update ({mirror} {_HEADER_SUITE})")
+        proc = _run(update, f"apt-get update ({mirror} {_HEADER_SUITE})")
     except NativeBuildError as exc:
         if not re.search(r"NO_PUBKEY|not signed|EXPKEYSIG|signature", exc.stderr, re.I):
             raise
@@ -280,7 +282,12 @@ def _fetch_headers(dest: Path, work: Path) -> None:
                        "[trusted=yes] for this private, download-only source", mirror,
                        _HEADER_SUITE)
         sources.write_text(f"deb [trusted=yes] {mirror} {_HEADER_SUITE} main\n")
-        _run(["apt-get", *opts, "update"], f"apt-get update ({mirror} {_HEADER_SUITE}, trusted)")
+        proc = _run(update, f"apt-get update ({mirror} {_HEADER_SUITE}, trusted)")
+    # apt-get update exits 0 when a fetch fails (it only warns): check the lists.
+    if not any((work / "lists").glob("*_Packages*")):
+        raise NativeBuildError(f"apt-get update fetched no package list from {mirror} "
+                               f"{_HEADER_SUITE}", command=update,
+                               stderr=(proc.stderr or "") + (proc.stdout or ""))
     dl = work / "download"
     shutil.rmtree(dl, ignore_errors=True)
     dl.mkdir()
@@ -335,6 +342,7 @@ def ensure_headers(cache_dir: str | os.PathLike | None = None) -> Path:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
+            shutil.rmtree(work, ignore_errors=True)  # ~20 MB of package lists
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         found = _find_header_dir(final)

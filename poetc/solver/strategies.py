@@ -44,7 +44,7 @@ class StrategyResult:
             "time_s": self.sim.time_s, "energy_j": self.sim.energy_j,
             "overhead_time_s": self.overhead_time_s, "overhead_energy_j": self.overhead_energy_j,
             "decisions": self.schedule.counts(), "bound": self.bound, "gap": self.gap,
-            "solve_time_s": round(self.solve_time_s, 3), "notes": self.notes,
+            "notes": self.notes,
         }
 
 

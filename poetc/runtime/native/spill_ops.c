@@ -37,6 +37,7 @@
  *                           POSIX_FADV_DONTNEED so it leaves the page cache.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -310,8 +311,17 @@ static OrtStatus *spill_compute(PoetKernel *k, OrtKernelContext *ctx) {
   hdr.token = poet_new_token();
   if (poet_spill_path(path, sizeof path, k->dir, pid, hdr.token, &err) != POET_OK)
     return io_status(k, &err);
-  if (poet_spill_write(path, &hdr, xdata, k->drop_cache, &err) != POET_OK)
-    return io_status(k, &err);
+  if (poet_spill_write(path, &hdr, xdata, k->drop_cache, &err) != POET_OK) {
+    /* The directory may have been removed since session creation (e.g. a tmp
+     * cleaner): recreate it once and retry. */
+    if (err.kind == POET_E_IO && err.sys_errno == ENOENT &&
+        poet_ensure_dir(k->dir, &err) == POET_OK &&
+        poet_spill_write(path, &hdr, xdata, k->drop_cache, &err) == POET_OK) {
+      /* recovered */
+    } else {
+      return io_status(k, &err);
+    }
+  }
 
   st = g_ort->KernelContext_GetOutput(ctx, 0, &hshape, 1, &h);
   if (!st) st = g_ort->GetTensorMutableData(h, (void **)&hdata);

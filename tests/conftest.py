@@ -1,0 +1,40 @@
+"""Shared fixtures: small real models exported from models/ and imported through poetc."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def mlp_onnx(tmp_path_factory) -> Path:
+    import models
+    return models.export_onnx("mlp", tmp_path_factory.mktemp("mlp") / "mlp.onnx", batch=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cnn_onnx(tmp_path_factory) -> Path:
+    import models
+    return models.export_onnx("cnn", tmp_path_factory.mktemp("cnn") / "cnn.onnx", batch=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mlp_graph(mlp_onnx, tmp_path_factory):
+    from poetc.api import open_graph
+    from poetc.importer import ImportOptions
+    artifacts, graph = open_graph(mlp_onnx, tmp_path_factory.mktemp("mlp-art"), ImportOptions())
+    return artifacts, graph
+
+
+@pytest.fixture(scope="session")
+def cnn_graph(cnn_onnx, tmp_path_factory):
+    from poetc.api import open_graph
+    from poetc.importer import ImportOptions
+    artifacts, graph = open_graph(cnn_onnx, tmp_path_factory.mktemp("cnn-art"), ImportOptions())
+    return artifacts, graph

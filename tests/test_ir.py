@@ -1,0 +1,58 @@
+"""Lowering, roles, the simulator against ONNX Runtime's measured peak, and the lower bound."""
+
+import pytest
+
+from poetc.api import keep_all, lower_bound_bytes, ort_order_keep_all
+from poetc.ir import Role, TensorKind
+from poetc.schedule import fixed_state_bytes
+
+
+def test_roles_and_kinds(mlp_graph):
+    _, g = mlp_graph
+    roles = g.op_counts_by_role()
+    assert roles["forward"] == 7 and roles["loss"] == 1 and roles["accumulate"] == 8
+    assert all(op.role is Role.ACCUMULATE for op in g.ops if op.op_type.startswith("InPlaceAccumulator"))
+    assert len(g.tensors_of_kind(TensorKind.PARAMETER)) == 8
+    saved = g.saved_activations()
+    assert saved and all(t.kind is TensorKind.ACTIVATION for t in saved)
+    # every saved activation is read by a backward op
+    for t in saved:
+        readers = {c for name, x in g.tensors.items() if g.storage_root(name) == t.name for c in x.consumers}
+        assert any(g.ops[c].role is Role.BACKWARD for c in readers)
+
+
+def test_hoisting_accumulators_never_raises_the_peak(cnn_graph):
+    import onnx
+
+    from poetc.ir.lower import ensure_unique_node_names
+    artifacts, g = cnn_graph
+    original = onnx.load(str(artifacts / "training_model.onnx"))
+    ensure_unique_node_names(original)
+    assert keep_all(g).peak_bytes <= ort_order_keep_all(g, original).peak_bytes
+
+
+@pytest.mark.parametrize("name", ["mlp_graph"])
+def test_simulator_matches_measured_peak(name, request):
+    """Keep-all step peak in ORT (LD_PRELOAD heap counter) vs the simulator, in ORT's own order.
+    The measured step includes the input batch ONNX Runtime copies in."""
+    import onnx
+
+    from poetc.api import measure_artifacts
+    from poetc.ir.lower import ensure_unique_node_names
+    artifacts, g = request.getfixturevalue(name)
+    original = onnx.load(str(artifacts / "training_model.onnx"))
+    ensure_unique_node_names(original)
+    predicted = ort_order_keep_all(g, original).peak_bytes + fixed_state_bytes(g)["inputs"]
+    run = measure_artifacts(artifacts, g, steps=3)
+    for step in run.steps[1:]:
+        assert abs(step.peak_heap_bytes - predicted) <= max(0.03 * predicted, 2**20), (step.peak_heap_bytes, predicted)
+
+
+def test_lower_bound_below_measured_peak(mlp_graph):
+    from poetc.api import measure_artifacts
+    artifacts, g = mlp_graph
+    bound, where = lower_bound_bytes(g)
+    fixed = sum(fixed_state_bytes(g).values())
+    run = measure_artifacts(artifacts, g, steps=2)
+    assert where
+    assert bound <= fixed + min(s.peak_heap_bytes for s in run.steps)

@@ -1,0 +1,63 @@
+"""Every strategy's schedule replays in the simulator; the MILP's memory model is exact or
+conservative against it; the MILP never loses to the heuristics it starts from."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from poetc.schedule import Decision, StepCosts
+from poetc.solver import Limits, build_problem, run_strategy
+from poetc.solver.problem import evaluate_linear
+
+STRATS = ["keep-all", "chen", "capuchin", "poet", "remat-only", "paging-only"]
+
+
+def costs_for(graph, seed_scale, page_scale):
+    t = [max(op.host_time_s or 0.0, 1e-6) * (1 + (hash(op.name) % 7) * seed_scale) for op in graph.ops]
+    return StepCosts(t, [x * 3.0 for x in t],
+                     lambda n: (2e-5 + n / 24.5e6 * page_scale, (2e-5 + n / 24.5e6 * page_scale) * 0.15),
+                     lambda n: (5e-6 + n / 45.5e6 * page_scale, (5e-6 + n / 45.5e6 * page_scale) * 0.15))
+
+
+@pytest.mark.parametrize("fixture", ["mlp_graph", "cnn_graph"])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frac=st.floats(0.3, 0.95), deadline=st.floats(0.05, 2.0), seed_scale=st.floats(0, 1),
+       page_scale=st.floats(0.01, 10))
+def test_every_strategy_is_valid(fixture, request, frac, deadline, seed_scale, page_scale):
+    _, g = request.getfixturevalue(fixture)
+    problem = build_problem(g, costs_for(g, seed_scale, page_scale))
+    limits = Limits(problem.keep_all_peak_bytes * frac, problem.base_time_s * deadline, 1e12)
+    best_heuristic = None
+    results = {}
+    for s in STRATS:
+        r = run_strategy(problem, limits, s, time_limit_s=20)  # simulate() raised if any read was invalid
+        results[s] = r
+        if r.fits:
+            assert r.sim.peak_bytes <= limits.activation_budget_bytes
+            assert r.overhead_time_s <= limits.overhead_time_s + 1e-9
+            predicted = evaluate_linear(problem, r.choice)
+            assert predicted.peak_bytes >= r.sim.peak_bytes - 1  # the model never under-counts
+        if s == "capuchin" and r.fits:
+            best_heuristic = r.overhead_energy_j
+    poet = results["poet"]
+    if best_heuristic is not None:
+        assert poet.fits and poet.overhead_energy_j <= best_heuristic * (1 + 1e-6) + 1e-12
+
+
+def test_milp_prediction_equals_simulation_on_recompute_chains(cnn_graph):
+    _, g = cnn_graph
+    problem = build_problem(g, costs_for(g, 0.3, 1.0))
+    limits = Limits(problem.keep_all_peak_bytes * 0.6, problem.base_time_s * 5, 1e12)
+    r = run_strategy(problem, limits, "remat-only", time_limit_s=20)
+    assert r.fits and any(d is Decision.RECOMPUTE for d in r.choice)
+    assert evaluate_linear(problem, r.choice).peak_bytes == pytest.approx(r.sim.peak_bytes, rel=0.02)
+
+
+def test_budget_below_floor_is_reported_before_solving(mlp_graph):
+    from poetc.errors import InfeasibleError
+    from poetc.solver import check_lower_bound
+    _, g = mlp_graph
+    problem = build_problem(g, costs_for(g, 0, 1))
+    with pytest.raises(InfeasibleError) as err:
+        check_lower_bound(problem, problem.fixed_bytes + 10)
+    assert "try --ram" in str(err.value)

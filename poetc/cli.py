@@ -257,7 +257,7 @@ def cmd_profile(args) -> int:
     with tempfile.TemporaryDirectory(prefix="poetc-profile-") as work:
         _, graph = open_graph(args.model, Path(work), _import_options(args))
         times = profile_host(graph, repeats=args.repeats)
-        save_costs(args.out, graph, times)
+        save_costs(args.out, graph, times, target="host", meta={"repeats": args.repeats})
     print(f"wrote {len(times)} op times to {args.out}")
     return 0
 

@@ -31,7 +31,6 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 
 class HeapCounter:

@@ -248,8 +248,7 @@ def measure_training(artifacts_dir: str | os.PathLike,
         spill_leftovers=leftovers,
     )
     for s in run.steps:
+        hwm = "n/a" if s.vmhwm_peak_bytes is None else f"{s.vmhwm_peak_bytes / 2**20:.1f} MiB"
         logger.info("step %d: loss %.6g, heap peak %.1f MiB, VmHWM peak %s, %.3f s", s.index,
-                    s.loss, s.peak_heap_bytes / 2**20,
-                    "n/a" if s.vmhwm_peak_bytes is None else f"{s.vmhwm_peak_bytes / 2**20:.1f} MiB",
-                    s.step_seconds)
+                    s.loss, s.peak_heap_bytes / 2**20, hwm, s.step_seconds)
     return run

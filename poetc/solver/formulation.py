@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import mip
 
-from ..schedule import Decision
+from ..schedule import SPILL_HANDLE_BYTES, Decision
 from .problem import LinearEval, Problem
 
 
@@ -123,7 +123,8 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
     for (b, p), _ in v.ext.items():
         terms[p][("ext", b, p)] = cands[b].nbytes
     rows: dict[tuple, float] = {}
-    budget = limits.activation_budget_bytes
+    # Spill handles (16 bytes each) are not modelled per position: reserve room for all of them
+    budget = limits.activation_budget_bytes - SPILL_HANDLE_BYTES * len(decidable)
     for p in range(problem.positions):
         key = tuple(sorted(terms[p].items()))
         if const[p] + sum(terms[p].values()) <= budget:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Role, TensorKind, TrainGraph
-from ..schedule import Decision, StepCosts, build_steps, simulate
+from ..schedule import SPILL_HANDLE_BYTES, Decision, StepCosts, build_steps, simulate
 
 # Ops whose output differs between two runs on the same inputs: never recomputed.
 RANDOM_OPS = {"Dropout", "BitmaskDropout", "RandomNormal", "RandomNormalLike", "RandomUniform",
@@ -237,6 +237,7 @@ def evaluate_linear(problem: Problem, choice: list[Decision]) -> LinearEval:
                 time_s += c.page_time_s
                 energy += c.page_energy_j
                 flash += c.nbytes
+                prof[c.prod + 1: c.fb + 1] += SPILL_HANDLE_BYTES
     for u, c in enumerate(cands):
         if choice[u] is not Decision.RECOMPUTE:
             continue

@@ -20,9 +20,13 @@
  *   Restore_float16(H) -> Y          Restore_int64(H)   -> Y
  *   Restore_int32(H)   -> Y          Restore_int8(H)    -> Y
  *   Restore_uint8(H)   -> Y          Restore_bool(H)    -> Y
- *     One op type per output element type: ORT 1.19 custom ops need a
- *     static output type, and an UNDEFINED output type is not resolved from an
- *     attribute (its type inference leaves elem_type unset; see nativelib.py).
+ *     One op type per output element type.  Tried on ORT 1.19.2: a single
+ *     Restore with an UNDEFINED output type plus a `dtype` attribute is
+ *     rejected when the library is registered ("There must be one (and only
+ *     one) dynamic typed input to the custom op"): ORT copies an UNDEFINED
+ *     output's type from the one UNDEFINED input, never from an attribute.
+ *     Restore(H, like) with an UNDEFINED `like` input would work but needs an
+ *     extra (empty) tensor in the graph; static per-dtype ops need nothing.
  *     Reads the file named by H, allocates Y with the stored shape, reads the
  *     payload straight into Y, verifies the xxHash64 checksum, and deletes the
  *     file.  Any problem -- missing file, bad magic/header, token/dtype

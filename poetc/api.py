@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import InfeasibleError, InputFileError, OutputError, RuntimeFailure, UsageError, VerificationError
+from .errors import InfeasibleError, InputFileError, OutputError, RuntimeFailure
 from .importer import ImportOptions, import_model
 from .ir.graph import Role, TensorKind, TrainGraph
 from .ir.lower import load_artifacts
@@ -451,5 +451,4 @@ def file_hashes(out_dir: Path) -> dict[str, str]:
     return out
 
 
-__all__ = ["CompileOptions", "CompileResult", "compile_model", "inspect_model", "verify", "train",
-           "UsageError"]
+__all__ = ["CompileOptions", "CompileResult", "compile_model", "inspect_model", "verify", "train"]

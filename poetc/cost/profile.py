@@ -14,7 +14,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import onnx
 
 from ..errors import RuntimeFailure, TargetError
 from ..ir.graph import TrainGraph
@@ -37,20 +35,15 @@ _KERNEL_SUFFIX = "_kernel_time"
 def random_feeds(graph: TrainGraph, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded feeds for every input of the training model: floats ~ N(0, 0.1^2), integers 0,
     bools True. Shapes and dtypes come from `graph.tensors`."""
+    from ..runtime.profiling import probe_array
+
     rng = np.random.default_rng(seed)
     initializers = {t.name for t in graph.model.graph.initializer}
     feeds: dict[str, np.ndarray] = {}
     for vi in graph.model.graph.input:
-        if vi.name in initializers:
-            continue
-        tensor = graph.tensors[vi.name]
-        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype)
-        if tensor.dtype == onnx.TensorProto.BOOL:
-            feeds[vi.name] = np.ones(tensor.shape, dtype=np.bool_)
-        elif np.issubdtype(np_dtype, np.floating):
-            feeds[vi.name] = (rng.standard_normal(tensor.shape) * 0.1).astype(np_dtype)
-        else:
-            feeds[vi.name] = np.zeros(tensor.shape, dtype=np_dtype)
+        if vi.name not in initializers:
+            tensor = graph.tensors[vi.name]
+            feeds[vi.name] = probe_array(tensor.shape, tensor.dtype, rng)
     return feeds
 
 
@@ -62,39 +55,19 @@ def profile_host(graph: TrainGraph, repeats: int = 5, seed: int = 0, *, warmup: 
     Readings of 0 us (below the profiler's 1 us resolution) become MIN_MEASURED_OP_TIME_S.
     Raises RuntimeFailure if ONNX Runtime fails or an op never shows up in the profile.
     """
-    import onnxruntime as ort
+    from ..runtime.profiling import profile_kernels
 
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    ort.set_default_logger_severity(3)
     feeds = random_feeds(graph, seed)
     durations: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="poetc-profile-") as tmp:
-        path = os.path.join(tmp, "training_model.onnx")
-        onnx.save(graph.model, path)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        so.enable_cpu_mem_arena = False
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmp, "profile")
-        so.log_severity_level = 3
-        if intra_op_threads is not None:
-            so.intra_op_num_threads = intra_op_threads
-        try:
-            session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-            for _ in range(warmup + repeats):
-                session.run(None, feeds)
-            profile_path = session.end_profiling()
-        except Exception as exc:  # ORT raises its own exception types
-            raise RuntimeFailure(f"ONNX Runtime failed while profiling the training graph: "
-                                 f"{str(exc).strip()[:600]}") from exc
-        with open(profile_path) as fh:
-            events = json.load(fh)
-    for ev in events:  # events are in execution order, so each node's list is in run order
-        name = ev.get("name", "")
-        if ev.get("cat") == "Node" and name.endswith(_KERNEL_SUFFIX):
-            durations.setdefault(name[: -len(_KERNEL_SUFFIX)], []).append(float(ev.get("dur", 0)) * 1e-6)
+    try:
+        events = profile_kernels(graph.model, feeds, runs=warmup + repeats, intra_op_threads=intra_op_threads)
+    except Exception as exc:  # ORT raises its own exception types
+        raise RuntimeFailure(f"ONNX Runtime failed while profiling the training graph: "
+                             f"{str(exc).strip()[:600]}") from exc
+    for name, args in events:  # events are in execution order, so each node's list is in run order
+        durations.setdefault(name, []).append(float(args["dur"]) * 1e-6)
     result: dict[str, float] = {}
     missing = []
     for op in graph.ops:

@@ -8,10 +8,7 @@ cannot type ONNX Runtime's gradient ops (com.microsoft ReluGrad, ConvGrad, ...),
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,27 +93,14 @@ def _static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     return tuple(int(d.dim_value) for d in dims)
 
 
-def _probe_feed(name: str, shape: tuple[int, ...], dtype: int, rng: np.random.Generator,
-                values: dict[str, np.ndarray]) -> np.ndarray:
-    if name in values:
-        return values[name]
-    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
-    if dtype == onnx.TensorProto.BOOL:
-        return np.ones(shape, dtype=np.bool_)
-    if np.issubdtype(np_dtype, np.floating):
-        return (rng.standard_normal(shape) * 0.1).astype(np_dtype)
-    return np.zeros(shape, dtype=np_dtype)  # indices and labels: 0 is always in range
-
-
 def probe_run(model: onnx.ModelProto, values: dict[str, np.ndarray] | None = None,
               seed: int = 0) -> dict[str, dict]:
     """Run the training model once in ORT with profiling; return node name -> profile args + dur.
 
     The returned args hold `output_type_shape` (list of {dtype: shape}) and `dur` (microseconds).
     """
-    import onnxruntime as ort
+    from ..runtime.profiling import probe_array, profile_kernels
 
-    ort.set_default_logger_severity(3)
     values = values or {}
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -124,35 +108,15 @@ def probe_run(model: onnx.ModelProto, values: dict[str, np.ndarray] | None = Non
         shape = _static_shape(vi)
         if shape is None:
             raise unresolved_dim_error(vi)
-        feeds[vi.name] = _probe_feed(vi.name, shape, vi.type.tensor_type.elem_type, rng, values)
-    with tempfile.TemporaryDirectory(prefix="poetc-probe-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        onnx.save(model, path)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        so.enable_cpu_mem_arena = False
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmp, "probe")
-        so.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-            session.run(None, feeds)
-        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            raise UnsupportedModelError(
-                f"ONNX Runtime could not run the training graph: {str(exc).strip()[:600]}",
-                hint="check that the model loads in onnxruntime 1.19.2 (IR <= 10, opset <= 21)",
-            ) from exc
-        profile_path = session.end_profiling()
-        with open(profile_path) as fh:
-            events = json.load(fh)
-    result: dict[str, dict] = {}
-    for ev in events:
-        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-            args = dict(ev.get("args", {}))
-            args["dur"] = ev.get("dur", 0)
-            result[ev["name"][: -len("_kernel_time")]] = args
-    return result
+        feeds[vi.name] = values[vi.name] if vi.name in values else \
+            probe_array(shape, vi.type.tensor_type.elem_type, rng)
+    try:
+        return dict(profile_kernels(model, feeds, runs=1))
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise UnsupportedModelError(
+            f"ONNX Runtime could not run the training graph: {str(exc).strip()[:600]}",
+            hint="check that the model loads in onnxruntime 1.19.2 (IR <= 10, opset <= 21)",
+        ) from exc
 
 
 def unresolved_dim_error(vi: onnx.ValueInfoProto) -> UnsupportedModelError:

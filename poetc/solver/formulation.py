@@ -85,9 +85,11 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
             continue
         for b in c.boundary:
             t = cands[b]
-            if t.fixed:
-                continue
-            if c.fb < t.fb:
+            for p in range(t.lb + 1, c.fb + 1):  # read after b's own last reader: b stays resident
+                if (b, p) not in v.ext:
+                    v.ext[(b, p)] = m.add_var(f"ext_{b}_{p}", lb=0.0, ub=1.0)
+                m += v.ext[(b, p)] - v.rec[u] >= 0, f"ext_{b}_{p}_{u}"
+            if not t.fixed and c.fb < t.fb:
                 for k in range(stage_idx[c.s0], stage_idx[c.fb] + 1):
                     m += v.y[(b, k)] - Y(u, k) + v.page[u] + v.keep[b] >= 0, f"need_{u}_{b}_{k}"
         if c.transient_bytes > 0:
@@ -95,16 +97,6 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
                 v.tau[(u, k)] = m.add_var(f"tau_{u}_{k}", lb=0.0, ub=1.0)
                 prev = Y(u, k - 1) if k > stage_idx[c.s0] else 0
                 m += v.tau[(u, k)] - Y(u, k) + prev + v.page[u] >= 0, f"event_{u}_{k}"
-    for u in decidable:
-        c = cands[u]
-        if not c.recomputable or not limits.allow_recompute:
-            continue
-        for b in c.boundary:
-            t = cands[b]
-            for p in range(t.lb + 1, c.fb + 1):
-                if (b, p) not in v.ext:
-                    v.ext[(b, p)] = m.add_var(f"ext_{b}_{p}", lb=0.0, ub=1.0)
-                m += v.ext[(b, p)] - v.rec[u] >= 0, f"ext_{b}_{p}_{u}"
 
     # memory rows
     const = problem.const_bytes.copy()

@@ -128,7 +128,6 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
                     boundary.add(index_of[root])
                     if x != root:  # an alias of a saved tensor: its alias op reruns too (no bytes)
                         stack.append(graph.tensors[x].producer)
-                        boundary.add(index_of[root])
                 elif root == cand.name and x != root:
                     problem = "it reads its own alias"
                 else:

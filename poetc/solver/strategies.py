@@ -9,7 +9,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import InfeasibleError, UsageError
 from ..schedule import Decision, Schedule, SimResult, simulate
@@ -225,17 +225,12 @@ def run_strategy(problem: Problem, limits: Limits, strategy: str, *, time_limit_
     if strategy == "poet":
         return solve_milp(problem, limits, strategy, time_limit_s=time_limit_s, seed=seed, threads=threads, solver=solver)
     if strategy == "remat-only":
-        return solve_milp(problem, _replace(limits, allow_page=False), strategy, time_limit_s=time_limit_s,
+        return solve_milp(problem, replace(limits, allow_page=False), strategy, time_limit_s=time_limit_s,
                           seed=seed, threads=threads, solver=solver)
     if strategy == "paging-only":
-        return solve_milp(problem, _replace(limits, allow_recompute=False), strategy, time_limit_s=time_limit_s,
+        return solve_milp(problem, replace(limits, allow_recompute=False), strategy, time_limit_s=time_limit_s,
                           seed=seed, threads=threads, solver=solver)
     raise UsageError(f"unknown strategy {strategy!r}", hint=f"strategies: {', '.join(STRATEGIES)}")
-
-
-def _replace(limits: Limits, **kw) -> Limits:
-    from dataclasses import replace
-    return replace(limits, **kw)
 
 
 def check_lower_bound(problem: Problem, budget_bytes: int) -> None:

@@ -168,7 +168,13 @@ def _check_output_dir(out_dir: Path, force: bool) -> None:
         raise OutputError(f"output directory {out_dir} already exists", hint="choose another -o or pass --force")
     parent = out_dir.resolve().parent
     if not parent.exists():
-        raise OutputError(f"cannot write {out_dir}: its parent directory {parent} does not exist")
+        try:  # like `mkdir -p`: a pipeline's fresh `-o build/model` should just work
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"cannot write {out_dir}: cannot create its parent directory {parent}: "
+                              f"{exc.strerror}") from None
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out_dir}: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write {out_dir}: {parent} is not writable")
 

@@ -1,6 +1,8 @@
 """Every strategy's schedule replays in the simulator; the MILP's memory model is exact or
 conservative against it; the MILP never loses to the heuristics it starts from."""
 
+import zlib
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,7 +15,7 @@ STRATS = ["keep-all", "chen", "capuchin", "poet", "remat-only", "paging-only"]
 
 
 def costs_for(graph, seed_scale, page_scale):
-    t = [max(op.host_time_s or 0.0, 1e-6) * (1 + (hash(op.name) % 7) * seed_scale) for op in graph.ops]
+    t = [max(op.host_time_s or 0.0, 1e-6) * (1 + (zlib.crc32(op.name.encode()) % 7) * seed_scale) for op in graph.ops]
     return StepCosts(t, [x * 3.0 for x in t],
                      lambda n: (2e-5 + n / 24.5e6 * page_scale, (2e-5 + n / 24.5e6 * page_scale) * 0.15),
                      lambda n: (5e-6 + n / 45.5e6 * page_scale, (5e-6 + n / 45.5e6 * page_scale) * 0.15))
@@ -61,3 +63,26 @@ def test_budget_below_floor_is_reported_before_solving(mlp_graph):
     with pytest.raises(InfeasibleError) as err:
         check_lower_bound(problem, problem.fixed_bytes + 10)
     assert "try --ram" in str(err.value)
+
+
+@pytest.mark.parametrize("strategy", ["poet", "remat-only"])
+def test_milp_really_solves(cnn_graph, strategy):
+    """The MILP must run, not fall back: a broken solver install (highspy 1.16 with python-mip 2.0)
+    once made every MILP strategy silently return its heuristic start."""
+    _, g = cnn_graph
+    problem = build_problem(g, costs_for(g, 0.3, 1.0))
+    limits = Limits(problem.keep_all_peak_bytes * 0.7, problem.base_time_s * 5, 1e12)
+    r = run_strategy(problem, limits, strategy, time_limit_s=30)
+    assert r.status in ("optimal", "feasible"), r.notes
+    assert r.bound is not None and r.gap is not None
+
+
+@pytest.mark.xfail(reason="open bug: with some PYTHONHASHSEED values the remat-only MILP's optimum fails "
+                          "the simulator's budget check on the CNN (MILP memory model under-counts; "
+                          "hash-seed dependence points at set iteration order in lowering)", strict=False)
+def test_remat_only_milp_optimum_fits(cnn_graph):
+    _, g = cnn_graph
+    problem = build_problem(g, costs_for(g, 0.3, 1.0))
+    limits = Limits(problem.keep_all_peak_bytes * 0.7, problem.base_time_s * 5, 1e12)
+    r = run_strategy(problem, limits, "remat-only", time_limit_s=30)
+    assert r.fits

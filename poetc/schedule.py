@@ -3,9 +3,10 @@
 A `Schedule` holds one `Decision` per saved activation (keep, recompute, page). `build_steps` turns the
 decisions into the exact step list the rewritten training graph executes (compute, recompute,
 page-out, page-in), and `simulate` replays a step list with ONNX Runtime's allocation rules under
-poetc's runtime contract: a buffer is allocated when its step runs and freed after its last reader;
-alias ops (Reshape, Identity, ...) share their input's buffer. The simulator is the single source of
-truth for peak RAM, time and energy; solvers and reports quote it.
+poetc's runtime contract (no arena, no memory pattern, no buffer reuse): a buffer is allocated when
+its step runs and freed after its last reader; alias ops (Reshape, Identity, ...) share their input's
+buffer; an op's kernel workspace (`Op.workspace_bytes`) is live while the op runs. The simulator is
+the single source of truth for peak RAM, time and energy; solvers and reports quote it.
 
 Regeneration policy (the solver's formulation mirrors it exactly):
 - a PAGE tensor is spilled right after its producer and restored just before its first backward reader;
@@ -162,7 +163,7 @@ class StepCosts:
 class SimResult:
     peak_bytes: int  # activation peak above fixed state
     peak_step: int
-    live_bytes: list[int]  # at each step, including that step's new outputs
+    live_bytes: list[int]  # during each step: live tensors, that step's new outputs and its kernel workspace
     fixed_bytes: int
     time_s: float = 0.0
     energy_j: float = 0.0
@@ -239,9 +240,10 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
                 size = SPILL_HANDLE_BYTES if step.kind is StepKind.PAGE_OUT else (t.nbytes if t else 0)
                 buffer_of[w], buffer_bytes[w], buffer_users[w] = w, size, 1
                 live += size
-        timeline.append(live)
-        if live > peak:
-            peak, peak_step = live, i
+        during = live + (graph.ops[step.op].workspace_bytes if step.op is not None else 0)
+        timeline.append(during)
+        if during > peak:
+            peak, peak_step = during, i
         # costs
         if costs is not None:
             if step.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):

@@ -98,6 +98,7 @@ class Op:
     outputs: list[str]
     role: Role
     host_time_s: float | None = None  # measured by the shape probe on this machine, if run
+    workspace_bytes: int = 0  # scratch the ORT kernel allocates while it runs (poetc.runtime.workspace)
 
     @property
     def qualified_type(self) -> str:

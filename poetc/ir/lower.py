@@ -93,13 +93,10 @@ def _static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     return tuple(int(d.dim_value) for d in dims)
 
 
-def probe_run(model: onnx.ModelProto, values: dict[str, np.ndarray] | None = None,
-              seed: int = 0) -> dict[str, dict]:
-    """Run the training model once in ORT with profiling; return node name -> profile args + dur.
-
-    The returned args hold `output_type_shape` (list of {dtype: shape}) and `dur` (microseconds).
-    """
-    from ..runtime.profiling import probe_array, profile_kernels
+def probe_feeds(model: onnx.ModelProto, values: dict[str, np.ndarray] | None = None,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """A value for every graph input: `values` where given, seeded probe data otherwise."""
+    from ..runtime.profiling import probe_array
 
     values = values or {}
     rng = np.random.default_rng(seed)
@@ -110,6 +107,16 @@ def probe_run(model: onnx.ModelProto, values: dict[str, np.ndarray] | None = Non
             raise unresolved_dim_error(vi)
         feeds[vi.name] = values[vi.name] if vi.name in values else \
             probe_array(shape, vi.type.tensor_type.elem_type, rng)
+    return feeds
+
+
+def probe_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Run the training model once in ORT with profiling; return node name -> profile args + dur.
+
+    The returned args hold `output_type_shape` (list of {dtype: shape}) and `dur` (microseconds).
+    """
+    from ..runtime.profiling import profile_kernels
+
     try:
         return dict(profile_kernels(model, feeds, runs=1))
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
@@ -168,8 +175,12 @@ def assign_roles(model: onnx.ModelProto, loss_output: str, label_inputs: set[str
 
 def lower_training_model(model: onnx.ModelProto, *, parameters: dict[str, tuple[np.ndarray, bool]],
                          eval_input_names: set[str] | None, optimizer_factor: int = 2,
-                         probe_values: dict[str, np.ndarray] | None = None, hoist: bool = True) -> TrainGraph:
-    """Lower a training model (nodes topologically sorted, concrete input shapes) to a TrainGraph."""
+                         probe_values: dict[str, np.ndarray] | None = None, hoist: bool = True,
+                         workspace: bool = True) -> TrainGraph:
+    """Lower a training model (nodes topologically sorted, concrete input shapes) to a TrainGraph.
+
+    workspace: measure each op's kernel workspace (see poetc.runtime.workspace); without it every op
+    is taken to allocate nothing beyond its outputs, which under-predicts peaks."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     ensure_unique_node_names(model)
     if hoist:
@@ -214,7 +225,8 @@ def lower_training_model(model: onnx.ModelProto, *, parameters: dict[str, tuple[
 
     values = {n: v for n, (v, _) in parameters.items()}
     values.update(probe_values or {})
-    profile = probe_run(model, values)
+    feeds = probe_feeds(model, values)
+    profile = probe_run(model, feeds)
 
     ops: list[Op] = []
     for node, role in zip(g.node, roles):
@@ -263,11 +275,26 @@ def lower_training_model(model: onnx.ModelProto, *, parameters: dict[str, tuple[
                     raise UnsupportedModelError(f"node {node.name!r} reads {x!r}, which nothing produces")
                 tensors[x].consumers.append(index)
 
+    if workspace:
+        _attach_workspace(model, ops, tensors, feeds)
     optimizer_state = optimizer_factor * sum(tensors[n].nbytes for n in param_names if n in tensors)
     log.debug("lowered %d ops, %d tensors", len(ops), len(tensors))
     return TrainGraph(ops=ops, tensors=tensors, loss_output=loss_output, model=model,
                       parameter_names=param_names, frozen_parameter_names=frozen_names,
                       optimizer_state_bytes=optimizer_state, user_inputs=user_inputs)
+
+
+def _attach_workspace(model: onnx.ModelProto, ops: list[Op], tensors: dict[str, Tensor],
+                      feeds: dict[str, np.ndarray]) -> None:
+    from ..runtime.workspace import WorkspaceError, measure_workspace
+
+    types = {t.name: (t.dtype, t.shape) for t in tensors.values() if t.producer is not None}
+    try:
+        sizes = measure_workspace(model, feeds, types)
+    except (WorkspaceError, OSError) as exc:
+        raise UnsupportedModelError(f"could not measure kernel workspace in ONNX Runtime: {exc}") from exc
+    for op in ops:
+        op.workspace_bytes = sizes.get(op.name, 0)
 
 
 def _check_dtype(dtype: int, name: str) -> None:
@@ -278,7 +305,7 @@ def _check_dtype(dtype: int, name: str) -> None:
 
 
 def load_artifacts(directory: Path, probe_values: dict[str, np.ndarray] | None = None,
-                   hoist: bool = True) -> TrainGraph:
+                   hoist: bool = True, workspace: bool = True) -> TrainGraph:
     """Lower an artifacts directory (training/eval/optimizer models + checkpoint) to a TrainGraph."""
     paths = ArtifactPaths(Path(directory))
     paths.check()
@@ -295,5 +322,5 @@ def load_artifacts(directory: Path, probe_values: dict[str, np.ndarray] | None =
     eval_inputs = {i.name for i in eval_model.graph.input} - {t.name for t in eval_model.graph.initializer}
     return lower_training_model(model, parameters=parameters, eval_input_names=eval_inputs,
                                 optimizer_factor=optimizer_state_factor(optimizer), probe_values=probe_values,
-                                hoist=hoist)
+                                hoist=hoist, workspace=workspace)
 

@@ -45,6 +45,7 @@ def contract_session_options(spill_library: str | os.PathLike | None = None
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False  # a static pattern block is held for the whole run: peaks add up
+    so.enable_mem_reuse = False
     so.log_severity_level = 3
     if spill_library is not None:
         lib = Path(spill_library)

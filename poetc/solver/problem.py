@@ -138,7 +138,8 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
             continue
         cand.chain_ops = sorted(ops)
         cand.boundary = sorted(boundary)
-        cand.transient_bytes = transient
+        # intermediates nobody saved, plus the largest kernel workspace of the chain
+        cand.transient_bytes = transient + max((graph.ops[i].workspace_bytes for i in ops), default=0)
         cand.rec_time_s = float(sum(costs.op_time_s[i] for i in ops))
         cand.rec_energy_j = float(sum(costs.op_energy_j[i] for i in ops))
     for cand in candidates:

@@ -1,0 +1,188 @@
+"""Kernel workspace: heap an op's ONNX Runtime kernel allocates beyond its own outputs while it runs.
+
+Some CPU kernels allocate scratch for the duration of one call: ConvGrad an im2col buffer,
+LayerNormalizationGrad several row-sized temporaries, Sum a partial-sum buffer. Under poetc's
+runtime contract (no arena, no memory reuse) those are plain mallocs that add to the step's peak at
+the op's position, so the simulator has to know them; without them the predicted peak of a
+transformer step was 7% low and that of a small CNN 11% low (docs/memory-model.md).
+
+The sizes are measured, not guessed: a worker process with poetc's heap counter preloaded runs each
+distinct op (same type, attributes, input shapes and dtypes) alone in an InferenceSession under the
+contract and records peak heap during the run minus the bytes of the outputs it returned. Integer
+inputs (shapes, indices) get the values they have in the real step, read from one run of the whole
+graph; float inputs are seeded random. The numbers belong to ONNX Runtime's CPU kernels, so they carry
+to an ONNX Runtime build for another CPU except where a kernel sizes scratch by its thread count.
+
+    python -m poetc.runtime.workspace MODEL.onnx FEEDS.npz RESULT.json   (types.json beside MODEL)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+log = logging.getLogger(__name__)
+
+_TIMEOUT_S = 900
+
+
+class WorkspaceError(RuntimeError):
+    """The workspace worker failed; carries the tail of its stderr."""
+
+
+def measure_workspace(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                      types: dict[str, tuple[int, tuple[int, ...]]]) -> dict[str, int]:
+    """Node name -> workspace bytes for every node of `model` (a training model with concrete input
+    shapes). `feeds` holds a value for every graph input that is not an initializer, `types` the
+    (ONNX dtype, shape) of every tensor the nodes produce."""
+    from . import nativelib
+
+    counter = nativelib.build_heap_counter()
+    with tempfile.TemporaryDirectory(prefix="poetc-workspace-") as tmp:
+        model_path, feeds_path, result_path = (os.path.join(tmp, f) for f in ("m.onnx", "f.npz", "r.json"))
+        onnx.save(model, model_path)
+        np.savez(feeds_path, **feeds)
+        with open(os.path.join(tmp, "types.json"), "w") as fh:
+            json.dump({k: [int(d), list(map(int, s))] for k, (d, s) in types.items()}, fh)
+        env = dict(os.environ)
+        env["LD_PRELOAD"] = str(counter) + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        proc = subprocess.run([sys.executable, "-m", "poetc.runtime.workspace", model_path, feeds_path, result_path],
+                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, timeout=_TIMEOUT_S)
+        if proc.returncode != 0 or not os.path.exists(result_path):
+            tail = proc.stderr.decode(errors="replace")[-2000:]
+            raise WorkspaceError(f"the workspace worker exited with status {proc.returncode}: {tail}")
+        with open(result_path) as fh:
+            return {k: int(v) for k, v in json.load(fh).items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# worker side
+
+
+def _signature(node: onnx.NodeProto, types: dict[str, tuple[int, tuple[int, ...]]],
+               constants: dict[str, np.ndarray]) -> str:
+    """Identity of a kernel call: op, attributes, input types and the values of integer inputs."""
+    parts = [node.domain, node.op_type]
+    parts += sorted(onnx.helper.printable_attribute(a) for a in node.attribute)
+    for x in node.input:
+        if not x:
+            parts.append("-")
+            continue
+        dtype, shape = types[x]
+        parts.append(f"{dtype}:{shape}")
+        if x in constants:
+            parts.append(constants[x].tobytes().hex())
+    parts.append(str(len([o for o in node.output if o])))
+    return "|".join(parts)
+
+
+def _run_worker(model_path: str, feeds_path: str, result_path: str) -> None:
+    import onnxruntime as ort
+
+    from ._worker import HeapCounter
+    from .profiling import probe_array
+    from .session import contract_session_options
+
+    heap = HeapCounter()
+    model = onnx.load(model_path)
+    g = model.graph
+    with np.load(feeds_path) as npz:
+        feeds = {k: npz[k] for k in npz.files}
+    with open(os.path.join(os.path.dirname(model_path), "types.json")) as fh:
+        types = {k: (d, tuple(s)) for k, (d, s) in json.load(fh).items()}
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    for name, value in list(feeds.items()) + list(initializers.items()):
+        types[name] = (onnx.helper.np_dtype_to_tensor_dtype(value.dtype), tuple(value.shape))
+
+    # one run of the whole graph for the values of small integer tensors (shapes, axes, indices)
+    small_ints = [o for n in g.node for o in n.output
+                  if o in types and not _is_float(types[o][0]) and int(np.prod(types[o][1])) <= 4096]
+    known = {vi.name for vi in g.output}
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(o, *types[o]) for o in small_ints if o not in known)
+    session = ort.InferenceSession(probe.SerializeToString(), contract_session_options(),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    wanted = set(small_ints)
+    values = {k: v for k, v in zip(names, session.run(None, feeds)) if k in wanted}
+    del session
+    constants = {k: v for k, v in {**values, **feeds, **initializers}.items()
+                 if not _is_float(onnx.helper.np_dtype_to_tensor_dtype(v.dtype)) and v.size <= 4096}
+
+    rng = np.random.default_rng(0)
+    measured: dict[str, int] = {}
+    result: dict[str, int] = {}
+    opsets = list(model.opset_import)
+    for node in g.node:
+        if node.op_type == "Constant":
+            result[node.name] = 0
+            continue
+        key = _signature(node, types, constants)
+        if key not in measured:
+            measured[key] = _measure_one(node, types, constants, feeds, initializers, opsets,
+                                         model.ir_version, heap, rng, probe_array)
+        result[node.name] = measured[key]
+    with open(result_path + ".tmp", "w") as fh:
+        json.dump(result, fh, sort_keys=True)
+    os.replace(result_path + ".tmp", result_path)
+
+
+def _is_float(dtype: int) -> bool:
+    return np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(dtype), np.floating)
+
+
+def _measure_one(node, types, constants, feeds, initializers, opsets, ir_version, heap, rng,
+                 probe_array) -> int:
+    import onnxruntime as ort
+
+    from .session import contract_session_options
+
+    inputs = list(dict.fromkeys(x for x in node.input if x))
+    outputs = [o for o in node.output if o]
+    graph = onnx.helper.make_graph(
+        [node], "one_op",
+        [onnx.helper.make_tensor_value_info(x, types[x][0], types[x][1]) for x in inputs],
+        [onnx.helper.make_tensor_value_info(o, types[o][0], types[o][1]) if o in types
+         else onnx.helper.make_empty_tensor_value_info(o) for o in outputs])
+    one = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=ir_version)
+    feed = {}
+    for x in inputs:
+        if x in constants:
+            feed[x] = constants[x]
+        elif x in feeds:
+            feed[x] = feeds[x]
+        elif x in initializers:
+            feed[x] = initializers[x]
+        else:
+            feed[x] = probe_array(types[x][1], types[x][0], rng)
+    try:
+        session = ort.InferenceSession(one.SerializeToString(), contract_session_options(),
+                                       providers=["CPUExecutionProvider"])
+        session.run(None, feed)  # first call: one-time allocations (kernel state) are not workspace
+        before = heap.current()
+        heap.reset_peak()
+        out = session.run(None, feed)
+        peak = heap.peak() - before
+        returned = sum(np.asarray(o).nbytes for o in out)
+        del out
+    except Exception as exc:  # an op that cannot run alone (e.g. needs state): no workspace known
+        print(f"workspace: {node.op_type} {node.name}: not measured ({str(exc)[:200]})", file=sys.stderr)
+        return 0
+    return max(0, int(peak - returned))
+
+
+if __name__ == "__main__":
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    _run_worker(*sys.argv[1:4])

@@ -45,7 +45,9 @@ class HeapCounter:
             active = lib.poetc_heap_active
         except AttributeError as exc:
             raise RuntimeError("poetc heap counter is not preloaded (LD_PRELOAD)") from exc
-        for fn in (self._peak, self._cur):
+        self._large_peak = lib.poetc_heap_large_peak_bytes
+        self._large_cur = lib.poetc_heap_large_current_bytes
+        for fn in (self._peak, self._cur, self._large_peak, self._large_cur):
             fn.restype = ctypes.c_uint64
             fn.argtypes = []
         self._reset.restype = None
@@ -58,6 +60,13 @@ class HeapCounter:
 
     def peak(self) -> int:
         return int(self._peak())
+
+    def large_current(self) -> int:
+        """Live bytes in blocks of at least 64 KiB (exact across runs, unlike small blocks)."""
+        return int(self._large_cur())
+
+    def large_peak(self) -> int:
+        return int(self._large_peak())
 
     def reset_peak(self) -> None:
         self._reset()

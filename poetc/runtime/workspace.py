@@ -8,7 +8,10 @@ transformer step was 7% low and that of a small CNN 11% low (docs/memory-model.m
 
 The sizes are measured, not guessed: a worker process with poetc's heap counter preloaded runs each
 distinct op (same type, attributes, input shapes and dtypes) alone in an InferenceSession under the
-contract and records peak heap during the run minus the bytes of the outputs it returned. Integer
+contract and records peak heap during the run minus the heap held by the outputs it returned,
+counting blocks of 64 KiB and more: those are mmapped chunks (MALLOC_MMAP_THRESHOLD_) whose sizes
+are exact, while small bookkeeping blocks vary by a few bytes between runs and would make the output
+of a compile differ. Scratch below 64 KiB per op is ignored. Integer
 inputs (shapes, indices) get the values they have in the real step, read from one run of the whole
 graph; float inputs are seeded random. The numbers belong to ONNX Runtime's CPU kernels, so they carry
 to an ONNX Runtime build for another CPU except where a kernel sizes scratch by its thread count.
@@ -169,11 +172,11 @@ def _measure_one(node, types, constants, feeds, initializers, opsets, ir_version
         session = ort.InferenceSession(one.SerializeToString(), contract_session_options(),
                                        providers=["CPUExecutionProvider"])
         session.run(None, feed)  # first call: one-time allocations (kernel state) are not workspace
-        before = heap.current()
+        before = heap.large_current()
         heap.reset_peak()
         out = session.run(None, feed)
-        peak = heap.peak() - before
-        returned = sum(np.asarray(o).nbytes for o in out)
+        peak = heap.large_peak() - before
+        returned = heap.large_current() - before  # the outputs, still held by `out`
         del out
     except Exception as exc:  # an op that cannot run alone (e.g. needs state): no workspace known
         print(f"workspace: {node.op_type} {node.name}: not measured ({str(exc)[:200]})", file=sys.stderr)

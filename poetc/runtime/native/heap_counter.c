@@ -7,9 +7,11 @@
  * block plus its high-water mark.  Exported for ctypes
  * (ctypes.CDLL(None) finds them once the library is preloaded):
  *
- *   void     poetc_heap_reset_peak(void);    peak := current
+ *   void     poetc_heap_reset_peak(void);    peak := current (both counters below)
  *   uint64_t poetc_heap_peak_bytes(void);
  *   uint64_t poetc_heap_current_bytes(void);
+ *   uint64_t poetc_heap_large_peak_bytes(void);     the same, counting blocks >= 65536 bytes only
+ *   uint64_t poetc_heap_large_current_bytes(void);
  *   uint64_t poetc_heap_alloc_count(void);   calls that returned a block
  *   int      poetc_heap_active(void);        1 once the real allocator is bound
  *
@@ -52,6 +54,11 @@ static aligned_alloc_fn real_aligned_alloc;
 
 static int64_t g_current;   /* live usable bytes */
 static int64_t g_peak;      /* high-water mark of g_current */
+/* The same for blocks of at least LARGE_BLOCK bytes only: tensors and kernel scratch, without the
+ * small bookkeeping allocations whose sizes vary from run to run by a few bytes. */
+#define LARGE_BLOCK 65536
+static int64_t g_large_current;
+static int64_t g_large_peak;
 static uint64_t g_allocs;   /* successful allocation calls */
 static int g_bound;         /* real functions resolved */
 static int g_binding;       /* inside bind_real() */
@@ -116,27 +123,44 @@ static int ready(void) {
 
 /* ---- accounting ---------------------------------------------------------- */
 
+static inline void raise_peak(int64_t *peak_var, int64_t cur) {
+  int64_t peak = __atomic_load_n(peak_var, __ATOMIC_RELAXED);
+  while (cur > peak &&
+         !__atomic_compare_exchange_n(peak_var, &peak, cur, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
 static inline void account_add(void *p) {
-  int64_t n, cur, peak;
+  int64_t n;
   if (!p) return;
   n = (int64_t)malloc_usable_size(p);
   __atomic_add_fetch(&g_allocs, 1, __ATOMIC_RELAXED);
-  cur = __atomic_add_fetch(&g_current, n, __ATOMIC_RELAXED);
-  peak = __atomic_load_n(&g_peak, __ATOMIC_RELAXED);
-  while (cur > peak &&
-         !__atomic_compare_exchange_n(&g_peak, &peak, cur, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-  }
+  raise_peak(&g_peak, __atomic_add_fetch(&g_current, n, __ATOMIC_RELAXED));
+  if (n >= LARGE_BLOCK) raise_peak(&g_large_peak, __atomic_add_fetch(&g_large_current, n, __ATOMIC_RELAXED));
 }
 
 static inline void account_sub_size(size_t n) {
   __atomic_sub_fetch(&g_current, (int64_t)n, __ATOMIC_RELAXED);
+  if ((int64_t)n >= LARGE_BLOCK) __atomic_sub_fetch(&g_large_current, (int64_t)n, __ATOMIC_RELAXED);
 }
 
 /* ---- exported counters --------------------------------------------------- */
 
 EXPORT void poetc_heap_reset_peak(void) {
   int64_t cur = __atomic_load_n(&g_current, __ATOMIC_RELAXED);
+  int64_t large = __atomic_load_n(&g_large_current, __ATOMIC_RELAXED);
   __atomic_store_n(&g_peak, cur < 0 ? 0 : cur, __ATOMIC_RELAXED);
+  __atomic_store_n(&g_large_peak, large < 0 ? 0 : large, __ATOMIC_RELAXED);
+}
+
+EXPORT uint64_t poetc_heap_large_peak_bytes(void) {
+  int64_t v = __atomic_load_n(&g_large_peak, __ATOMIC_RELAXED);
+  return v < 0 ? 0 : (uint64_t)v;
+}
+
+EXPORT uint64_t poetc_heap_large_current_bytes(void) {
+  int64_t v = __atomic_load_n(&g_large_current, __ATOMIC_RELAXED);
+  return v < 0 ? 0 : (uint64_t)v;
 }
 
 EXPORT uint64_t poetc_heap_peak_bytes(void) {

@@ -38,3 +38,24 @@ def cnn_graph(cnn_onnx, tmp_path_factory):
     from poetc.importer import ImportOptions
     artifacts, graph = open_graph(cnn_onnx, tmp_path_factory.mktemp("cnn-art"), ImportOptions())
     return artifacts, graph
+
+
+@pytest.fixture(scope="session")
+def bert_tiny_graph(tmp_path_factory):
+    """The tiny transformer encoder (2 layers, hidden 128, seq 128) at batch 8."""
+    import models
+    from poetc.api import open_graph
+    from poetc.importer import ImportOptions
+    path = models.export_onnx("bert_tiny", tmp_path_factory.mktemp("bert") / "bert_tiny.onnx", batch=8, seed=0)
+    return open_graph(path, tmp_path_factory.mktemp("bert-art"), ImportOptions())
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite the golden files under tests/golden/ from the current output instead of "
+                          "comparing against them")
+
+
+@pytest.fixture(scope="session")
+def update_golden(request) -> bool:
+    return bool(request.config.getoption("--update-golden"))

@@ -3,8 +3,8 @@
 Some CPU kernels allocate scratch for the duration of one call: ConvGrad an im2col buffer,
 LayerNormalizationGrad several row-sized temporaries, Sum a partial-sum buffer. Under poetc's
 runtime contract (no arena, no memory reuse) those are plain mallocs that add to the step's peak at
-the op's position, so the simulator has to know them; without them the predicted peak of a
-transformer step was 7% low and that of a small CNN 11% low (docs/memory-model.md).
+the op's position, so the simulator has to know them; without them the predicted peak of the
+tiny transformer's step was 4.6% low (docs/memory-model.md).
 
 The sizes are measured, not guessed: a worker process with poetc's heap counter preloaded runs each
 distinct op (same type, attributes, input shapes and dtypes) alone in an InferenceSession under the

@@ -186,7 +186,7 @@ def _check_output_dir(out_dir: Path, force: bool) -> None:
 
 
 def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
-    from .solver import Limits, build_problem, check_lower_bound, run_strategy
+    from .solver import Limits, activation_budget, build_problem, check_lower_bound, run_strategy
     from .targets import load_target
 
     out_dir = Path(options.out_dir)
@@ -203,8 +203,8 @@ def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
         bound, bound_op = lower_bound_bytes(graph)
         deadline_s = options.deadline.resolve(problem.base_time_s)
         flash = options.flash_bytes if options.flash_bytes is not None else target.flash_bytes
-        limits = Limits(options.ram_bytes - problem.fixed_bytes, deadline_s - problem.base_time_s, flash,
-                        objective=options.objective)
+        limits = Limits(activation_budget(options.ram_bytes, problem.fixed_bytes), deadline_s - problem.base_time_s,
+                        flash, objective=options.objective)
         if limits.overhead_time_s < 0:
             raise InfeasibleError(f"deadline {options.deadline} is below the keep-all step time "
                                   f"{problem.base_time_s:.4g} s on {target.name}")
@@ -239,6 +239,7 @@ def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
             "target": target.name,
             "objective": options.objective,
             "ram_budget_bytes": options.ram_bytes,
+            "planned_activation_budget_bytes": limits.activation_budget_bytes,
             "deadline": str(options.deadline),
             "deadline_s": deadline_s,
             "flash_bytes": flash,

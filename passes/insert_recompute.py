@@ -35,7 +35,7 @@ class InsertRecompute:
                 tensors[w] = var
                 outputs.append(var)
                 introduced.add(w)
-            inputs = [tensors[r] if r else gs.Variable.empty() for r in step.reads]
+            inputs = [read_tensor(ctx, tensors, r) for r in step.reads]
             suffix = step.writes[0].rsplit("__poet_rc", 1)[1]
             node = gs.Node(op=original.op, name=f"{op.name}__poet_rc{suffix}", attrs=dict(original.attrs),
                            inputs=inputs, outputs=outputs, domain=original.domain)
@@ -43,3 +43,14 @@ class InsertRecompute:
             count += 1
         rewired = ctx.rewire_reads(introduced)
         return PassResult(modified=count > 0, stats={"recompute_nodes": count, "rewired_inputs": rewired})
+
+
+def read_tensor(ctx: PassContext, tensors: dict, name: str) -> gs.Tensor:
+    """The tensor a recompute step reads. A version no node produces yet (a Restore output, which
+    insert-spill-restore adds later) is created here with its original's dtype and shape."""
+    if not name:
+        return gs.Variable.empty()
+    if name not in tensors:
+        original = ctx.graph.tensors[ctx.schedule.origin[name]]
+        tensors[name] = gs.Variable(name, dtype=tensors[original.name].dtype, shape=list(original.shape))
+    return tensors[name]

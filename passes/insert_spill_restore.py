@@ -38,9 +38,10 @@ class InsertSpillRestore:
             elif step.kind is StepKind.PAGE_IN:
                 t = ctx.graph.tensors[step.tensor]
                 op_type, attrs = make_restore_node_spec(t.dtype)
-                out = gs.Variable(step.writes[0], dtype=onnx.helper.tensor_dtype_to_np_dtype(t.dtype),
-                                  shape=list(t.shape))
-                tensors[out.name] = out
+                out = tensors.get(step.writes[0])  # insert-recompute creates it if a recompute reads it
+                if out is None:
+                    out = tensors[step.writes[0]] = gs.Variable(step.writes[0])
+                out.dtype, out.shape = onnx.helper.tensor_dtype_to_np_dtype(t.dtype), list(t.shape)
                 ctx.gs_graph.nodes.append(gs.Node(op=op_type, name=f"{step.writes[0]}__restore", domain=SPILL_DOMAIN,
                                                   attrs=dict(attrs, key=step.tensor),
                                                   inputs=[tensors[step.reads[0]]], outputs=[out]))

@@ -104,8 +104,11 @@ class PassManager:
 
 
 def export(ctx: PassContext) -> onnx.ModelProto:
-    model = gs.export_onnx(ctx.gs_graph, do_type_check=False)
     source = ctx.graph.model
+    # opset_imports given explicitly: without it graph-surgeon appends every custom domain the nodes use
+    # to the imported graph's import_domains, which is the source model's own opset_import list (it
+    # mutated ctx.graph.model, so later rewrites of the same graph declared `poet` without using it)
+    model = gs.export_onnx(ctx.gs_graph, do_type_check=False, opset_imports=list(source.opset_import))
     model.ir_version = min(source.ir_version, 10)
     del model.opset_import[:]
     model.opset_import.extend(source.opset_import)

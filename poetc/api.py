@@ -5,10 +5,13 @@ Nothing here prints or exits; errors are `poetc.errors` types.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -170,8 +173,15 @@ def step_costs_for(graph: TrainGraph, target, costs_path: Path | None) -> StepCo
 
 
 def _check_output_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
-        raise OutputError(f"output directory {out_dir} already exists", hint="choose another -o or pass --force")
+    if out_dir.exists() or out_dir.is_symlink():
+        if not force:
+            raise OutputError(f"output directory {out_dir} already exists", hint="choose another -o or pass --force")
+        if out_dir.is_symlink() or not out_dir.is_dir():
+            raise OutputError(f"{out_dir} exists and is not a directory; --force replaces only a directory "
+                              f"that poetc wrote", hint="remove it yourself or choose another -o")
+        if any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
+            raise OutputError(f"{out_dir} is not empty and holds no report.json; --force replaces only an "
+                              f"empty directory or one that poetc wrote", hint="remove it yourself or choose another -o")
     parent = out_dir.resolve().parent
     if not parent.exists():
         try:  # like `mkdir -p`: a pipeline's fresh `-o build/model` should just work
@@ -185,6 +195,47 @@ def _check_output_dir(out_dir: Path, force: bool) -> None:
         raise OutputError(f"cannot write {out_dir}: {parent} is not writable")
 
 
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _staging(out_dir: Path):
+    """A hidden staging directory beside out_dir (same file system, so the final rename is atomic),
+    created first so an unwritable destination fails before any work. Always removed on exit. A
+    failure to write there (disk full, read-only file system, permissions) becomes an OutputError."""
+    parent = out_dir.resolve().parent
+    try:
+        root = Path(tempfile.mkdtemp(prefix=".poetc-", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write {out_dir}: cannot create a staging directory in {parent}: "
+                          f"{exc.strerror or exc}", hint="choose a writable -o") from None
+    try:
+        (root / "out").mkdir()
+        yield root / "out"
+    except OSError as exc:
+        inside = exc.filename and str(exc.filename).startswith((str(root), str(out_dir)))
+        if not inside and exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        raise OutputError(f"cannot write {out_dir}: {exc.strerror or exc}; nothing was written there",
+                          hint="free space on that file system or choose another -o") from exc
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _install(stage: Path, out_dir: Path) -> None:
+    """Rename the finished stage into place. An old output (--force) is moved aside first and deleted
+    only after the new one is in place, so out_dir holds one complete output or the old one."""
+    old = stage.parent / "replaced"
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    try:
+        os.replace(stage, out_dir)
+    except OSError:
+        if old.exists():
+            os.replace(old, out_dir)
+        raise
+
+
 def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
     from .solver import Limits, activation_budget, build_problem, check_lower_bound, run_strategy
     from .targets import load_target
@@ -192,8 +243,7 @@ def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
     out_dir = Path(options.out_dir)
     _check_output_dir(out_dir, options.force)
     target = load_target(options.target)
-    parent = out_dir.resolve().parent
-    with tempfile.TemporaryDirectory(prefix=".poetc-", dir=parent) as work:
+    with _staging(out_dir) as stage, tempfile.TemporaryDirectory(prefix="poetc-compile-") as work:
         work = Path(work)
         t0 = time.perf_counter()
         artifacts, graph = open_graph(model_path, work, options.import_options)
@@ -207,7 +257,9 @@ def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
                         flash, objective=options.objective)
         if limits.overhead_time_s < 0:
             raise InfeasibleError(f"deadline {options.deadline} is below the keep-all step time "
-                                  f"{problem.base_time_s:.4g} s on {target.name}")
+                                  f"{problem.base_time_s:.4g} s on {target.name}: no schedule can meet it",
+                                  hint=f"use --deadline of at least {problem.base_time_s:.4g}s, or a factor "
+                                  f"of keep-all such as 1.3x")
         main = run_strategy(problem, limits, options.strategy, time_limit_s=options.time_limit_s,
                             seed=options.seed, threads=options.threads, solver=options.solver)
         baselines = {}
@@ -220,8 +272,6 @@ def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
             raise InfeasibleError(_infeasible_message(main, options, problem),
                                   hint="raise --ram, relax --deadline, or allow more flash (--flash)")
         model, pass_records = rewrite(graph, main.schedule, options, work / "dumps")
-        stage = work / "out"
-        stage.mkdir()
         for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
             shutil.copy2(artifacts / name, stage / name)
         (stage / "reference").mkdir()
@@ -266,9 +316,7 @@ def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
                    "passes": {r["name"]: r.get("seconds") for r in pass_records}}
         _write_json(stage / "report.json", report)
         _write_json(stage / "runtime.json", RUNTIME_CONTRACT)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(stage, out_dir)
+        _install(stage, out_dir)
     return CompileResult(out_dir, report, timings)
 
 
@@ -376,7 +424,21 @@ def measure_artifacts(artifacts: Path, graph: TrainGraph | None = None, steps: i
     try:
         return measure_training(artifacts, feeds, steps=steps, spill_library=spill_library, spill_dir=spill_dir)
     except MeasurementError as exc:
-        raise RuntimeFailure(f"the training step failed in ONNX Runtime: {exc}") from exc
+        raise _runtime_failure(exc) from exc
+
+
+def _runtime_failure(exc) -> RuntimeFailure:
+    """One paragraph from a MeasurementError: the custom op's or ONNX Runtime's own message without
+    the C++ source locations, the Python traceback and the worker's stderr (kept in its log file)."""
+    text = " ".join(str(exc).split("\n--- worker stderr", 1)[0].split())
+    if "Status Message: " in text:
+        text = text.rsplit("Status Message: ", 1)[1]
+    elif "[ONNXRuntimeError] : " in text:
+        text = re.sub(r"^\d+ : [A-Z_]+ : ", "", text.rsplit("[ONNXRuntimeError] : ", 1)[1])
+    log_file = Path(exc.workdir) / "worker.stderr" if getattr(exc, "workdir", None) else None
+    return RuntimeFailure(f"the training step failed in ONNX Runtime: {text[:600]}",
+                          hint="the run stopped there: no parameters were saved and the checkpoint is unchanged"
+                          + (f"; full log: {log_file}" if log_file else ""))
 
 
 @dataclass

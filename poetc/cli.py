@@ -10,17 +10,21 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_CODES, PoetcError, UsageError
+from .errors import EXIT_CODES, InternalError, PoetcError, UsageError
 from .units import format_size, format_time, parse_deadline, parse_size
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse exits 2 with usage on stderr: same code as UsageError
-        self.print_usage(sys.stderr)
+    def error(self, message):  # argparse exits 2: same code as UsageError; one paragraph, no usage dump
         print(f"poetc: error: {message}", file=sys.stderr)
+        if message.endswith("expected one argument"):
+            option = message.split()[1].rstrip(":").split("/")[0]
+            print(f"  a value that starts with '-' must be attached: {option}=VALUE", file=sys.stderr)
+        print(f"  run '{self.prog} --help' for the options", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -82,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default="keep-all,chen,capuchin,remat-only,paging-only",
                    help="comma-separated strategies to run for the report ('' for none)")
     p.add_argument("--solver", choices=("highs", "cbc"), default="highs")
-    p.add_argument("--time-limit", default="120s", help="solver wall-clock limit (default 120s)")
+    p.add_argument("--time-limit", default="120s", help="solver wall-clock limit: 90s, 2min or seconds (default 120s)")
     p.add_argument("--threads", type=_positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify", action="store_true", help="run `poetc verify` on the result")
@@ -129,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("poetc: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a poetc bug: one paragraph and exit 70, traceback with -vv
+        if args.verbose >= 2:
+            traceback.print_exc(file=sys.stderr)
+        print(f"poetc: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
+        print("  this is a poetc bug: rerun with -vv for the traceback and report it with the command line",
+              file=sys.stderr)
+        return InternalError.exit_code
 
 
 def cmd_inspect(args) -> int:
@@ -168,7 +179,7 @@ def cmd_compile(args) -> int:
         flash_bytes=parse_size(args.flash, what="--flash") if args.flash else None,
         objective=args.objective, strategy=args.strategy,
         baselines=tuple(b for b in args.baselines.split(",") if b),
-        time_limit_s=parse_time(args.time_limit, what="--time-limit"), seed=args.seed, threads=args.threads,
+        time_limit_s=parse_time(args.time_limit, what="--time-limit", bare_seconds=True), seed=args.seed, threads=args.threads,
         costs_path=args.costs, import_options=_import_options(args), force=args.force,
         disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver)
     result = compile_model(args.model, options)

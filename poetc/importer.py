@@ -77,8 +77,38 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise InputFileError(f"{path} is not a valid ONNX model: {str(exc).splitlines()[0][:300]}") from exc
+        raise InputFileError(f"{path} is not a valid ONNX model: {_one_line(str(exc), 300)}") from exc
+    _check_initializer_sizes(model, path)
     return model
+
+
+def _one_line(text: str, limit: int) -> str:
+    """A message from ONNX / ONNX Runtime as one line, without C++ source locations and signatures."""
+    text = " ".join(text.split())
+    for marker in ("[ONNXRuntimeError] : ", " was false. ", " failed: "):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    text = re.sub(r"^\d+ : [A-Z_]+ : ", "", text)  # ORT's "1 : FAIL : "
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_initializer_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """onnx.checker does not compare raw_data with dims: a flipped or cut size field parses and passes
+    the checker, then fails deep inside ONNX Runtime. Compare them here."""
+    for t in model.graph.initializer:
+        if not t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL or \
+                t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except Exception:  # noqa: BLE001 - strings and unknown types: nothing to compare
+            continue
+        want = int(np.prod(t.dims, dtype=np.int64)) * itemsize
+        if len(t.raw_data) != want:
+            raise InputFileError(
+                f"{path} is corrupt: initializer {t.name!r} holds {len(t.raw_data)} bytes but its shape "
+                f"{list(t.dims)} and dtype {onnx.TensorProto.DataType.Name(t.data_type).lower()} need {want}",
+                hint="export the model again, e.g. with torch.onnx.export")
 
 
 def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> onnx.ModelProto:
@@ -92,7 +122,7 @@ def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> onnx.ModelPr
         except Exception as exc:
             raise UnsupportedModelError(
                 f"the model uses opset {opset}; onnxruntime-training 1.19 needs {MIN_OPSET}..{MAX_OPSET} and "
-                f"converting to {target} failed: {str(exc).splitlines()[0][:200]}",
+                f"converting to {target} failed: {_one_line(str(exc), 200)}",
                 hint=f"re-export the model with opset between {MIN_OPSET} and {MAX_OPSET}") from exc
         log.info("converted opset %d -> %d", opset, target)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
@@ -214,6 +244,7 @@ def generate_training_artifacts(model: onnx.ModelProto, out_dir: Path, options: 
     trainable, frozen = trainable_parameters(model, options.freeze)
     if not trainable:
         raise UnsupportedModelError("the model has no trainable float initializers (or --freeze matched all)")
+    _check_output_dtypes(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         with quiet_artifact_generation():
@@ -229,15 +260,40 @@ def generate_training_artifacts(model: onnx.ModelProto, out_dir: Path, options: 
 
 
 def _gradient_error(model: onnx.ModelProto, exc: Exception) -> UnsupportedModelError:
-    text = str(exc)
-    m = re.search(r"[Gg]radient.*?(?:for|of) (?:op )?['\"]?([A-Za-z0-9_]+)", text)
-    op = m.group(1) if m else None
-    nodes = [n.name or n.op_type for n in model.graph.node if op and n.op_type == op]
-    where = f" (node {nodes[0]!r})" if nodes else ""
+    text = " ".join(str(exc).split())
+    m = re.search(r"gradient builder has not been registered: ([A-Za-z0-9_]+) for node (\S+)", text) or \
+        re.search(r"[Gg]radient.*?(?:for|of) (?:op )?['\"]?([A-Za-z0-9_]+)", text)
+    if m:
+        op = m.group(1)
+        node = m.group(2) if m.lastindex and m.lastindex > 1 else \
+            next((n.name or n.op_type for n in model.graph.node if n.op_type == op), None)
+        where = f" (node {node!r})" if node else ""
+        return UnsupportedModelError(
+            f"op {op}{where} has no gradient in onnxruntime-training 1.19, and it lies between a trainable "
+            f"parameter and the loss, so poetc cannot build the training graph",
+            hint=f"replace {op} by a differentiable op before export, or --freeze every parameter that feeds it")
+    if "Type Error" in text or "type" in text.lower() and "tensor(" in text:
+        return UnsupportedModelError(
+            f"onnxruntime-training could not build the training graph because of an element type: "
+            f"{_one_line(text, 400)}",
+            hint="poetc trains float32 models: export in float32 (float16/bfloat16/double training and "
+            "non-numeric inputs are not supported)")
     return UnsupportedModelError(
-        f"onnxruntime-training could not build the training graph{where}: {text.strip().splitlines()[0][:400]}",
-        hint="ops without a gradient builder must be frozen (--freeze) or replaced by a differentiable "
-        "equivalent before export")
+        f"onnxruntime-training could not build the training graph: {_one_line(text, 400)}",
+        hint="check that the model trains in onnxruntime-training 1.19 (generate_artifacts)")
+
+
+def _check_output_dtypes(model: onnx.ModelProto) -> None:
+    """ORT 1.19's loss blocks build float32 gradients: a float16/double/bfloat16 output fails inside
+    generate_artifacts with a type-binding error. Say so before."""
+    for vi in model.graph.output[:1]:
+        dtype = vi.type.tensor_type.elem_type
+        if dtype != onnx.TensorProto.FLOAT:
+            name = onnx.TensorProto.DataType.Name(dtype).lower() if dtype else "undefined"
+            raise UnsupportedModelError(
+                f"the model's output {vi.name!r} has dtype {name}; poetc trains float32 models only "
+                f"(onnxruntime-training 1.19's losses build float32 gradients)",
+                hint="export the model in float32 (mixed-precision and double training are not supported)")
 
 
 def _fix_artifacts(out_dir: Path) -> None:

@@ -2,7 +2,8 @@
 
 Inside poetc sizes are integer bytes and times float seconds. Accepted spellings:
 sizes "8MB" (10^6), "8MiB" (2^20), "512kB", "512KiB", "1.5GB", "4096" or "4096B" (bytes);
-times "250ms", "1.5s", "20us", "2min"; deadlines "1.3x" (relative to keep-all) or a time.
+times "250ms", "1.5s", "20us", "2min" (a bare "60" is seconds only where the caller allows it:
+--time-limit); deadlines "1.3x" (relative to keep-all) or a time, never a bare number.
 Unit letters are case-sensitive where case carries meaning ("mb" would be millibits: rejected).
 """
 
@@ -38,15 +39,23 @@ def parse_size(text: str, *, what: str = "size") -> int:
     return int(round(value))
 
 
-def parse_time(text: str, *, what: str = "time") -> float:
-    """'250ms' -> 0.25 (seconds)."""
-    m = re.fullmatch(_NUMBER + r"(?P<unit>[a-z]+)", text) if isinstance(text, str) else None
-    if not m or m.group("unit") not in _TIME_UNITS:
+def parse_time(text: str, *, what: str = "time", bare_seconds: bool = False) -> float:
+    """'250ms' -> 0.25 (seconds). With bare_seconds, a number without a unit is seconds (as a bare
+    size is bytes): only for options where a bare number cannot mean anything else (--time-limit,
+    not --deadline, where '1.3' could be a factor)."""
+    m = re.fullmatch(_NUMBER + r"(?P<unit>[a-z]*)", text) if isinstance(text, str) else None
+    unit = m.group("unit") if m else None
+    if unit == "" and bare_seconds:
+        unit = "s"
+    if unit not in _TIME_UNITS:
+        bare = m is not None and unit == ""
         raise UsageError(
-            f"cannot read {what} {text!r}",
-            hint="write a number followed by s, ms, us or min, with no space: e.g. 250ms",
+            f"cannot read {what} {text!r}" + (": a number needs a unit here" if bare else ""),
+            hint=f"write a number followed by s, ms, us or min, with no space: e.g. {text}s or 250ms"
+            if bare else "write a number followed by s, ms, us or min, with no space: e.g. 250ms"
+            + (" (a bare number means seconds)" if bare_seconds else ""),
         )
-    value = float(m.group("num")) * _TIME_UNITS[m.group("unit")]
+    value = float(m.group("num")) * _TIME_UNITS[unit]
     if value <= 0:
         raise UsageError(f"{what} {text!r} must be positive")
     return value
@@ -77,6 +86,9 @@ def parse_deadline(text: str) -> Deadline:
                 hint="use a factor of at least 1.0, e.g. --deadline 1.3x",
             )
         return Deadline(factor=factor)
+    if isinstance(text, str) and re.fullmatch(_NUMBER, text):
+        raise UsageError(f"cannot read deadline {text!r}: a bare number could be a factor or seconds",
+                         hint=f"write {text}x for {text} times the keep-all step time, or {text}s for seconds")
     return Deadline(seconds=parse_time(text, what="deadline"))
 
 

@@ -125,6 +125,20 @@ def _tail(path: Path, limit: int = _STDERR_TAIL_CHARS) -> str:
         return ""
 
 
+def _remove_orphan_spills(spill_dir, env: Mapping[str, str], pid: int, keep_named_in: str) -> None:
+    """A failed step leaves the spill files its Restores never read: remove the worker's (poet-<pid>-*)
+    except any the error names (a damaged file is kept for inspection)."""
+    d = Path(spill_dir) if spill_dir is not None else \
+        Path(env.get("POETC_SPILL_DIR") or Path(env.get("TMPDIR") or "/tmp") / "poetc-spill")
+    if not d.is_dir():
+        return
+    for path in d.glob(f"poet-{pid}-*.spill"):
+        if path.name not in keep_named_in:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                logger.info("removed %s, left by the failed run", path)
+
+
 def _repo_root() -> Path:
     import poetc
 
@@ -208,6 +222,7 @@ def measure_training(artifacts_dir: str | os.PathLike,
     tail = _tail(stderr_path)
 
     if rc != 0:
+        _remove_orphan_spills(spill_dir, env, proc.pid, keep_named_in=tail)
         if rc < 0:
             try:
                 how = f"was killed by signal {signal.Signals(-rc).name}"

@@ -1,0 +1,109 @@
+"""Spill faults through a full training step (`poetc train` on compiled artifacts that page): a spill
+file deleted or corrupted between Spill and Restore, an unwritable spill directory, a full one. Each
+fails the step with exit code 9 and one clear paragraph, and leaves the output directory (checkpoint
+included) byte-for-byte unchanged.
+
+Deleting and corrupting use tests/native/spill_fault.c, an LD_PRELOAD shim that damages a `.spill`
+file at the moment Restore opens it (deterministic: no race with a watcher thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bad_inputs import ROOT, tmpfs
+from poetc.api import file_hashes
+
+MLP = ROOT / "examples" / "mlp.onnx"
+
+
+@pytest.fixture(scope="module")
+def paged_out(tmp_path_factory) -> Path:
+    """examples/mlp.onnx compiled with paging only, at a budget that forces one activation out."""
+    from poetc.runtime import nativelib
+    try:
+        nativelib.build_spill_library("host")
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"the Spill/Restore library cannot be built here: {exc}")
+    out = tmp_path_factory.mktemp("paged") / "out"
+    proc = _poetc(["compile", str(MLP), "--ram", "19.8MiB", "--deadline", "2x", "--strategy", "paging-only",
+                   "--baselines", "", "--json", "-o", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "report.json").read_text())["result"]["decisions"]["page"] >= 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def fault_shim(tmp_path_factory) -> Path:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        pytest.skip("no C compiler for the LD_PRELOAD fault shim")
+    lib = tmp_path_factory.mktemp("shim") / "spill_fault.so"
+    subprocess.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-o", str(lib),
+                    str(Path(__file__).parent / "native" / "spill_fault.c"), "-ldl"], check=True)
+    return lib
+
+
+def _poetc(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    return subprocess.run([sys.executable, "-m", "poetc", *args], capture_output=True, text=True, env=full,
+                          timeout=900)
+
+
+def _train_fails(out: Path, expect: str, **env: str) -> str:
+    before = file_hashes(out)
+    proc = _poetc(["train", str(out), "--steps", "2"], **env)
+    err = proc.stderr
+    assert proc.returncode == 9, err
+    assert err.startswith("poetc: error: the training step failed"), err
+    assert expect in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2, err
+    assert file_hashes(out) == before  # checkpoint and everything else unchanged
+    return err
+
+
+def test_paged_training_runs_with_the_shim_loaded(paged_out, fault_shim, tmp_path):
+    """Control: the shim alone changes nothing; the faults below are what fail the step."""
+    proc = _poetc(["train", str(paged_out), "--steps", "2"], LD_PRELOAD=str(fault_shim),
+                  POETC_SPILL_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.glob("*.spill"))  # every Restore deleted its file
+
+
+def test_spill_file_deleted(paged_out, fault_shim, tmp_path):
+    err = _train_fails(paged_out, "is missing", LD_PRELOAD=str(fault_shim), POETC_TEST_SPILL_FAULT="delete",
+                       POETC_SPILL_DIR=str(tmp_path))
+    assert "poetc Restore" in err
+
+
+def test_spill_file_corrupted(paged_out, fault_shim, tmp_path):
+    err = _train_fails(paged_out, "checksum mismatch", LD_PRELOAD=str(fault_shim), POETC_TEST_SPILL_FAULT="corrupt",
+                       POETC_SPILL_DIR=str(tmp_path))
+    assert "kept for inspection" in err and len(list(tmp_path.glob("*.spill"))) == 1
+
+
+def test_spill_dir_not_creatable(paged_out, tmp_path):
+    (tmp_path / "afile").write_text("")
+    _train_fails(paged_out, "unusable spill directory", POETC_SPILL_DIR=str(tmp_path / "afile" / "spill"))
+
+
+def test_spill_dir_read_only(paged_out, tmp_path):
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mounted:
+        if not mounted:
+            pytest.skip("mounting a read-only tmpfs needs root (as root, chmod cannot make a directory unwritable)")
+        _train_fails(paged_out, "Read-only file system", POETC_SPILL_DIR=str(tmp_path / "ro"))
+
+
+def test_spill_dir_full(paged_out, tmp_path):
+    with tmpfs(tmp_path / "small", "size=64k") as mounted:
+        if not mounted:
+            pytest.skip("mounting a 64 KiB tmpfs needs root")
+        _train_fails(paged_out, "No space left on device", POETC_SPILL_DIR=str(tmp_path / "small"))
+        assert not list((tmp_path / "small").iterdir())  # the partial spill file was removed

@@ -1,7 +1,9 @@
 """Every strategy's schedule replays in the simulator; the MILP's memory model is exact or
 conservative against it; the MILP never loses to the heuristics it starts from."""
 
+import json
 import zlib
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,11 +16,20 @@ from poetc.solver.problem import evaluate_linear
 STRATS = ["keep-all", "chen", "capuchin", "poet", "remat-only", "paging-only"]
 
 
-def costs_for(graph, seed_scale, page_scale):
-    t = [max(op.host_time_s or 0.0, 1e-6) * (1 + (zlib.crc32(op.name.encode()) % 7) * seed_scale) for op in graph.ops]
+def costs_from_times(graph, op_time_s, seed_scale, page_scale):
+    t = [max(base, 1e-6) * (1 + (zlib.crc32(op.name.encode()) % 7) * seed_scale)
+         for op, base in zip(graph.ops, op_time_s)]
     return StepCosts(t, [x * 3.0 for x in t],
                      lambda n: (2e-5 + n / 24.5e6 * page_scale, (2e-5 + n / 24.5e6 * page_scale) * 0.15),
                      lambda n: (5e-6 + n / 45.5e6 * page_scale, (5e-6 + n / 45.5e6 * page_scale) * 0.15))
+
+
+def costs_for(graph, seed_scale, page_scale):
+    """Seeded costs from the rpi4 roofline: never from measured times (`op.host_time_s`), which change
+    from run to run and once made a solver test fail in some runs and pass in others."""
+    from poetc.cost import build_cost_table
+    from poetc.targets import load_target
+    return costs_from_times(graph, build_cost_table(graph, load_target("rpi4")).times_s, seed_scale, page_scale)
 
 
 @pytest.mark.parametrize("fixture", ["mlp_graph", "cnn_graph"])
@@ -81,9 +92,17 @@ def test_milp_really_solves(cnn_graph, strategy):
     assert r.bound is not None and r.gap is not None
 
 
-@pytest.mark.xfail(reason="open bug: with some PYTHONHASHSEED values the remat-only MILP's optimum fails "
-                          "the simulator's budget check on the CNN (MILP memory model under-counts; "
-                          "cause of the hash-seed dependence not yet located)", strict=False)
+OVERBUDGET_TIMES = Path(__file__).parent / "data" / "cnn_remat_overbudget_op_times.json"
+
+
+@pytest.mark.xfail(reason="open bug: on the CNN at 70% of keep-all, with these per-op times (one run's probe "
+                          "measurements, recorded), the remat-only MILP reports an optimum that the simulator "
+                          "finds over budget (3.93 MB vs 3.76 MB): the MILP's memory model under-counts. Not "
+                          "hash-seed dependent: the same times fail under every PYTHONHASHSEED", strict=True)
 def test_remat_only_milp_optimum_fits(cnn_graph):
-    r = _cnn_at_70_percent(cnn_graph, "remat-only")
+    _, g = cnn_graph
+    times = json.loads(OVERBUDGET_TIMES.read_text())
+    problem = build_problem(g, costs_from_times(g, [times.get(op.name, 1e-6) for op in g.ops], 0.3, 1.0))
+    limits = Limits(problem.keep_all_peak_bytes * 0.7, problem.base_time_s * 5, 1e12)
+    r = run_strategy(problem, limits, "remat-only", time_limit_s=30)
     assert r.fits

@@ -62,7 +62,7 @@ def lower_bound_bytes(graph: TrainGraph) -> tuple[int, str]:
     for op in graph.ops:
         names = {x for x in op.inputs + op.outputs if x}
         roots = {graph.storage_root(x) for x in names}
-        size = sum(graph.tensors[r].nbytes for r in roots if not graph.tensors[r].kind.is_persistent) \
+        size = sum(graph.tensors[r].alloc_bytes for r in roots if not graph.tensors[r].kind.is_persistent) \
             + op.workspace_bytes
         if size > best:
             best, where = size, f"{op.op_type} {op.name}"

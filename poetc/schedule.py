@@ -237,7 +237,7 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
                 buffer_of[w] = w  # alias of a persistent buffer (e.g. accumulator output): no bytes
                 buffer_bytes[w], buffer_users[w] = 0, 1
             else:
-                size = SPILL_HANDLE_BYTES if step.kind is StepKind.PAGE_OUT else (t.nbytes if t else 0)
+                size = SPILL_HANDLE_BYTES if step.kind is StepKind.PAGE_OUT else (t.alloc_bytes if t else 0)
                 buffer_of[w], buffer_bytes[w], buffer_users[w] = w, size, 1
                 live += size
         during = live + (graph.ops[step.op].workspace_bytes if step.op is not None else 0)

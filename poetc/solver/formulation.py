@@ -115,17 +115,17 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
     terms: list[dict] = [dict() for _ in range(problem.positions)]
     for i in decidable:
         c = cands[i]
-        const[c.prod: c.lf + 1] += c.nbytes
-        const[c.fb: c.lb + 1] += c.nbytes
+        const[c.prod: c.lf + 1] += c.mem_bytes
+        const[c.fb: c.lb + 1] += c.mem_bytes
         for p in range(c.lf + 1, c.fb):
-            terms[p][("keep", i)] = c.nbytes
+            terms[p][("keep", i)] = c.mem_bytes
             k = problem.stage_of(p)
             if k is not None and (i, k) in v.y:
-                terms[p][("y", i, k)] = c.nbytes
+                terms[p][("y", i, k)] = c.mem_bytes
     for (u, k), _ in v.tau.items():
         terms[stages[k]][("tau", u, k)] = cands[u].transient_bytes
     for (b, p), _ in v.ext.items():
-        terms[p][("ext", b, p)] = cands[b].nbytes
+        terms[p][("ext", b, p)] = cands[b].mem_bytes
     rows: dict[tuple, float] = {}
     # Spill handles (16 bytes each) are not modelled per position: reserve room for all of them
     budget = limits.activation_budget_bytes - SPILL_HANDLE_BYTES * len(decidable)

@@ -28,7 +28,8 @@ RANDOM_OPS = {"Dropout", "BitmaskDropout", "RandomNormal", "RandomNormalLike", "
 @dataclass
 class Candidate:
     name: str
-    nbytes: int
+    nbytes: int  # data size: what paging moves
+    mem_bytes: int  # heap it occupies (allocation_bytes): what memory rows count
     prod: int
     lf: int
     fb: int
@@ -94,7 +95,8 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         readers = sorted({c for name in members[t.name] for c in graph.tensors[name].consumers})
         fwd = [c for c in readers if graph.ops[c].role in (Role.FORWARD, Role.LOSS)]
         bwd = [c for c in readers if graph.ops[c].role in (Role.BACKWARD, Role.ACCUMULATE)]
-        cand = Candidate(t.name, t.nbytes, t.producer, max(fwd, default=t.producer), bwd[0], readers[-1])
+        cand = Candidate(t.name, t.nbytes, t.alloc_bytes, t.producer, max(fwd, default=t.producer), bwd[0],
+                         readers[-1])
         if any(name in outputs for name in members[t.name]) or t.nbytes < min_candidate_bytes:
             cand.fixed = True
             cand.recomputable = cand.pageable = False
@@ -131,7 +133,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
                 elif root == cand.name and x != root:
                     problem = "it reads its own alias"
                 else:
-                    transient += graph.tensors[x].nbytes if x == root else 0
+                    transient += graph.tensors[x].alloc_bytes if x == root else 0
                     stack.append(graph.tensors[x].producer)
         if problem:
             cand.recomputable, cand.why_not_recomputable = False, problem
@@ -167,7 +169,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
     const = np.array(sim.live_bytes, dtype=np.float64)
     for cand in candidates:
         if not cand.fixed:
-            const[cand.prod: cand.lb + 1] -= cand.nbytes
+            const[cand.prod: cand.lb + 1] -= cand.mem_bytes
     return Problem(graph, costs, candidates, stages, const, backward_start, sim.fixed_bytes,
                    sim.time_s, sim.energy_j, sim.peak_bytes)
 
@@ -219,13 +221,13 @@ def evaluate_linear(problem: Problem, choice: list[Decision]) -> LinearEval:
     for i, c in enumerate(cands):
         if c.fixed:
             continue
-        prof[c.prod: c.lf + 1] += c.nbytes
-        prof[c.fb: c.lb + 1] += c.nbytes
+        prof[c.prod: c.lf + 1] += c.mem_bytes
+        prof[c.fb: c.lb + 1] += c.mem_bytes
         if choice[i] is Decision.KEEP:
-            prof[c.lf + 1: c.fb] += c.nbytes
+            prof[c.lf + 1: c.fb] += c.mem_bytes
         else:
             start = stages[first[i]]
-            prof[max(start, c.lf + 1): c.fb] += c.nbytes
+            prof[max(start, c.lf + 1): c.fb] += c.mem_bytes
             for k in range(first[i], stages.index(c.fb)):
                 y[(i, k)] = 1.0
             if choice[i] is Decision.RECOMPUTE:
@@ -247,7 +249,7 @@ def evaluate_linear(problem: Problem, choice: list[Decision]) -> LinearEval:
                 for p in range(t.lb + 1, c.fb + 1):
                     if (b, p) not in ext:
                         ext[(b, p)] = 1.0
-                        prof[p] += t.nbytes
+                        prof[p] += t.mem_bytes
     k = int(np.argmax(prof))
     return LinearEval(float(prof[k]), k, prof, time_s, energy, flash, y, ext, tau)
 

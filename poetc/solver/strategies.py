@@ -242,8 +242,8 @@ def check_lower_bound(problem: Problem, budget_bytes: int) -> None:
     for c in cands:
         if c.fixed:
             continue
-        floor[c.prod: c.lf + 1] += c.nbytes
-        floor[c.fb: c.lb + 1] += c.nbytes
+        floor[c.prod: c.lf + 1] += c.mem_bytes
+        floor[c.fb: c.lb + 1] += c.mem_bytes
     p = int(floor.argmax())
     need = problem.fixed_bytes + int(floor[p])
     if need > budget_bytes:

@@ -297,13 +297,15 @@ def _check_output_dtypes(model: onnx.ModelProto) -> None:
 
 
 def _fix_artifacts(out_dir: Path) -> None:
-    """IR <= 10 everywhere (generate_artifacts with newer onnx writes IR 14 optimizer models), and
-    eval-mode BatchNormalization with a single output (ORT 1.19 rejects the three it keeps)."""
+    """IR <= 10 everywhere (generate_artifacts with newer onnx writes IR 14 optimizer models),
+    eval-mode BatchNormalization with a single output (ORT 1.19 rejects the three it keeps), and
+    names that do not depend on what ran before in the process."""
     for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
         path = out_dir / name
         model = onnx.load(str(path))
         changed = model.ir_version > MAX_IR_VERSION
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+        changed |= _renumber_generated_names(model)
         if name == "eval_model.onnx":
             for node in model.graph.node:
                 training = next((a.i for a in node.attribute if a.name == "training_mode"), 0)
@@ -312,6 +314,34 @@ def _fix_artifacts(out_dir: Path) -> None:
                     changed = True
         if changed:
             onnx.save(model, str(path))
+
+
+_GENERATED_NAME = re.compile(r"onnx::([A-Za-z_]+)::(\d+)(?!\d)")
+
+
+def _renumber_generated_names(model: onnx.ModelProto) -> bool:
+    """generate_artifacts names the loss nodes and tensors it adds with a per-process counter
+    (onnx::loss::2 in a fresh process, ::8 after a few imports; gradient names derive from them), so
+    the same model imported twice in one process got different names and graph fingerprints. Number
+    those tokens by first appearance instead."""
+    g = model.graph
+    numbers: dict[str, str] = {}
+
+    def renumber(name: str) -> str:
+        def token(m: re.Match) -> str:
+            if m.group(0) not in numbers:
+                numbers[m.group(0)] = f"onnx::{m.group(1)}::{len(numbers)}"
+            return numbers[m.group(0)]
+        return _GENERATED_NAME.sub(token, name)
+
+    before = model.SerializeToString()
+    for node in g.node:
+        node.name = renumber(node.name)
+        node.input[:] = [renumber(x) for x in node.input]
+        node.output[:] = [renumber(x) for x in node.output]
+    for named in list(g.input) + list(g.output) + list(g.value_info) + list(g.initializer):
+        named.name = renumber(named.name)
+    return model.SerializeToString() != before
 
 
 def import_model(path: Path, work_dir: Path, options: ImportOptions) -> Path:

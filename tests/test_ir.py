@@ -78,3 +78,14 @@ def test_workspace_measurement_is_deterministic(cnn_graph):
     types = {t.name: (t.dtype, t.shape) for t in g.tensors.values() if t.producer is not None}
     again = measure_workspace(g.model, probe_feeds(g.model, params), types)
     assert {op.name: op.workspace_bytes for op in g.ops} == {op.name: again[op.name] for op in g.ops}
+
+
+def test_importing_twice_in_one_process_gives_the_same_graph(mlp_onnx, tmp_path):
+    """onnxruntime-training numbers loss tensors with a per-process counter; poetc renumbers them."""
+    from poetc.api import open_graph
+    from poetc.importer import ImportOptions
+    from poetc.schedule import graph_fingerprint
+    _, first = open_graph(mlp_onnx, tmp_path / "a", ImportOptions())
+    _, second = open_graph(mlp_onnx, tmp_path / "b", ImportOptions())
+    assert graph_fingerprint(first) == graph_fingerprint(second)
+    assert any(name.startswith("onnx::loss::") for name in first.tensors)

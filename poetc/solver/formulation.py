@@ -15,9 +15,12 @@ so the decision collapses to three binaries per saved activation plus continuous
   sum rec_i * t_rec_i + page_i * t_page_i <= deadline - keep-all time;  sum page_i * m_i <= flash
   minimise sum rec_i * e_rec_i + page_i * e_page_i     (overhead only: the mandatory first
                                                           computation is a constant, kept out)
-Continuous y, tau, ext are exact: at integral keep/rec/page their minimal values are integral and
-any larger value only uses more memory. Rows with identical variable sets keep only the largest
-constant.
+y is binary for a tensor whose recompute creates transient intermediates (it has tau variables);
+otherwise y, and tau and ext everywhere, are continuous, which is exact: at integral keep/rec/page
+their minimal values are integral and any larger value only uses more memory. (A continuous y with
+tau is not exact: ramping y up over several stages splits the event and its transient bytes into
+fractions that no schedule has; HiGHS found such "optimal" schedules that did not fit.) Rows with
+identical variable sets keep only the largest constant.
 """
 
 from __future__ import annotations
@@ -80,8 +83,10 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
         v.page[i] = m.add_var(f"page_{i}", var_type=mip.BINARY,
                               ub=1.0 if (c.pageable and limits.allow_page) else 0.0)
         m += v.keep[i] + v.rec[i] + v.page[i] == 1, f"one_{i}"
+        has_events = c.recomputable and limits.allow_recompute and c.transient_bytes > 0
+        y_type = mip.BINARY if has_events else mip.CONTINUOUS
         for k in range(stage_idx[c.s0], stage_idx[c.fb]):
-            v.y[(i, k)] = m.add_var(f"y_{i}_{k}", lb=0.0, ub=1.0)
+            v.y[(i, k)] = m.add_var(f"y_{i}_{k}", lb=0.0, ub=1.0, var_type=y_type)
         for k in range(stage_idx[c.s0], stage_idx[c.fb] - 1):
             m += v.y[(i, k + 1)] - v.y[(i, k)] >= 0, f"mono_{i}_{k}"
 

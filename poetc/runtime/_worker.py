@@ -4,7 +4,7 @@ Started by :func:`poetc.runtime.measure.measure_training` as
 
     python -m poetc.runtime._worker --artifacts DIR --feeds FEEDS.npz \
         --steps N --result RESULT.json --params-out PARAMS.npz \
-        [--spill-library LIB.so]
+        [--spill-library LIB.so] [--threads N]
 
 with ``LD_PRELOAD`` set to poetc's heap counter and
 ``MALLOC_MMAP_THRESHOLD_=65536``.  For every step it records the loss, the
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
 
     heap = HeapCounter()
     t_open = time.perf_counter()
-    sess = open_training(args.artifacts, spill_library=args.spill_library)
+    sess = open_training(args.artifacts, spill_library=args.spill_library, intra_op_threads=args.threads)
     open_seconds = time.perf_counter() - t_open
     with np.load(args.feeds) as npz:
         feeds = {k: np.ascontiguousarray(npz[k]) for k in npz.files}
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--result", required=True)
     ap.add_argument("--params-out", required=True)
     ap.add_argument("--spill-library", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
     args = ap.parse_args(argv)
     try:
         result = run(args)

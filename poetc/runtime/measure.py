@@ -153,7 +153,8 @@ def measure_training(artifacts_dir: str | os.PathLike,
                      timeout_s: float = 600,
                      workdir: str | os.PathLike | None = None,
                      heap_counter: str | os.PathLike | None = None,
-                     extra_env: Mapping[str, str] | None = None) -> MeasuredRun:
+                     extra_env: Mapping[str, str] | None = None,
+                     intra_op_threads: int | None = None) -> MeasuredRun:
     """Run ``steps`` training steps of ``artifacts_dir`` in a fresh process.
 
     ``feeds_npz``: ``.npz`` whose keys are the training model's user input
@@ -164,6 +165,8 @@ def measure_training(artifacts_dir: str | os.PathLike,
     ``workdir``: where results go (default: a new temp dir, returned as
     ``MeasuredRun.workdir``).  ``heap_counter``: prebuilt counter ``.so``
     (default: built/cached by :func:`nativelib.build_heap_counter`).
+    ``intra_op_threads``: ORT intra-op threads (default ORT's; 1 gives
+    bitwise-reproducible numerics, see ``contract_session_options``).
     Raises :class:`MeasurementError` if the worker fails or times out.
     """
     if steps < 1:
@@ -191,6 +194,8 @@ def measure_training(artifacts_dir: str | os.PathLike,
            "--params-out", str(params_path.resolve())]
     if spill_library is not None:
         cmd += ["--spill-library", str(Path(spill_library).resolve())]
+    if intra_op_threads is not None:
+        cmd += ["--threads", str(int(intra_op_threads))]
 
     env = dict(os.environ)
     if extra_env:

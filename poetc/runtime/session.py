@@ -32,13 +32,17 @@ OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
 
 
-def contract_session_options(spill_library: str | os.PathLike | None = None
-                             ) -> ort.SessionOptions:
+def contract_session_options(spill_library: str | os.PathLike | None = None,
+                             intra_op_threads: int | None = None) -> ort.SessionOptions:
     """SessionOptions that make ORT follow poetc's execution contract.
 
-    PRIORITY_BASED order, ORT_DISABLE_ALL, CPU arena off, log severity 3
-    (errors only), and ``spill_library`` (path of the poet Spill/Restore
-    ``.so``) registered if given.
+    PRIORITY_BASED order, ORT_DISABLE_ALL, CPU arena, memory pattern and
+    buffer reuse off, log severity 3 (errors only), and ``spill_library``
+    (path of the poet Spill/Restore ``.so``) registered if given.
+    ``intra_op_threads``: ORT's default (None) uses every core; some kernels
+    then split reductions by thread timing, so two runs of the same graph can
+    differ in the last bits (seen on the transformer); 1 makes runs bitwise
+    reproducible, which is how ``poetc verify`` compares numerics.
     """
     so = ort.SessionOptions()
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
@@ -47,6 +51,8 @@ def contract_session_options(spill_library: str | os.PathLike | None = None
     so.enable_mem_pattern = False  # a static pattern block is held for the whole run: peaks add up
     so.enable_mem_reuse = False
     so.log_severity_level = 3
+    if intra_op_threads is not None:
+        so.intra_op_num_threads = intra_op_threads
     if spill_library is not None:
         lib = Path(spill_library)
         if not lib.is_file():
@@ -90,7 +96,8 @@ class TrainingSession:
 
 
 def open_training(artifacts_dir: str | os.PathLike,
-                  spill_library: str | os.PathLike | None = None) -> TrainingSession:
+                  spill_library: str | os.PathLike | None = None,
+                  intra_op_threads: int | None = None) -> TrainingSession:
     """Open ``training_model.onnx``, ``eval_model.onnx`` (optional),
     ``optimizer_model.onnx`` and ``checkpoint`` in ``artifacts_dir`` with
     :func:`contract_session_options`."""
@@ -100,7 +107,7 @@ def open_training(artifacts_dir: str | os.PathLike,
     for name in (TRAINING_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
         if not (d / name).exists():
             raise FileNotFoundError(f"training artifacts in {d} lack {name}")
-    so = contract_session_options(spill_library)
+    so = contract_session_options(spill_library, intra_op_threads)
     state = CheckpointState.load_checkpoint(str(d / CHECKPOINT))
     eval_path = d / EVAL_MODEL
     module = Module(str(d / TRAINING_MODEL), state,

@@ -321,11 +321,14 @@ def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
 
 
 def _infeasible_message(result, options: CompileOptions, problem) -> str:
+    from .solver import RESERVE_BYTES, RESERVE_FRACTION
     from .units import format_size
     notes = "; ".join(result.notes)
     return (f"no schedule found that fits {format_size(options.ram_bytes)} within deadline {options.deadline} "
             f"(strategy {result.strategy}: {result.status}{', ' + notes if notes else ''}); keep-all needs "
-            f"{format_size(problem.fixed_bytes + problem.keep_all_peak_bytes)}")
+            f"{format_size(problem.fixed_bytes + problem.keep_all_peak_bytes)}; schedules are planned with "
+            f"{RESERVE_FRACTION:.0%} of the activation budget and {RESERVE_BYTES // 1024} KiB spare for allocations "
+            f"the simulator does not model")
 
 
 def _label_classes(graph: TrainGraph) -> int | None:

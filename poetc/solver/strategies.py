@@ -233,24 +233,29 @@ def run_strategy(problem: Problem, limits: Limits, strategy: str, *, time_limit_
     raise UsageError(f"unknown strategy {strategy!r}", hint=f"strategies: {', '.join(STRATEGIES)}")
 
 
-def check_lower_bound(problem: Problem, budget_bytes: int) -> None:
-    """Fail before solving when no schedule can fit: the peak of the decision-independent part of
-    every position (fixed state + what no decision can remove) is above the budget."""
-    from ..units import format_size
-    cands = problem.candidates
+def floor_bytes(problem: Problem) -> tuple[int, int]:
+    """(bytes, position): the least RAM any schedule needs, fixed state plus the peak over positions of
+    what no decision can remove there, and where that peak is."""
     floor = problem.const_bytes.copy()
-    for c in cands:
+    for c in problem.candidates:
         if c.fixed:
             continue
         floor[c.prod: c.lf + 1] += c.mem_bytes
         floor[c.fb: c.lb + 1] += c.mem_bytes
     p = int(floor.argmax())
-    need = problem.fixed_bytes + int(floor[p])
+    return problem.fixed_bytes + int(floor[p]), p
+
+
+def check_lower_bound(problem: Problem, budget_bytes: int) -> None:
+    """Fail before solving when no schedule can fit (see floor_bytes)."""
+    from ..units import format_size
+    need, p = floor_bytes(problem)
+    floor_at_p = need - problem.fixed_bytes
     if need > budget_bytes:
         op = problem.graph.ops[p]
         suggestion = f"{(need * 1.02) / 1e6:.2f}MB"
         raise InfeasibleError(
             f"budget {format_size(budget_bytes)} is below the lower bound {format_size(need)} set by "
             f"{op.op_type} {op.name!r} (position {p}): fixed state {format_size(problem.fixed_bytes)} plus "
-            f"{format_size(floor[p])} of tensors no schedule can drop there",
+            f"{format_size(floor_at_p)} of tensors no schedule can drop there",
             hint=f"try --ram {suggestion}")

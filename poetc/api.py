@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -25,7 +26,7 @@ from .errors import InfeasibleError, InputFileError, OutputError, RuntimeFailure
 from .importer import ImportOptions, import_model
 from .ir.graph import Role, TensorKind, TrainGraph
 from .ir.lower import load_artifacts
-from .schedule import Decision, StepCosts, build_steps, fixed_state_bytes, simulate
+from .schedule import Decision, SimResult, Step, StepCosts, build_steps, fixed_state_bytes, simulate
 from .units import Deadline
 
 log = logging.getLogger(__name__)
@@ -159,10 +160,22 @@ class CompileOptions:
 
 
 @dataclass
+class Timelines:
+    """The simulator's memory timelines behind a report, for plots (`poetc.plots.memory_timeline`)."""
+
+    keep_all: SimResult  # every saved activation kept; one step per op, in execution order
+    compiled: SimResult  # the chosen schedule
+    steps: list[Step]  # the compiled step list (compute / recompute / page_out / page_in)
+    backward_start: int  # op position of the first backward op
+    ram_budget_bytes: int
+
+
+@dataclass
 class CompileResult:
     out_dir: Path
     report: dict  # what report.json holds: deterministic for the same inputs and options
     timings: dict = field(default_factory=dict)  # wall-clock figures, kept out of the output files
+    timelines: Timelines | None = None  # in memory only, not in report.json
 
 
 def step_costs_for(graph: TrainGraph, target, costs_path: Path | None) -> StepCosts:
@@ -236,7 +249,10 @@ def _install(stage: Path, out_dir: Path) -> None:
         raise
 
 
-def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
+def compile_model(model_path: Path, options: CompileOptions, *,
+                  progress: Callable[[str], None] | None = None) -> CompileResult:
+    """Import, solve, rewrite and export. `progress`, if given, is called with the name of each phase
+    as it starts (the CLI shows it on a terminal); it must not raise."""
     from .solver import Limits, activation_budget, build_problem, check_lower_bound, run_strategy
     from .targets import load_target
 
@@ -245,7 +261,9 @@ def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
     target = load_target(options.target)
     with _staging(out_dir) as stage, tempfile.TemporaryDirectory(prefix="poetc-compile-") as work:
         work = Path(work)
+        say = progress or (lambda phase: None)
         t0 = time.perf_counter()
+        say("importing and lowering")
         artifacts, graph = open_graph(model_path, work, options.import_options)
         costs = step_costs_for(graph, target, options.costs_path)
         problem = build_problem(graph, costs)
@@ -260,17 +278,20 @@ def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
                                   f"{problem.base_time_s:.4g} s on {target.name}: no schedule can meet it",
                                   hint=f"use --deadline of at least {problem.base_time_s:.4g}s, or a factor "
                                   f"of keep-all such as 1.3x")
+        say(f"solving ({options.strategy})")
         main = run_strategy(problem, limits, options.strategy, time_limit_s=options.time_limit_s,
                             seed=options.seed, threads=options.threads, solver=options.solver)
         baselines = {}
         for name in options.baselines:
             if name == options.strategy:
                 continue
+            say(f"baseline {name}")
             baselines[name] = run_strategy(problem, limits, name, time_limit_s=max(options.time_limit_s / 4, 5),
                                            seed=options.seed, threads=options.threads, solver=options.solver)
         if not main.fits:
             raise InfeasibleError(_infeasible_message(main, options, problem),
                                   hint="raise --ram, relax --deadline, or allow more flash (--flash)")
+        say("rewriting")
         model, pass_records = rewrite(graph, main.schedule, options, work / "dumps")
         for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
             shutil.copy2(artifacts / name, stage / name)
@@ -314,10 +335,13 @@ def compile_model(model_path: Path, options: CompileOptions) -> CompileResult:
         }
         timings = {"compile_s": round(time.perf_counter() - t0, 3), "solve_s": round(main.solve_time_s, 3),
                    "passes": {r["name"]: r.get("seconds") for r in pass_records}}
+        keep_steps, keep_origin = build_steps(graph, {})
+        timelines = Timelines(simulate(graph, keep_steps, keep_origin, costs), main.sim, main.schedule.steps,
+                              problem.backward_start, options.ram_bytes)
         _write_json(stage / "report.json", report)
         _write_json(stage / "runtime.json", RUNTIME_CONTRACT)
         _install(stage, out_dir)
-    return CompileResult(out_dir, report, timings)
+    return CompileResult(out_dir, report, timings, timelines)
 
 
 def _infeasible_message(result, options: CompileOptions, problem) -> str:
@@ -541,4 +565,4 @@ def file_hashes(out_dir: Path) -> dict[str, str]:
     return out
 
 
-__all__ = ["CompileOptions", "CompileResult", "compile_model", "inspect_model", "verify", "train"]
+__all__ = ["CompileOptions", "CompileResult", "Timelines", "compile_model", "inspect_model", "verify", "train"]

@@ -1,4 +1,4 @@
-"""Command line: `poetc inspect | compile | verify | train | profile | targets`.
+"""Command line: `poetc inspect | compile | verify | train | profile | targets | bench`.
 
 The only module that prints or chooses exit codes (see `poetc.errors.EXIT_CODES`, docs/errors.md).
 """
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-pass", action="append", default=[], metavar="NAME")
     p.add_argument("--dump-after", action="append", default=[], metavar="NAME")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE",
+                   help="write a PNG of RAM over the step: keep-all vs compiled, budget, recomputes and pages")
     _import_args(p)
 
     p = sub.add_parser("verify", help="train reference and compiled artifacts side by side and compare")
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _import_args(p)
 
     sub.add_parser("targets", help="list device profiles")
+    _add_bench_parser(sub)
     return parser
 
 
@@ -182,8 +185,14 @@ def cmd_compile(args) -> int:
         time_limit_s=parse_time(args.time_limit, what="--time-limit", bare_seconds=True), seed=args.seed, threads=args.threads,
         costs_path=args.costs, import_options=_import_options(args), force=args.force,
         disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver)
-    result = compile_model(args.model, options)
+    with _Progress(enabled=not args.json) as progress:
+        result = compile_model(args.model, options, progress=progress)
     report = result.report
+    if args.plot:
+        from .plots import memory_timeline
+        memory_timeline(args.plot, result.timelines,
+                        title=f"{report['model']} on {report['target']}, budget {format_size(report['ram_budget_bytes'])}, "
+                              f"strategy {report['result']['strategy']}")
     if args.verify:
         from .api import verify
         v = verify(result.out_dir)
@@ -192,6 +201,8 @@ def cmd_compile(args) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         _print_report(report, result.out_dir, result.timings)
+        if args.plot:
+            print(f"  wrote {args.plot}")
         if args.verify:
             _print_verify(report["verify"])
     if args.verify and not report["verify"]["identical_results"] or args.verify and not report["verify"]["within_budget"]:
@@ -282,6 +293,117 @@ def cmd_targets(args) -> int:
 
 COMMANDS = {"inspect": cmd_inspect, "compile": cmd_compile, "verify": cmd_verify, "train": cmd_train,
             "profile": cmd_profile, "targets": cmd_targets}
+
+
+# ---------------------------------------------------------------------------------------------------
+# progress on a terminal, and `poetc bench`
+
+
+class _Progress:
+    """Calls as `progress(phase)`; while active, shows "poetc: <phase> 12s" on one line of stderr.
+    Silent unless both stdout and stderr are terminals (pipelines and --json get nothing)."""
+
+    def __init__(self, enabled: bool = True, delay_s: float = 1.0):
+        self.enabled = enabled and sys.stdout.isatty() and sys.stderr.isatty()
+        self.delay_s = delay_s
+        self.phase = ""
+        self._stop = None
+        self._thread = None
+        self._shown = False
+
+    def __call__(self, phase: str) -> None:
+        self.phase = phase
+
+    def __enter__(self):
+        if self.enabled:
+            import threading
+            import time
+            self._stop = threading.Event()
+            t0 = time.monotonic()
+
+            def tick():
+                while not self._stop.wait(0.5):
+                    elapsed = time.monotonic() - t0
+                    if elapsed >= self.delay_s:
+                        sys.stderr.write(f"\r\033[Kpoetc: {self.phase} ... {elapsed:.0f}s")
+                        sys.stderr.flush()
+                        self._shown = True
+
+            self._thread = threading.Thread(target=tick, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            if self._shown:
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="sweep models x targets x budgets x deadlines x strategies; CSV, JSON, "
+                       "tables and figures", description="Regenerates docs/benchmarks.md's tables and figures "
+                       "(see that file for the command and its run time).")
+    p.add_argument("-o", "--out", type=Path, default=Path("bench-out"),
+                   help="output directory: results.csv, results.json, tables.md, figures/ (default bench-out)")
+    p.add_argument("--figures-dir", type=Path, help="write the PNG figures here instead of OUT/figures")
+    p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    p.add_argument("--quick", action="store_true", help="a small smoke run (well under a minute)")
+    p.add_argument("--models", help="comma-separated models for the budget sweep (see `python -m models list`)")
+    p.add_argument("--targets", help="comma-separated targets for the budget sweep")
+    p.add_argument("--fractions", help="budgets as fractions of keep-all activation memory, e.g. 0.7,0.5,0.3")
+    p.add_argument("--deadlines", help="deadline factors for the deadline sweep, e.g. 1.05,1.3,2")
+    p.add_argument("--strategies", help="comma-separated strategies (default: all)")
+    p.add_argument("--no-measure", action="store_true", help="skip the measured runs on this machine")
+    p.add_argument("--no-scaling", action="store_true", help="skip the extra models of the solver-scaling sweep")
+    p.add_argument("--time-limit", help="per-solve limit (default 60s; quick: 20s)")
+    p.add_argument("--strict", action="store_true", help="exit 70 if rows are inconsistent (see tables.md)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, check_rows, override, parse_list, run_bench, solver_anomalies
+    from .units import parse_time
+    config = BenchConfig.quick() if args.quick else BenchConfig.full()
+    config = override(
+        config,
+        models=parse_list(args.models) if args.models else None,
+        targets=parse_list(args.targets) if args.targets else None,
+        fractions=parse_list(args.fractions, float) if args.fractions else None,
+        deadline_factors=parse_list(args.deadlines, float) if args.deadlines else None,
+        strategies=parse_list(args.strategies) if args.strategies else None,
+        measure_models=() if args.no_measure else None,
+        scaling_models=() if args.no_scaling else None,
+        time_limit_s=parse_time(args.time_limit, what="--time-limit") if args.time_limit else None)
+    if args.models:  # the other sweeps follow the chosen models
+        config = override(config, deadline_models=tuple(m for m in config.deadline_models if m in config.models),
+                          measure_models=tuple(m for m in config.measure_models if m in config.models),
+                          timeline=(config.models[0], "rpi4" if "rpi4" in config.targets else config.targets[0],
+                                    0.5))
+    with _Progress(enabled=not args.json, delay_s=0.0) as progress:
+        result = run_bench(config, args.out, figures_dir=args.figures_dir, force=args.force, progress=progress)
+    problems = check_rows(result.rows)
+    anomalies = solver_anomalies(result.rows)
+    summary = {"out": str(result.out_dir), "rows": len(result.rows), "wall_s": result.doc["wall_s"],
+               "files": {k: str(v) for k, v in result.files.items()}, "consistency_problems": problems,
+               "solver_anomalies": len(anomalies)}
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print(f"poetc bench ({config.name}): {len(result.rows)} rows in {result.wall_s['total']:.0f} s "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in result.wall_s.items() if k != "total"))
+        for name, path in result.files.items():
+            print(f"  wrote {path}")
+        if anomalies:
+            print(f"  {len(anomalies)} MILP solutions rejected by the simulator (see tables.md)")
+        for line in problems:
+            print(f"  inconsistent: {line}")
+    return 70 if problems and args.strict else 0
+
+
+COMMANDS["bench"] = cmd_bench
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -107,8 +107,8 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
                 if (b, p) not in v.ext:
                     v.ext[(b, p)] = m.add_var(f"ext_{b}_{p}", lb=0.0, ub=1.0)
                 m += v.ext[(b, p)] - v.rec[u] >= 0, f"ext_{b}_{p}_{u}"
-            if not t.fixed and c.fb < t.fb:
-                for k in range(stage_idx[c.s0], stage_idx[c.fb] + 1):
+            if not t.fixed:  # wherever u is materialized before b's own first read, b is too
+                for k in range(stage_idx[c.s0], min(stage_idx[c.fb], stage_idx[t.fb] - 1) + 1):
                     m += v.y[(b, k)] - Y(u, k) + v.page[u] + v.keep[b] >= 0, f"need_{u}_{b}_{k}"
         if c.transient_bytes > 0:
             for k in range(stage_idx[c.s0], stage_idx[c.fb] + 1):

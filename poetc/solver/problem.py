@@ -108,7 +108,6 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
             continue
         ops: list[int] = []
         boundary: set[int] = set()
-        transient = 0
         problem = ""
         stack = [graph.tensors[cand.name].producer]
         seen: set[int] = set()
@@ -133,15 +132,17 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
                 elif root == cand.name and x != root:
                     problem = "it reads its own alias"
                 else:
-                    transient += graph.tensors[x].alloc_bytes if x == root else 0
                     stack.append(graph.tensors[x].producer)
         if problem:
             cand.recomputable, cand.why_not_recomputable = False, problem
             continue
         cand.chain_ops = sorted(ops)
         cand.boundary = sorted(boundary)
-        # intermediates nobody saved, plus the largest kernel workspace of the chain
-        cand.transient_bytes = transient + max((graph.ops[i].workspace_bytes for i in ops), default=0)
+        # every other output the chain's ops write (the intermediates nobody saved, and siblings such as
+        # MaxPool's mask, written and dropped), plus the largest kernel workspace of the chain
+        others = sum(graph.tensors[o].alloc_bytes for i in ops for o in graph.ops[i].outputs
+                     if o != cand.name and graph.tensors[o].alias_of is None)
+        cand.transient_bytes = others + max((graph.ops[i].workspace_bytes for i in ops), default=0)
         cand.rec_time_s = float(sum(costs.op_time_s[i] for i in ops))
         cand.rec_energy_j = float(sum(costs.op_energy_j[i] for i in ops))
     for cand in candidates:
@@ -149,17 +150,20 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         ti, ei = costs.page_in(cand.nbytes)
         cand.page_time_s, cand.page_energy_j = to + ti, eo + ei
 
-    # earliest materialization stage: in increasing fb order (dependents come first in backward)
+    # earliest materialization stage. A recompute of u materializes its boundary tensors wherever u
+    # itself is materialized, which may be before u's own first backward read (u pulled early by a
+    # later tensor's recompute). Boundary tensors are produced before u, so in decreasing producer
+    # order every u's s0 is final before it is passed on.
     for cand in candidates:
         cand.s0 = cand.fb
-    for u in sorted(candidates, key=lambda c: c.fb):
+    for u in sorted(candidates, key=lambda c: -c.prod):
         if not u.recomputable:
             continue
         for b in u.boundary:
             t = candidates[b]
-            if u.fb < t.fb:
+            if u.s0 < t.fb:
                 t.s0 = min(t.s0, u.s0)
-            elif u.fb > t.lb:
+            if u.fb > t.lb:
                 t.extend_to = max(t.extend_to, u.fb)
     stages = sorted({c.fb for c in candidates})
 
@@ -197,12 +201,12 @@ def materialization_stage(problem: Problem, choice: list[Decision]) -> list[int 
     stage_index = {s: k for k, s in enumerate(problem.stages)}
     first: list[int | None] = [None if choice[i] is Decision.KEEP else stage_index[c.fb]
                                for i, c in enumerate(cands)]
-    order = sorted(range(len(cands)), key=lambda i: cands[i].fb)
-    for u in order:  # dependents (smaller fb) are final before their boundary tensors
+    order = sorted(range(len(cands)), key=lambda i: -cands[i].prod)
+    for u in order:  # dependents (later producers) are final before their boundary tensors
         if choice[u] is not Decision.RECOMPUTE or first[u] is None:
             continue
         for b in cands[u].boundary:
-            if choice[b] is Decision.KEEP or cands[b].fb <= cands[u].fb:
+            if choice[b] is Decision.KEEP or first[u] >= stage_index[cands[b].fb]:
                 continue
             first[b] = min(first[b], first[u])
     return first

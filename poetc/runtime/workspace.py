@@ -13,8 +13,11 @@ counting blocks of 64 KiB and more: those are mmapped chunks (MALLOC_MMAP_THRESH
 are exact, while small bookkeeping blocks vary by a few bytes between runs and would make the output
 of a compile differ. Scratch below 64 KiB per op is ignored. Integer
 inputs (shapes, indices) get the values they have in the real step, read from one run of the whole
-graph; float inputs are seeded random. The numbers belong to ONNX Runtime's CPU kernels, so they carry
-to an ONNX Runtime build for another CPU except where a kernel sizes scratch by its thread count.
+graph; float inputs are seeded random. Each op runs with one intra-op thread: with more, whether a
+worker thread takes part (and allocates its own buffer) depends on timing, and ConvGrad's scratch
+differed by 4 KB between two measurements, which would make two compiles differ. The small per-thread
+part this leaves out is within poetc's planning reserve. The numbers belong to ONNX Runtime's CPU
+kernels, so they carry to an ONNX Runtime build for another CPU.
 
     python -m poetc.runtime.workspace MODEL.onnx FEEDS.npz RESULT.json   (types.json beside MODEL)
 """
@@ -169,7 +172,7 @@ def _measure_one(node, types, constants, feeds, initializers, opsets, ir_version
         else:
             feed[x] = probe_array(types[x][1], types[x][0], rng)
     try:
-        session = ort.InferenceSession(one.SerializeToString(), contract_session_options(),
+        session = ort.InferenceSession(one.SerializeToString(), contract_session_options(intra_op_threads=1),
                                        providers=["CPUExecutionProvider"])
         session.run(None, feed)  # first call: one-time allocations (kernel state) are not workspace
         before = heap.large_current()

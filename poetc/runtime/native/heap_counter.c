@@ -10,7 +10,7 @@
  *   void     poetc_heap_reset_peak(void);    peak := current (both counters below)
  *   uint64_t poetc_heap_peak_bytes(void);
  *   uint64_t poetc_heap_current_bytes(void);
- *   uint64_t poetc_heap_large_peak_bytes(void);     the same, counting blocks >= 65536 bytes only
+ *   uint64_t poetc_heap_large_peak_bytes(void);     the same, blocks >= 65536 bytes only, in pages
  *   uint64_t poetc_heap_large_current_bytes(void);
  *   uint64_t poetc_heap_alloc_count(void);   calls that returned a block
  *   int      poetc_heap_active(void);        1 once the real allocator is bound
@@ -54,8 +54,8 @@ static aligned_alloc_fn real_aligned_alloc;
 
 static int64_t g_current;   /* live usable bytes */
 static int64_t g_peak;      /* high-water mark of g_current */
-/* The same for blocks of at least LARGE_BLOCK bytes only: tensors and kernel scratch, without the
- * small bookkeeping allocations whose sizes vary from run to run by a few bytes. */
+/* The same for blocks of at least LARGE_BLOCK bytes only, in whole pages: tensors and kernel
+ * scratch, without the small bookkeeping allocations whose sizes vary from run to run. */
 #define LARGE_BLOCK 65536
 static int64_t g_large_current;
 static int64_t g_large_peak;
@@ -123,6 +123,11 @@ static int ready(void) {
 
 /* ---- accounting ---------------------------------------------------------- */
 
+/* Large blocks count in whole pages: glibc serves one either from a free heap chunk (usable size the
+ * request plus a few bytes) or by mmap (the request plus header, rounded to pages), depending on the
+ * heap's history, and both round up to the same number of pages. */
+static inline int64_t page_round(int64_t n) { return (n + 4095) & ~(int64_t)4095; }
+
 static inline void raise_peak(int64_t *peak_var, int64_t cur) {
   int64_t peak = __atomic_load_n(peak_var, __ATOMIC_RELAXED);
   while (cur > peak &&
@@ -136,12 +141,13 @@ static inline void account_add(void *p) {
   n = (int64_t)malloc_usable_size(p);
   __atomic_add_fetch(&g_allocs, 1, __ATOMIC_RELAXED);
   raise_peak(&g_peak, __atomic_add_fetch(&g_current, n, __ATOMIC_RELAXED));
-  if (n >= LARGE_BLOCK) raise_peak(&g_large_peak, __atomic_add_fetch(&g_large_current, n, __ATOMIC_RELAXED));
+  if (n >= LARGE_BLOCK)
+    raise_peak(&g_large_peak, __atomic_add_fetch(&g_large_current, page_round(n), __ATOMIC_RELAXED));
 }
 
 static inline void account_sub_size(size_t n) {
   __atomic_sub_fetch(&g_current, (int64_t)n, __ATOMIC_RELAXED);
-  if ((int64_t)n >= LARGE_BLOCK) __atomic_sub_fetch(&g_large_current, (int64_t)n, __ATOMIC_RELAXED);
+  if ((int64_t)n >= LARGE_BLOCK) __atomic_sub_fetch(&g_large_current, page_round((int64_t)n), __ATOMIC_RELAXED);
 }
 
 /* ---- exported counters --------------------------------------------------- */

@@ -114,18 +114,20 @@ class PoetInstance:
 def instance_from_graph(graph: TrainGraph, costs: StepCosts) -> PoetInstance:
     """Nodes = ops of `graph` in order; memory and costs from poetc's graph and cost model."""
     outputs = {o.name for o in graph.model.graph.output}
-    mem, transient, edges = [], [], set()
+    mem, data, transient, edges = [], [], [], set()
     for op in graph.ops:
-        kept = dead = 0
+        kept = dead = moved = 0
         for name in op.outputs:
             t = graph.tensors.get(name)
             if not name or t is None or t.alias_of is not None or t.kind.is_persistent:
                 continue
-            if t.consumers or name in outputs:
-                kept += t.nbytes
+            if t.consumers or name in outputs:  # heap allocations, as poetc's simulator counts them
+                kept += t.alloc_bytes
+                moved += t.nbytes  # what paging writes and reads
             else:
-                dead += t.nbytes
+                dead += t.alloc_bytes
         mem.append(kept)
+        data.append(moved)
         transient.append(dead + int(getattr(op, "workspace_bytes", 0) or 0))
         for x in op.inputs:
             while x and x in graph.tensors:
@@ -135,8 +137,8 @@ def instance_from_graph(graph: TrainGraph, costs: StepCosts) -> PoetInstance:
                 if t.producer != op.index:
                     edges.add((t.producer, op.index))
                 x = t.alias_of
-    page_out = [costs.page_out(m) if m else (0.0, 0.0) for m in mem]
-    page_in = [costs.page_in(m) if m else (0.0, 0.0) for m in mem]
+    page_out = [costs.page_out(m) if m else (0.0, 0.0) for m in data]
+    page_in = [costs.page_in(m) if m else (0.0, 0.0) for m in data]
     return PoetInstance([op.name for op in graph.ops], mem, transient, sorted(edges),
                         [float(x) for x in costs.op_time_s], [float(x) for x in costs.op_energy_j],
                         page_out, page_in, [op.op_type not in RANDOM_OPS for op in graph.ops],
@@ -533,7 +535,7 @@ def unmodelled_bytes(problem: Problem) -> int:
     flags) ONNX Runtime keeps to the end of the step. `compare` takes them off POET's budget."""
     graph = problem.graph
     outputs = {o.name for o in graph.model.graph.output}
-    held = sum(graph.tensors[x].nbytes for x in outputs
+    held = sum(graph.tensors[x].alloc_bytes for x in outputs
                if x in graph.tensors and graph.tensors[x].producer is not None and graph.tensors[x].alias_of is None
                and not graph.tensors[x].kind.is_persistent)
     return SPILL_HANDLE_BYTES * sum(not c.fixed for c in problem.candidates) + held

@@ -175,12 +175,9 @@ def assign_roles(model: onnx.ModelProto, loss_output: str, label_inputs: set[str
 
 def lower_training_model(model: onnx.ModelProto, *, parameters: dict[str, tuple[np.ndarray, bool]],
                          eval_input_names: set[str] | None, optimizer_factor: int = 2,
-                         probe_values: dict[str, np.ndarray] | None = None, hoist: bool = True,
-                         workspace: bool = True) -> TrainGraph:
-    """Lower a training model (nodes topologically sorted, concrete input shapes) to a TrainGraph.
-
-    workspace: measure each op's kernel workspace (see poetc.runtime.workspace); without it every op
-    is taken to allocate nothing beyond its outputs, which under-predicts peaks."""
+                         probe_values: dict[str, np.ndarray] | None = None, hoist: bool = True) -> TrainGraph:
+    """Lower a training model (nodes topologically sorted, concrete input shapes) to a TrainGraph,
+    with each op's kernel workspace measured (poetc.runtime.workspace)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     ensure_unique_node_names(model)
     if hoist:
@@ -275,8 +272,7 @@ def lower_training_model(model: onnx.ModelProto, *, parameters: dict[str, tuple[
                     raise UnsupportedModelError(f"node {node.name!r} reads {x!r}, which nothing produces")
                 tensors[x].consumers.append(index)
 
-    if workspace:
-        _attach_workspace(model, ops, tensors, feeds)
+    _attach_workspace(model, ops, tensors, feeds)
     optimizer_state = optimizer_factor * sum(tensors[n].nbytes for n in param_names if n in tensors)
     log.debug("lowered %d ops, %d tensors", len(ops), len(tensors))
     return TrainGraph(ops=ops, tensors=tensors, loss_output=loss_output, model=model,
@@ -305,7 +301,7 @@ def _check_dtype(dtype: int, name: str) -> None:
 
 
 def load_artifacts(directory: Path, probe_values: dict[str, np.ndarray] | None = None,
-                   hoist: bool = True, workspace: bool = True) -> TrainGraph:
+                   hoist: bool = True) -> TrainGraph:
     """Lower an artifacts directory (training/eval/optimizer models + checkpoint) to a TrainGraph."""
     paths = ArtifactPaths(Path(directory))
     paths.check()
@@ -322,5 +318,5 @@ def load_artifacts(directory: Path, probe_values: dict[str, np.ndarray] | None =
     eval_inputs = {i.name for i in eval_model.graph.input} - {t.name for t in eval_model.graph.initializer}
     return lower_training_model(model, parameters=parameters, eval_input_names=eval_inputs,
                                 optimizer_factor=optimizer_state_factor(optimizer), probe_values=probe_values,
-                                hoist=hoist, workspace=workspace)
+                                hoist=hoist)
 

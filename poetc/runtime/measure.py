@@ -145,6 +145,18 @@ def _repo_root() -> Path:
     return Path(poetc.__file__).resolve().parent.parent
 
 
+def heap_counter_env(counter: Path, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with the heap counter preloaded and blocks from 64 KiB up mmapped
+    (so RSS follows the heap and large blocks have exact sizes)."""
+    env = dict(os.environ)
+    if extra_env:
+        env.update(extra_env)
+    preload = env.get("LD_PRELOAD", "").strip()
+    env["LD_PRELOAD"] = str(Path(counter).resolve()) + (f":{preload}" if preload else "")
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    return env
+
+
 def measure_training(artifacts_dir: str | os.PathLike,
                      feeds_npz: str | os.PathLike | Mapping[str, np.ndarray],
                      steps: int = 3,
@@ -197,12 +209,7 @@ def measure_training(artifacts_dir: str | os.PathLike,
     if intra_op_threads is not None:
         cmd += ["--threads", str(int(intra_op_threads))]
 
-    env = dict(os.environ)
-    if extra_env:
-        env.update(extra_env)
-    preload = env.get("LD_PRELOAD", "").strip()
-    env["LD_PRELOAD"] = str(counter.resolve()) + (f":{preload}" if preload else "")
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env = heap_counter_env(counter, extra_env)
     root = str(_repo_root())
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if spill_dir is not None:

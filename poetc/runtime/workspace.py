@@ -25,17 +25,13 @@ kernels, so they carry to an ONNX Runtime build for another CPU.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
-
-log = logging.getLogger(__name__)
 
 _TIMEOUT_S = 900
 
@@ -50,6 +46,7 @@ def measure_workspace(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
     shapes). `feeds` holds a value for every graph input that is not an initializer, `types` the
     (ONNX dtype, shape) of every tensor the nodes produce."""
     from . import nativelib
+    from .measure import heap_counter_env
 
     counter = nativelib.build_heap_counter()
     with tempfile.TemporaryDirectory(prefix="poetc-workspace-") as tmp:
@@ -58,12 +55,12 @@ def measure_workspace(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
         np.savez(feeds_path, **feeds)
         with open(os.path.join(tmp, "types.json"), "w") as fh:
             json.dump({k: [int(d), list(map(int, s))] for k, (d, s) in types.items()}, fh)
-        env = dict(os.environ)
-        env["LD_PRELOAD"] = str(counter) + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        proc = subprocess.run([sys.executable, "-m", "poetc.runtime.workspace", model_path, feeds_path, result_path],
-                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, timeout=_TIMEOUT_S)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "poetc.runtime.workspace", model_path, feeds_path,
+                                   result_path], env=heap_counter_env(counter), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise WorkspaceError(f"the workspace worker did not finish within {_TIMEOUT_S} s") from None
         if proc.returncode != 0 or not os.path.exists(result_path):
             tail = proc.stderr.decode(errors="replace")[-2000:]
             raise WorkspaceError(f"the workspace worker exited with status {proc.returncode}: {tail}")
@@ -96,7 +93,6 @@ def _run_worker(model_path: str, feeds_path: str, result_path: str) -> None:
     import onnxruntime as ort
 
     from ._worker import HeapCounter
-    from .profiling import probe_array
     from .session import contract_session_options
 
     heap = HeapCounter()
@@ -136,7 +132,7 @@ def _run_worker(model_path: str, feeds_path: str, result_path: str) -> None:
         key = _signature(node, types, constants)
         if key not in measured:
             measured[key] = _measure_one(node, types, constants, feeds, initializers, opsets,
-                                         model.ir_version, heap, rng, probe_array)
+                                         model.ir_version, heap, rng)
         result[node.name] = measured[key]
     with open(result_path + ".tmp", "w") as fh:
         json.dump(result, fh, sort_keys=True)
@@ -147,10 +143,10 @@ def _is_float(dtype: int) -> bool:
     return np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(dtype), np.floating)
 
 
-def _measure_one(node, types, constants, feeds, initializers, opsets, ir_version, heap, rng,
-                 probe_array) -> int:
+def _measure_one(node, types, constants, feeds, initializers, opsets, ir_version, heap, rng) -> int:
     import onnxruntime as ort
 
+    from .profiling import probe_array
     from .session import contract_session_options
 
     inputs = list(dict.fromkeys(x for x in node.input if x))

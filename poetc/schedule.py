@@ -12,7 +12,9 @@ Regeneration policy (the solver's formulation mirrors it exactly):
 - a PAGE tensor is spilled right after its producer and restored just before its first backward reader;
 - a RECOMPUTE tensor is recomputed just before its first backward reader from the nearest resident
   tensors: saved activations it needs are materialized too and stay resident until their own last
-  reader; other forward intermediates on the way are recomputed transiently.
+  reader; other forward intermediates on the way are recomputed transiently;
+- that run of its producer also regenerates the producer's other RECOMPUTE outputs (MaxPool's mask,
+  BatchNormalization's statistics), which stay resident until their own last reader.
 """
 
 from __future__ import annotations
@@ -135,6 +137,10 @@ class StepBuilder:
         new = writes[op.outputs.index(name)]
         if register:
             self.regenerated[name] = new
+            # one run regenerates every recomputed output of the op (MaxPool's mask, BN's statistics)
+            for out, w in zip(op.outputs, writes):
+                if out in self.saved and out not in self.regenerated and self.decisions.get(out) is Decision.RECOMPUTE:
+                    self.regenerated[out] = w
         return new
 
 
@@ -170,6 +176,7 @@ class SimResult:
     recompute_ops: int = 0
     paged_bytes: int = 0
     max_flash_bytes: int = 0
+    before_bytes: list[int] = field(default_factory=list)  # live tensors as each step starts (before its writes)
 
     @property
     def total_peak_bytes(self) -> int:
@@ -217,12 +224,14 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
     live = 0
     peak, peak_step = 0, 0
     timeline: list[int] = []
+    before: list[int] = []
     time_s = energy_j = 0.0
     recompute_ops = paged = flash = max_flash = 0
     for i, step in enumerate(steps):
         for x in step.reads:
             if x and not persistent(x) and x not in buffer_of:
                 raise ScheduleError(f"step {i} ({step.kind.value}) reads {x!r}, which is not resident")
+        before.append(live)
         for w in step.writes:
             t = tensors[original(w)] if original(w) in tensors else None
             src = None
@@ -273,7 +282,7 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
                     live -= buffer_bytes.pop(buf)
                     del buffer_users[buf]
     fixed = sum(fixed_state_bytes(graph).values())
-    return SimResult(peak, peak_step, timeline, fixed, time_s, energy_j, recompute_ops, paged, max_flash)
+    return SimResult(peak, peak_step, timeline, fixed, time_s, energy_j, recompute_ops, paged, max_flash, before)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,16 +11,27 @@ so the decision collapses to three binaries per saved activation plus continuous
            where Y[u,k] = y[u,k] before u's own stage and 1 - keep_u at it
   tau[i,k] >= Y[i,k] - Y[i,k-1] - page_i     (recompute event: its transient intermediates)
   ext[b,p] >= rec_u   for p in (lb(b), fb(u)]  (a recompute reads b after its last own reader)
-  memory at every position p:  const(p) + sum m_i * (lifetime terms) <= budget - fixed state
-  sum rec_i * t_rec_i + page_i * t_page_i <= deadline - keep-all time;  sum page_i * m_i <= flash
-  minimise sum rec_i * e_rec_i + page_i * e_page_i     (overhead only: the mandatory first
-                                                          computation is a constant, kept out)
-y is binary for a tensor whose recompute creates transient intermediates (it has tau variables);
-otherwise y, and tau and ext everywhere, are continuous, which is exact: at integral keep/rec/page
-their minimal values are integral and any larger value only uses more memory. (A continuous y with
-tau is not exact: ramping y up over several stages splits the event and its transient bytes into
-fractions that no schedule has; HiGHS found such "optimal" schedules that did not fit.) Rows with
-identical variable sets keep only the largest constant.
+A group (the recomputable outputs of one multi-output op: MaxPool's output and mask, BatchNorm's
+output and statistics) reruns its producer once, for all its recomputed members:
+  z[g,k] binary, monotone: the producer has rerun by stage k;  z[g,k] >= Y[i,k] - page_i
+  y[i,k] >= z[g,k] + rec_i - 1 (every recomputed member is materialized by that run)
+  y[b,k] >= z[g,k] - keep_b for b in the group's boundary;  run_g >= rec_i
+  gtau[g,k] >= z[g,k] - z[g,k-1] (the run);  w[i,k] >= gtau[g,k] - rec_i (a member it writes that is
+  not recomputed: a transient copy)
+Memory, in units of the budget minus fixed state:
+  at every position p, while its op runs:  const(p) + sum m_i * (lifetime terms) <= budget
+  at every stage, while the regeneration steps before its op run (the op's outputs and workspace not
+  yet there):  pre_const(k) + the same lifetime terms + transients (tau, gtau, w) <= budget
+Time and energy, overhead only (the mandatory first computation is a constant, kept out):
+  sum (rec_i, outside groups) * c_rec_i + sum run_g * c_rec_g + sum rec_i * c_alias_i + page_i * c_page_i
+  <= deadline - keep-all time;  the same sum in energy is the objective;  sum page_i * m_i <= flash
+(c_alias: Flatten/Reshape views of a regenerated tensor that backward ops read, rebuilt once.)
+y is binary for a tensor outside a group whose recompute creates transient intermediates (it has tau
+variables), z is binary; otherwise y, and tau, gtau, w, run and ext everywhere, are continuous, which
+is exact: at integral keep/rec/page their minimal values are integral and any larger value only uses
+more memory or cost. (A continuous y with tau is not exact: ramping y up over several stages splits
+the event and its transient bytes into fractions that no schedule has; HiGHS found such "optimal"
+schedules that did not fit.) Rows with identical variable sets keep only the largest constant.
 """
 
 from __future__ import annotations
@@ -41,6 +52,10 @@ class MilpVars:
     y: dict[tuple[int, int], mip.Var] = field(default_factory=dict)
     tau: dict[tuple[int, int], mip.Var] = field(default_factory=dict)
     ext: dict[tuple[int, int], mip.Var] = field(default_factory=dict)
+    run: dict[int, mip.Var] = field(default_factory=dict)  # group -> its producer reruns
+    z: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (group, stage) -> has rerun by then
+    gtau: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (group, stage) -> reruns there
+    w: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (member, stage) -> transient copy
 
 
 # What the simulator does not model (kernel scratch below 64 KiB, small bookkeeping blocks) measured
@@ -84,7 +99,7 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
         v.page[i] = m.add_var(f"page_{i}", var_type=mip.BINARY,
                               ub=1.0 if (c.pageable and limits.allow_page) else 0.0)
         m += v.keep[i] + v.rec[i] + v.page[i] == 1, f"one_{i}"
-        has_events = c.recomputable and limits.allow_recompute and c.transient_bytes > 0
+        has_events = c.recomputable and limits.allow_recompute and c.transient_bytes > 0 and c.group < 0
         y_type = mip.BINARY if has_events else mip.CONTINUOUS
         for k in range(stage_idx[c.s0], stage_idx[c.fb]):
             v.y[(i, k)] = m.add_var(f"y_{i}_{k}", lb=0.0, ub=1.0, var_type=y_type)
@@ -107,6 +122,10 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
                 if (b, p) not in v.ext:
                     v.ext[(b, p)] = m.add_var(f"ext_{b}_{p}", lb=0.0, ub=1.0)
                 m += v.ext[(b, p)] - v.rec[u] >= 0, f"ext_{b}_{p}_{u}"
+        if c.group >= 0:
+            continue  # materialization and events per group, below
+        for b in c.boundary:
+            t = cands[b]
             if not t.fixed:  # wherever u is materialized before b's own first read, b is too
                 for k in range(stage_idx[c.s0], min(stage_idx[c.fb], stage_idx[t.fb] - 1) + 1):
                     m += v.y[(b, k)] - Y(u, k) + v.page[u] + v.keep[b] >= 0, f"need_{u}_{b}_{k}"
@@ -115,6 +134,36 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
                 v.tau[(u, k)] = m.add_var(f"tau_{u}_{k}", lb=0.0, ub=1.0)
                 prev = Y(u, k - 1) if k > stage_idx[c.s0] else 0
                 m += v.tau[(u, k)] - Y(u, k) + prev + v.page[u] >= 0, f"event_{u}_{k}"
+
+    # groups (a multi-output producer): z[g,k] = the producer has rerun by stage k; one run, one cost
+    if limits.allow_recompute:
+        for g, members in enumerate(problem.groups):
+            first_k = stage_idx[cands[members[0]].s0]  # shared by the group
+            last_k = max(stage_idx[cands[i].fb] for i in members)
+            v.run[g] = m.add_var(f"run_{g}", lb=0.0, ub=1.0)
+            for k in range(first_k, last_k + 1):
+                v.z[(g, k)] = m.add_var(f"z_{g}_{k}", var_type=mip.BINARY)
+                if k > first_k:
+                    m += v.z[(g, k)] - v.z[(g, k - 1)] >= 0, f"zmono_{g}_{k}"
+            for i in members:
+                m += v.run[g] - v.rec[i] >= 0, f"run_{g}_{i}"
+                for k in range(first_k, stage_idx[cands[i].fb] + 1):
+                    # any member recomputed (or pulled early as a boundary) by stage k reran the producer
+                    m += v.z[(g, k)] - Y(i, k) + v.page[i] >= 0, f"zof_{g}_{i}_{k}"
+                    if k < stage_idx[cands[i].fb]:  # ... which materialized every recomputed member
+                        m += v.y[(i, k)] - v.z[(g, k)] - v.rec[i] >= -1, f"zmat_{g}_{i}_{k}"
+            for b in cands[members[0]].boundary:
+                t = cands[b]
+                if not t.fixed:
+                    for k in range(first_k, min(last_k, stage_idx[t.fb] - 1) + 1):
+                        m += v.y[(b, k)] - v.z[(g, k)] + v.keep[b] >= 0, f"gneed_{g}_{b}_{k}"
+            for k in range(first_k, last_k + 1):
+                v.gtau[(g, k)] = m.add_var(f"gtau_{g}_{k}", lb=0.0, ub=1.0)
+                prev = v.z[(g, k - 1)] if k > first_k else 0
+                m += v.gtau[(g, k)] - v.z[(g, k)] + prev >= 0, f"gevent_{g}_{k}"
+                for i in members:  # written by the run but not recomputed: transient
+                    v.w[(i, k)] = m.add_var(f"w_{i}_{k}", lb=0.0, ub=1.0)
+                    m += v.w[(i, k)] - v.gtau[(g, k)] + v.rec[i] >= 0, f"wof_{i}_{k}"
 
     # memory rows
     const = problem.const_bytes.copy()
@@ -125,44 +174,55 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
         const[c.fb: c.lb + 1] += c.mem_bytes
         for p in range(c.lf + 1, c.fb):
             terms[p][("keep", i)] = c.mem_bytes
+        for p in range(min(c.s0, c.lf + 1), c.fb):  # at or before lf (a stage inside the forward): a second copy
             k = problem.stage_of(p)
             if k is not None and (i, k) in v.y:
                 terms[p][("y", i, k)] = c.mem_bytes
+    pre_const = problem.pre_const_bytes + (const - problem.const_bytes)[stages]
+    pre_terms: list[dict] = [dict(terms[p]) for p in stages]  # regeneration steps before a stage's op
     for (u, k), _ in v.tau.items():
-        terms[stages[k]][("tau", u, k)] = cands[u].transient_bytes
-    for (b, p), _ in v.ext.items():
-        terms[p][("ext", b, p)] = cands[b].mem_bytes
+        pre_terms[k][("tau", u, k)] = cands[u].transient_bytes
+    for (g, k), _ in v.gtau.items():
+        pre_terms[k][("gtau", g, k)] = cands[problem.groups[g][0]].transient_bytes
+    for (i, k), _ in v.w.items():
+        pre_terms[k][("w", i, k)] = cands[i].mem_bytes
     rows: dict[tuple, float] = {}
     # Spill handles (16 bytes each) are not modelled per position: reserve room for all of them
     budget = limits.activation_budget_bytes - SPILL_HANDLE_BYTES * len(decidable)
-    for p in range(problem.positions):
-        key = tuple(sorted(terms[p].items()))
-        if const[p] + sum(terms[p].values()) <= budget:
+    for row_terms, c0 in zip(terms + pre_terms, list(const) + list(pre_const)):
+        key = tuple(sorted(row_terms.items()))
+        if c0 + sum(row_terms.values()) <= budget:
             continue  # cannot bind
-        rows[key] = max(rows.get(key, -1.0), float(const[p]))
-    lookup = {"keep": v.keep, "y": v.y, "tau": v.tau, "ext": v.ext}
+        rows[key] = max(rows.get(key, -1.0), float(c0))
+    lookup = {"keep": v.keep, "y": v.y, "tau": v.tau, "ext": v.ext, "gtau": v.gtau, "w": v.w}
     for r, (key, c0) in enumerate(sorted(rows.items(), key=lambda kv: kv[1])):
         expr = mip.xsum(coef * scale * (lookup[name[0]][name[1]] if len(name) == 2 else lookup[name[0]][name[1:]])
                         for name, coef in key)
         m += expr <= (budget - c0) * scale, f"mem_{r}"
 
     # deadline, flash, objective
-    rec_cost_t = {i: cands[i].rec_time_s for i in decidable}
-    page_cost_t = {i: cands[i].page_time_s for i in decidable}
-    m += mip.xsum(rec_cost_t[i] * v.rec[i] + page_cost_t[i] * v.page[i] for i in decidable) \
-        <= max(limits.overhead_time_s, 0.0), "deadline"
+    def overhead(rec_cost, alias_cost, page_cost):  # a group's producer reruns once for all its recomputed members
+        grouped = v.run
+        return (mip.xsum(page_cost(cands[i]) * v.page[i] for i in decidable)
+                + mip.xsum(alias_cost(cands[i]) * v.rec[i] for i in decidable)
+                + mip.xsum(rec_cost(cands[i]) * v.rec[i] for i in decidable if cands[i].group not in grouped)
+                + mip.xsum(rec_cost(cands[problem.groups[g][0]]) * var for g, var in grouped.items()))
+
+    overhead_time = overhead(lambda c: c.rec_time_s, lambda c: c.alias_time_s, lambda c: c.page_time_s)
+    m += overhead_time <= max(limits.overhead_time_s, 0.0), "deadline"
     if limits.flash_bytes < sum(cands[i].nbytes for i in decidable):
         m += mip.xsum(cands[i].nbytes / max(limits.flash_bytes, 1.0) * v.page[i] for i in decidable) <= 1, "flash"
     if limits.objective == "time":
-        m.objective = mip.minimize(mip.xsum(rec_cost_t[i] * v.rec[i] + page_cost_t[i] * v.page[i] for i in decidable))
+        m.objective = mip.minimize(overhead_time)
     else:
-        m.objective = mip.minimize(mip.xsum(cands[i].rec_energy_j * v.rec[i] + cands[i].page_energy_j * v.page[i]
-                                            for i in decidable))
+        m.objective = mip.minimize(overhead(lambda c: c.rec_energy_j, lambda c: c.alias_energy_j,
+                                            lambda c: c.page_energy_j))
     return m, v
 
 
 def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: LinearEval) -> list[tuple[mip.Var, float]]:
     """A complete start (every variable set: python-mip's HiGHS backend zeroes missing ones)."""
+    cands = problem.candidates
     start = []
     for i in v.keep:
         start += [(v.keep[i], float(choice[i] is Decision.KEEP)), (v.rec[i], float(choice[i] is Decision.RECOMPUTE)),
@@ -170,6 +230,12 @@ def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: Line
     start += [(var, ev.y.get(key, 0.0)) for key, var in v.y.items()]
     start += [(var, ev.tau.get(key, 0.0)) for key, var in v.tau.items()]
     start += [(var, ev.ext.get(key, 0.0)) for key, var in v.ext.items()]
+    at = ev.group_stage
+    start += [(var, float(g in at)) for g, var in v.run.items()]
+    start += [(var, float(g in at and k >= at[g])) for (g, k), var in v.z.items()]
+    start += [(var, float(at.get(g) == k)) for (g, k), var in v.gtau.items()]
+    start += [(var, float(at.get(cands[i].group) == k and choice[i] is not Decision.RECOMPUTE))
+              for (i, k), var in v.w.items()]
     return start
 
 

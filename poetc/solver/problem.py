@@ -8,6 +8,11 @@ Under KEEP, t is resident over [prod, lb]. Otherwise it is resident over [prod, 
 Spill right after prod), and again over [fb, lb] once regenerated — or from an earlier "stage" when a
 recomputation of another tensor needs it (see schedule.py for the policy this mirrors).
 Stages are the distinct fb positions: the only places where regeneration happens.
+
+A multi-output op (MaxPool: output and mask; BatchNormalization: output and statistics) is rerun once
+for all its saved outputs that are recomputed: its recomputable candidates form a `group`, whose
+recomputed members are all materialized at the earliest stage any of them is needed, by one run of
+the shared chain. That run also writes the members that are not recomputed (kept or paged): transient.
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ class Candidate:
     lb: int
     boundary: list[int] = field(default_factory=list)  # candidate indices a recompute needs resident
     chain_ops: list[int] = field(default_factory=list)  # op indices a recompute runs (producer last)
-    transient_bytes: int = 0  # non-saved intermediates a recompute creates on the way
+    transient_bytes: int = 0  # intermediates a recompute creates on the way (group members excluded)
+    group: int = -1  # index into Problem.groups when its producer has other recomputable outputs
     fixed: bool = False  # always kept (a graph output, or too small to matter); counted in const_bytes
     recomputable: bool = True
     pageable: bool = True
     why_not_recomputable: str = ""
     rec_time_s: float = 0.0
-    rec_energy_j: float = 0.0
-    page_time_s: float = 0.0  # out + in
+    rec_energy_j: float = 0.0  # rec_*: one run of the chain (shared by a group)
+    alias_time_s: float = 0.0  # alias ops (Flatten, Reshape) rerun to rebuild aliases backward ops read,
+    alias_energy_j: float = 0.0  # once per regeneration, recompute or page-in alike
+    page_time_s: float = 0.0  # out + in (+ alias ops)
     page_energy_j: float = 0.0
     s0: int = 0  # earliest stage at which it may have to be materialized
     extend_to: int = -1  # last position a recompute chain may read it at (beyond lb)
@@ -55,12 +63,19 @@ class Problem:
     costs: StepCosts
     candidates: list[Candidate]
     stages: list[int]  # sorted fb positions
-    const_bytes: np.ndarray  # per position: resident bytes not controlled by any decision
+    const_bytes: np.ndarray  # per position: resident bytes not controlled by any decision, while its op runs
     backward_start: int
     fixed_bytes: int
     base_time_s: float
     base_energy_j: float
     keep_all_peak_bytes: int  # activation peak with every candidate kept (simulated)
+    groups: list[list[int]] = field(default_factory=list)  # recomputable candidates sharing a producer (>= 2)
+    # recomputable candidates by producer, latest producer first. A recompute materializes its boundary
+    # tensors, produced before it: in this order whatever can pull a tensor early comes before it
+    regen_order: list[list[int]] = field(default_factory=list)
+    # per stage: const_bytes before the stage's op writes anything (its outputs and workspace are not
+    # there yet): the memory the regeneration steps inserted before that op run on top of
+    pre_const_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def positions(self) -> int:
@@ -102,6 +117,21 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
             cand.recomputable = cand.pageable = False
         candidates.append(cand)
 
+    # alias ops that rerun when a saved tensor is regenerated: those on the way to an alias of it
+    # that a backward op reads (StepBuilder materializes such an alias once, from the regenerated root)
+    alias_ops: list[set[int]] = []
+    for cand in candidates:
+        ops: set[int] = set()
+        for name in members[cand.name]:
+            if (name != cand.name and graph.tensors[name].kind is TensorKind.ACTIVATION  # a forward view
+                    and any(graph.ops[c].role in (Role.BACKWARD, Role.ACCUMULATE) for c in graph.tensors[name].consumers)):
+                while name != cand.name:
+                    ops.add(graph.tensors[name].producer)
+                    name = graph.tensors[name].alias_of
+        alias_ops.append(ops)
+        cand.alias_time_s = float(sum(costs.op_time_s[i] for i in ops))
+        cand.alias_energy_j = float(sum(costs.op_energy_j[i] for i in ops))
+
     # regeneration chains (mirror StepBuilder.materialize)
     for cand in candidates:
         if not cand.recomputable:
@@ -138,17 +168,33 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
             continue
         cand.chain_ops = sorted(ops)
         cand.boundary = sorted(boundary)
-        # every other output the chain's ops write (the intermediates nobody saved, and siblings such as
-        # MaxPool's mask, written and dropped), plus the largest kernel workspace of the chain
-        others = sum(graph.tensors[o].alloc_bytes for i in ops for o in graph.ops[i].outputs
-                     if o != cand.name and graph.tensors[o].alias_of is None)
-        cand.transient_bytes = others + max((graph.ops[i].workspace_bytes for i in ops), default=0)
-        cand.rec_time_s = float(sum(costs.op_time_s[i] for i in ops))
-        cand.rec_energy_j = float(sum(costs.op_energy_j[i] for i in ops))
+        # an alias op of a boundary tensor reruns only if that tensor is regenerated; when a backward op
+        # reads the alias it is charged there, otherwise here (an over-charge when the tensor is kept)
+        charged = set(ops).difference(*(alias_ops[b] for b in boundary))
+        cand.rec_time_s = float(sum(costs.op_time_s[i] for i in charged))
+        cand.rec_energy_j = float(sum(costs.op_energy_j[i] for i in charged))
+    by_producer: dict[int, list[int]] = {}
+    for i, cand in enumerate(candidates):
+        if cand.recomputable:
+            by_producer.setdefault(cand.prod, []).append(i)
+    groups = [group for _, group in sorted(by_producer.items()) if len(group) > 1]
+    for g, group in enumerate(groups):
+        for i in group:
+            candidates[i].group = g
+    for cand in candidates:
+        if not cand.recomputable:
+            continue
+        # every other output the chain's ops write (the intermediates nobody saved, and siblings that
+        # are not candidates), plus the largest kernel workspace of the chain; group members are
+        # counted by the decisions (resident when recomputed, transient otherwise)
+        own = {candidates[i].name for i in by_producer[cand.prod]}
+        others = sum(graph.tensors[o].alloc_bytes for i in cand.chain_ops for o in graph.ops[i].outputs
+                     if o not in own and graph.tensors[o].alias_of is None)
+        cand.transient_bytes = others + max((graph.ops[i].workspace_bytes for i in cand.chain_ops), default=0)
     for cand in candidates:
         to, eo = costs.page_out(cand.nbytes)
         ti, ei = costs.page_in(cand.nbytes)
-        cand.page_time_s, cand.page_energy_j = to + ti, eo + ei
+        cand.page_time_s, cand.page_energy_j = to + ti + cand.alias_time_s, eo + ei + cand.alias_energy_j
 
     # earliest materialization stage. A recompute of u materializes its boundary tensors wherever u
     # itself is materialized, which may be before u's own first backward read (u pulled early by a
@@ -156,26 +202,30 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
     # order every u's s0 is final before it is passed on.
     for cand in candidates:
         cand.s0 = cand.fb
-    for u in sorted(candidates, key=lambda c: -c.prod):
-        if not u.recomputable:
-            continue
-        for b in u.boundary:
-            t = candidates[b]
-            if u.s0 < t.fb:
-                t.s0 = min(t.s0, u.s0)
-            if u.fb > t.lb:
-                t.extend_to = max(t.extend_to, u.fb)
+    regen_order = [by_producer[p] for p in sorted(by_producer, reverse=True)]
+    for group in regen_order:
+        s0 = min(candidates[i].s0 for i in group)  # a group is materialized together
+        for u in (candidates[i] for i in group):
+            u.s0 = s0
+            for b in u.boundary:
+                t = candidates[b]
+                if s0 < t.fb:
+                    t.s0 = min(t.s0, s0)
+                if u.fb > t.lb:
+                    t.extend_to = max(t.extend_to, u.fb)
     stages = sorted({c.fb for c in candidates})
 
     # decision-independent memory: keep-all simulation minus every candidate's keep-all lifetime
     keep_steps, origin = build_steps(graph, {})
     sim = simulate(graph, keep_steps, origin, costs)
     const = np.array(sim.live_bytes, dtype=np.float64)
+    before = np.array(sim.before_bytes, dtype=np.float64)
     for cand in candidates:
         if not cand.fixed:
             const[cand.prod: cand.lb + 1] -= cand.mem_bytes
+            before[cand.prod + 1: cand.lb + 1] -= cand.mem_bytes
     return Problem(graph, costs, candidates, stages, const, backward_start, sim.fixed_bytes,
-                   sim.time_s, sim.energy_j, sim.peak_bytes)
+                   sim.time_s, sim.energy_j, sim.peak_bytes, groups, regen_order, before[stages])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,13 +236,16 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
 class LinearEval:
     peak_bytes: float
     peak_position: int
-    profile: np.ndarray
+    profile: np.ndarray  # per position: the larger of its op row and (at a stage) its regeneration row
     time_s: float  # overhead time
     energy_j: float  # overhead energy
     flash_bytes: int
     y: dict[tuple[int, int], float]  # (candidate, stage index) -> early-resident indicator
     ext: dict[tuple[int, int], float]  # (candidate, position) -> extension indicator
     tau: dict[tuple[int, int], float]  # (candidate, stage index) -> recompute event indicator
+    group_stage: dict[int, int]  # group -> stage index of its one recompute (groups with a recomputed member)
+    op_profile: np.ndarray  # per position: memory while its op runs
+    pre_profile: np.ndarray  # per stage: memory while the regeneration steps before its op run
 
 
 def materialization_stage(problem: Problem, choice: list[Decision]) -> list[int | None]:
@@ -201,49 +254,66 @@ def materialization_stage(problem: Problem, choice: list[Decision]) -> list[int 
     stage_index = {s: k for k, s in enumerate(problem.stages)}
     first: list[int | None] = [None if choice[i] is Decision.KEEP else stage_index[c.fb]
                                for i, c in enumerate(cands)]
-    order = sorted(range(len(cands)), key=lambda i: -cands[i].prod)
-    for u in order:  # dependents (later producers) are final before their boundary tensors
-        if choice[u] is not Decision.RECOMPUTE or first[u] is None:
+    for members in problem.regen_order:
+        rec = [u for u in members if choice[u] is Decision.RECOMPUTE]
+        if not rec:
             continue
-        for b in cands[u].boundary:
-            if choice[b] is Decision.KEEP or first[u] >= stage_index[cands[b].fb]:
+        at = min(first[u] for u in rec)  # one run of the producer materializes every recomputed output
+        for u in rec:
+            first[u] = at
+        for b in cands[rec[0]].boundary:
+            if choice[b] is Decision.KEEP or at >= stage_index[cands[b].fb]:
                 continue
-            first[b] = min(first[b], first[u])
+            first[b] = min(first[b], at)
     return first
 
 
 def evaluate_linear(problem: Problem, choice: list[Decision]) -> LinearEval:
+    """The MILP's memory, time and energy accounting of one decision vector, and its variable values.
+    Memory has a row per position (while its op runs) and one per stage (while the regeneration steps
+    before the stage's op run: the op's outputs and workspace are not there yet, the transient
+    intermediates of recomputes are); `profile` is the larger of the two at each position."""
     cands = problem.candidates
-    prof = problem.const_bytes.copy()
+    stages = problem.stages
+    res = np.zeros(problem.positions)  # decision-dependent resident bytes per position
+    trans = np.zeros(len(stages))  # transient bytes of recomputes per stage
     first = materialization_stage(problem, choice)
     y: dict[tuple[int, int], float] = {}
     ext: dict[tuple[int, int], float] = {}
     tau: dict[tuple[int, int], float] = {}
+    group_stage: dict[int, int] = {}
     time_s = energy = 0.0
     flash = 0
-    stages = problem.stages
     for i, c in enumerate(cands):
         if c.fixed:
             continue
-        prof[c.prod: c.lf + 1] += c.mem_bytes
-        prof[c.fb: c.lb + 1] += c.mem_bytes
+        res[c.prod: c.lf + 1] += c.mem_bytes
+        res[c.fb: c.lb + 1] += c.mem_bytes
         if choice[i] is Decision.KEEP:
-            prof[c.lf + 1: c.fb] += c.mem_bytes
-        else:
-            start = stages[first[i]]
-            prof[max(start, c.lf + 1): c.fb] += c.mem_bytes
-            for k in range(first[i], stages.index(c.fb)):
-                y[(i, k)] = 1.0
-            if choice[i] is Decision.RECOMPUTE:
-                tau[(i, first[i])] = 1.0
-                prof[start] += c.transient_bytes
-                time_s += c.rec_time_s
-                energy += c.rec_energy_j
-            else:
-                time_s += c.page_time_s
-                energy += c.page_energy_j
-                flash += c.nbytes
-                prof[c.prod + 1: c.fb + 1] += SPILL_HANDLE_BYTES
+            res[c.lf + 1: c.fb] += c.mem_bytes
+            continue
+        res[stages[first[i]]: c.fb] += c.mem_bytes  # from before lf (a stage inside the forward): a second copy
+        for k in range(first[i], stages.index(c.fb)):
+            y[(i, k)] = 1.0
+        if choice[i] is Decision.PAGE:
+            time_s += c.page_time_s
+            energy += c.page_energy_j
+            flash += c.nbytes
+            res[c.prod + 1: c.fb + 1] += SPILL_HANDLE_BYTES
+            continue
+        time_s += c.alias_time_s
+        energy += c.alias_energy_j
+        if c.group < 0:
+            tau[(i, first[i])] = 1.0
+            trans[first[i]] += c.transient_bytes
+            time_s += c.rec_time_s
+            energy += c.rec_energy_j
+        elif c.group not in group_stage:  # the group's one run: its members that are not recomputed are transient
+            group_stage[c.group] = first[i]
+            trans[first[i]] += c.transient_bytes + sum(cands[m].mem_bytes for m in problem.groups[c.group]
+                                                       if choice[m] is not Decision.RECOMPUTE)
+            time_s += c.rec_time_s
+            energy += c.rec_energy_j
     for u, c in enumerate(cands):
         if choice[u] is not Decision.RECOMPUTE:
             continue
@@ -253,9 +323,13 @@ def evaluate_linear(problem: Problem, choice: list[Decision]) -> LinearEval:
                 for p in range(t.lb + 1, c.fb + 1):
                     if (b, p) not in ext:
                         ext[(b, p)] = 1.0
-                        prof[p] += t.mem_bytes
+                        res[p] += t.mem_bytes
+    op_rows = problem.const_bytes + res
+    pre = problem.pre_const_bytes + res[stages] + trans
+    prof = op_rows.copy()
+    prof[stages] = np.maximum(prof[stages], pre)
     k = int(np.argmax(prof))
-    return LinearEval(float(prof[k]), k, prof, time_s, energy, flash, y, ext, tau)
+    return LinearEval(float(prof[k]), k, prof, time_s, energy, flash, y, ext, tau, group_stage, op_rows, pre)
 
 
 def chen_checkpoints(problem: Problem) -> list[Decision]:

@@ -72,9 +72,9 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
     Then give back (keep) whatever still fits, most expensive first. None if nothing fits."""
     cands = problem.candidates
     choice = [Decision.KEEP] * len(cands)
-    metric = (lambda c, d: c.rec_time_s if d is Decision.RECOMPUTE else c.page_time_s) \
+    metric = (lambda c, d: c.rec_time_s + c.alias_time_s if d is Decision.RECOMPUTE else c.page_time_s) \
         if limits.objective == "time" else \
-        (lambda c, d: c.rec_energy_j if d is Decision.RECOMPUTE else c.page_energy_j)
+        (lambda c, d: c.rec_energy_j + c.alias_energy_j if d is Decision.RECOMPUTE else c.page_energy_j)
 
     def modes(c):
         out = []
@@ -83,7 +83,7 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
         if c.pageable and limits.allow_page:
             out.append(Decision.PAGE)
         if rule == "capuchin" and len(out) == 2:
-            heavy = c.rec_time_s > c.page_time_s
+            heavy = c.rec_time_s + c.alias_time_s > c.page_time_s
             out.sort(key=lambda d: (d is not (Decision.PAGE if heavy else Decision.RECOMPUTE)))
         else:
             out.sort(key=lambda d: metric(c, d))

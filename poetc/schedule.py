@@ -1,20 +1,32 @@
 """Schedules: per-activation decisions, the explicit step list they imply, and the simulator.
 
-A `Schedule` holds one `Decision` per saved activation (keep, recompute, page). `build_steps` turns the
-decisions into the exact step list the rewritten training graph executes (compute, recompute,
-page-out, page-in), and `simulate` replays a step list with ONNX Runtime's allocation rules under
-poetc's runtime contract (no arena, no memory pattern, no buffer reuse): a buffer is allocated when
-its step runs and freed after its last reader; alias ops (Reshape, Identity, ...) share their input's
-buffer; an op's kernel workspace (`Op.workspace_bytes`) is live while the op runs. The simulator is
-the single source of truth for peak RAM, time and energy; solvers and reports quote it.
+A `Schedule` holds one `Decision` (keep, recompute, page) per decidable tensor
+(`TrainGraph.decidable_tensors`: saved forward activations, and gradients read across a gap). Each
+has a gap, after its last reader before the gap (lf) and up to its first reader after it (fb).
+`build_steps` turns the decisions into the exact step list the rewritten training graph executes
+(compute, recompute, page-out, page-in), and `simulate` replays a step list with ONNX Runtime's
+allocation rules under poetc's runtime contract (no arena, no memory pattern, no buffer reuse): a
+buffer is allocated when its step runs and freed after its last reader; alias ops (Reshape, Identity,
+...) share their input's buffer; an op's kernel workspace (`Op.workspace_bytes`) is live while the op
+runs. The simulator is the single source of truth for peak RAM, time and energy; solvers and reports
+quote it.
 
 Regeneration policy (the solver's formulation mirrors it exactly):
-- a PAGE tensor is spilled right after its producer and restored just before its first backward reader;
-- a RECOMPUTE tensor is recomputed just before its first backward reader from the nearest resident
-  tensors: saved activations it needs are materialized too and stay resident until their own last
-  reader; other forward intermediates on the way are recomputed transiently;
+- readers up to lf read the original, which is freed after lf;
+- a PAGE tensor is spilled right after its producer and restored just before fb;
+- a RECOMPUTE tensor is recomputed just before fb (its producer reruns: a forward op, or a backward
+  op for a gradient) from the nearest resident tensors: decidable tensors it needs are materialized
+  too (unless still before their own gap) and stay resident until their own last reader; other
+  forward intermediates on the way are recomputed transiently; a gradient no decision is about is
+  read as it is (kept alive for it);
 - that run of its producer also regenerates the producer's other RECOMPUTE outputs (MaxPool's mask,
-  BatchNormalization's statistics), which stay resident until their own last reader.
+  BatchNormalization's statistics) that are past their own lf, which stay resident until their own
+  last reader;
+- a view (Flatten, Reshape) of a regenerated tensor made before its gap is rebuilt from the
+  regenerated tensor, once, when a reader after the gap needs it;
+- `regenerate_at` may move a tensor's regeneration earlier, to a stage in its gap (the MILP does so
+  to keep a recompute's transient intermediates away from the peak): it is regenerated there,
+  before that op, exactly as if a recompute needed it there.
 """
 
 from __future__ import annotations
@@ -70,38 +82,49 @@ def handle_name(name: str) -> str:
 class StepBuilder:
     """Expands decisions into a step list (see the module docstring for the policy)."""
 
-    def __init__(self, graph: TrainGraph, decisions: dict[str, Decision]):
+    def __init__(self, graph: TrainGraph, decisions: dict[str, Decision], regenerate_at: dict[str, int] | None = None):
         self.g = graph
         self.decisions = decisions
+        self.early: dict[int, list[str]] = {}  # position -> tensors regenerated before that op, ahead of need
+        for name, p in sorted((regenerate_at or {}).items(), key=lambda kv: (kv[1], graph.tensors[kv[0]].producer, kv[0])):
+            self.early.setdefault(p, []).append(name)
         self.steps: list[Step] = []
         self.origin: dict[str, str] = {}  # versioned name -> original name
         self.regenerated: dict[str, str] = {}  # original -> registered regenerated version
         self._counter: dict[str, int] = {}
-        self.saved = frozenset(t.name for t in graph.saved_activations())
+        self.held = {h.name: h for h in graph.decidable_tensors()}
+        self.position = 0  # the op being scheduled
 
     def decision(self, name: str) -> Decision:
         return self.decisions.get(self.g.storage_root(name), Decision.KEEP)
 
-    def is_forward_value(self, name: str) -> bool:
-        t = self.g.tensors[name]
-        return t.kind is TensorKind.ACTIVATION
-
     def build(self) -> list[Step]:
         for op in self.g.ops:
+            self.position = op.index
+            for name in self.early.get(op.index, ()):
+                self.resolve(name)
             if op.role in (Role.FORWARD, Role.LOSS):
-                self.steps.append(Step(StepKind.COMPUTE, op.index, None, tuple(op.inputs), tuple(op.outputs)))
-                for out in op.outputs:
-                    if self.decisions.get(out) is Decision.PAGE:
-                        self.steps.append(Step(StepKind.PAGE_OUT, None, out, (out,), (handle_name(out),)))
-                        self.origin[handle_name(out)] = out
+                reads = tuple(op.inputs)
             else:
                 reads = tuple(self.resolve(x) for x in op.inputs)
-                self.steps.append(Step(StepKind.COMPUTE, op.index, None, reads, tuple(op.outputs)))
+            self.steps.append(Step(StepKind.COMPUTE, op.index, None, reads, tuple(op.outputs)))
+            for out in op.outputs:
+                if self.decisions.get(out) is Decision.PAGE:
+                    self.steps.append(Step(StepKind.PAGE_OUT, None, out, (out,), (handle_name(out),)))
+                    self.origin[handle_name(out)] = out
         return self.steps
 
     def resolve(self, name: str) -> str:
-        if not name or not self.is_forward_value(name) or self.decision(name) is Decision.KEEP:
+        """The version of `name` to read at the current position: the original while it is still
+        resident (up to its last reader before the gap), else the regenerated one."""
+        if not name:
             return name
+        root = self.g.storage_root(name)
+        held = self.held.get(root)
+        if held is None or held.fb is None or self.position <= held.lf or self.decision(name) is Decision.KEEP:
+            return name
+        if name != root and self.g.tensors[name].producer >= held.fb:
+            return name  # a view made after the regeneration, from the regenerated tensor
         return self.materialize(name, register=True)
 
     def materialize(self, name: str, *, register: bool) -> str:
@@ -121,12 +144,14 @@ class StepBuilder:
         op = self.g.ops[producer]
         reads = []
         for x in op.inputs:
-            if not x or not self.is_forward_value(x):
+            if not x or self.g.tensors[x].kind.is_persistent:
                 reads.append(x)
-            elif self.g.storage_root(x) in self.saved:
+            elif self.g.storage_root(x) in self.held:
                 reads.append(self.resolve(x))
-            else:  # a forward intermediate nobody saved: recompute it on the fly
+            elif self.g.tensors[x].kind is TensorKind.ACTIVATION:  # a forward intermediate nobody saved
                 reads.append(self.materialize(x, register=False))
+            else:  # a gradient no decision is about: still resident (the problem keeps it alive)
+                reads.append(x)
         writes = []
         for out in op.outputs:
             k = self._counter.get(out, 0) + 1
@@ -139,15 +164,18 @@ class StepBuilder:
             self.regenerated[name] = new
             # one run regenerates every recomputed output of the op (MaxPool's mask, BN's statistics)
             for out, w in zip(op.outputs, writes):
-                if out in self.saved and out not in self.regenerated and self.decisions.get(out) is Decision.RECOMPUTE:
+                held = self.held.get(out)
+                if (held is not None and out not in self.regenerated and self.position > held.lf
+                        and self.decisions.get(out) is Decision.RECOMPUTE):
                     self.regenerated[out] = w
         return new
 
 
-
-def build_steps(graph: TrainGraph, decisions: dict[str, Decision]) -> tuple[list[Step], dict[str, str]]:
-    """The step list for `decisions` and the map versioned name -> original tensor name."""
-    builder = StepBuilder(graph, decisions)
+def build_steps(graph: TrainGraph, decisions: dict[str, Decision],
+                regenerate_at: dict[str, int] | None = None) -> tuple[list[Step], dict[str, str]]:
+    """The step list for `decisions` (and regenerations placed ahead of need, see the module
+    docstring) and the map versioned name -> original tensor name."""
+    builder = StepBuilder(graph, decisions, regenerate_at)
     return builder.build(), builder.origin
 
 
@@ -299,13 +327,15 @@ class Schedule:
     steps: list[Step] = field(default_factory=list)
     origin: dict[str, str] = field(default_factory=dict)
     solver: dict = field(default_factory=dict)  # status, gap, bound, time, granularity
+    regenerate_at: dict[str, int] = field(default_factory=dict)  # tensor -> position, ahead of its need
 
     @classmethod
     def from_decisions(cls, graph: TrainGraph, decisions: dict[str, Decision], strategy: str,
-                       solver: dict | None = None) -> "Schedule":
+                       solver: dict | None = None, regenerate_at: dict[str, int] | None = None) -> "Schedule":
         decisions = {k: v for k, v in sorted(decisions.items()) if v is not Decision.KEEP}
-        steps, origin = build_steps(graph, decisions)
-        return cls(decisions, strategy, graph_fingerprint(graph), steps, origin, solver or {})
+        regenerate_at = {k: p for k, p in sorted((regenerate_at or {}).items()) if k in decisions}
+        steps, origin = build_steps(graph, decisions, regenerate_at)
+        return cls(decisions, strategy, graph_fingerprint(graph), steps, origin, solver or {}, regenerate_at)
 
     def counts(self) -> dict[str, int]:
         out = {d.value: 0 for d in Decision}
@@ -319,13 +349,14 @@ class Schedule:
             "strategy": self.strategy,
             "graph_fingerprint": self.graph_fingerprint,
             "decisions": {k: v.value for k, v in sorted(self.decisions.items())},
+            "regenerate_at": dict(sorted(self.regenerate_at.items())),
             "steps": [s.to_json() for s in self.steps],
             "solver": self.solver,
         }
 
     def compact_encoding(self, graph: TrainGraph) -> bytes:
-        """The device-side encoding: 2 bits per saved activation (in producer order), packed."""
-        saved = graph.saved_activations()
+        """The device-side encoding: 2 bits per decidable tensor (in producer order), packed."""
+        saved = graph.decidable_tensors()
         codes = {Decision.KEEP: 0, Decision.RECOMPUTE: 1, Decision.PAGE: 2}
         bits = bytearray((len(saved) + 3) // 4)
         for i, t in enumerate(saved):

@@ -12,7 +12,8 @@ Every rewrite gets three tests (STYLE.md):
    and its peak is within the budget; and the rewritten node list is the schedule's step list, step for
    step (same op, same reads, same writes, same order).
 
-Schedules come from rules over the IR (`graph.saved_activations()`, no tensor names) through
+Schedules come from rules over the IR (`graph.saved_activations()`, `graph.decidable_tensors()`, no
+tensor names) through
 `Schedule.from_decisions`, or from `poetc.api.compile_model` with a strategy (slow: each compile imports
 and lowers the model again).
 """
@@ -71,8 +72,14 @@ def rule_decisions(graph: TrainGraph, rule: str) -> dict[str, Decision]:
     paging: page all of them;
     mixed: recompute the first, third, ..., page the second, fourth, ... On the MLP this recomputes a
     ReLU from a ReLU that is paged (the recompute reads a restored tensor) and pages one of the two
-    outputs of the loss op.
+    outputs of the loss op;
+    gradients: over the gradients read across a gap (`graph.decidable_tensors()`), recompute the
+    first, third, ... (a backward op reruns, reading a gradient kept alive for it), page the others
+    (the MLP has none: see test_gradient_decisions_on_a_residual_block).
     """
+    if rule == "gradients":
+        held = [h.name for h in graph.decidable_tensors() if h.gradient]
+        return {name: Decision.RECOMPUTE if i % 2 == 0 else Decision.PAGE for i, name in enumerate(held)}
     saved = graph.saved_activations()
     if rule == "remat":
         return {t.name: Decision.RECOMPUTE for t in saved[::2]}
@@ -86,9 +93,9 @@ def rule_decisions(graph: TrainGraph, rule: str) -> dict[str, Decision]:
 def rule_schedule(graph: TrainGraph, rule: str) -> Schedule:
     schedule = Schedule.from_decisions(graph, rule_decisions(graph, rule), f"rule:{rule}")
     kinds = {s.kind for s in schedule.steps}
-    if rule in ("remat", "mixed"):
+    if rule in ("remat", "mixed", "gradients"):
         assert StepKind.RECOMPUTE in kinds, f"rule {rule} recomputes nothing on this graph"
-    if rule in ("paging", "mixed"):
+    if rule in ("paging", "mixed", "gradients"):
         assert StepKind.PAGE_IN in kinds, f"rule {rule} pages nothing on this graph"
     return schedule
 
@@ -536,3 +543,43 @@ def test_default_pipeline_on_cnn(cnn_onnx, tmp_path, request, update_golden):
     feeds = user_feeds(graph)
     assert_same_training(train_in_ort(artifacts, feeds),
                          train_rewritten(tmp_path, artifacts, after, feeds, request))
+
+
+# ---------------------------------------------------------------------------------------------------
+# decisions about gradients (the MLP has no gradient worth deciding about: its gradients' readers are
+# separated only by in-place accumulators)
+
+
+@pytest.fixture(scope="module")
+def residual(tmp_path_factory) -> tuple[Path, TrainGraph]:
+    """The tiny residual block of poetc.solver.poet_reference (Gemm, Relu, Gemm, Relu, Gemm + skip, head):
+    the skip's gradient is read on both sides of the block's backward pass."""
+    from poetc.solver.poet_reference import tiny_onnx
+    work = tmp_path_factory.mktemp("residual-passes")
+    return import_in_fresh_process(tiny_onnx("residual", work / "model.onnx", layers=2), work / "import")
+
+
+@pytest.mark.parametrize("rule", ["gradients", "gradients-paged", "mixed"])
+def test_gradient_decisions_on_a_residual_block(residual, rule, tmp_path, request, update_golden):
+    """A recomputed gradient (its backward op reruns, reading a gradient kept alive for it) or a paged
+    one (spilled after a backward op), alone and mixed with decisions about activations: golden
+    structure, bitwise-identical training in ONNX Runtime, a valid rewrite."""
+    artifacts, graph = residual
+    decisions = rule_decisions(graph, "gradients")
+    assert decisions and Decision.RECOMPUTE in decisions.values(), "no gradient to decide about"
+    if rule == "gradients-paged":
+        decisions = dict.fromkeys(decisions, Decision.PAGE)
+    if rule == "mixed":
+        decisions.update(rule_decisions(graph, "mixed"))
+    schedule = Schedule.from_decisions(graph, decisions, f"rule:{rule}")
+    backward = [s for s in schedule.steps if s.kind is StepKind.RECOMPUTE and graph.ops[s.op].role.value == "backward"
+                or s.kind is StepKind.PAGE_OUT and graph.ops[graph.tensors[s.tensor].producer].role.value == "backward"]
+    assert backward
+    before, after, _ = run_passes(graph, schedule, "default")
+    header = (f"residual-{rule}: poet_reference.tiny_onnx('residual', layers=2), schedule rule {rule!r} "
+              f"({schedule.counts()}), passes: {', '.join(DEFAULT_ORDER)}\n"
+              f"refresh: python3 -m pytest tests/test_passes.py --update-golden")
+    check_golden(f"residual-{rule}", header, graph_text(before), graph_text(after), update_golden)
+    assert_valid(graph, schedule, after, keep_all_peak_bytes(graph))
+    feeds = user_feeds(graph)
+    assert_same_training(train_in_ort(artifacts, feeds), train_rewritten(tmp_path, artifacts, after, feeds, request))

@@ -125,6 +125,24 @@ class Op:
         return self.op_type if self.domain in ("", "ai.onnx") else f"{self.domain}.{self.op_type}"
 
 
+# Smaller gradients (shapes, per-channel sums), or gaps whose ops allocate less, cannot move a peak
+# by more than this and would only add stages and variables (see TrainGraph.decidable_tensors).
+MIN_GRADIENT_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class Held:
+    """A tensor a schedule decides about: resident over [prod, lf], droppable until fb (None: nothing
+    to drop), resident again from fb to lb (its last reader)."""
+
+    name: str
+    prod: int
+    lf: int
+    fb: int | None
+    lb: int
+    gradient: bool
+
+
 @dataclass
 class TrainGraph:
     """The training step. `ops` are in execution order; `tensors` maps name -> Tensor."""
@@ -176,6 +194,51 @@ class TrainGraph:
                 if root.kind is TensorKind.ACTIVATION and root.name not in seen:
                     seen[root.name] = root
         return sorted(seen.values(), key=lambda t: (t.producer, t.name))
+
+    def decidable_tensors(self) -> list["Held"]:
+        """Every tensor a schedule decides about (keep, recompute, page), with where it may be dropped.
+
+        - A saved activation (see saved_activations) may be dropped after its last forward reader and
+          regenerated before its next (backward) reader; one whose backward readers all come earlier
+          (a Shape in the backward pass that ORT places in the forward) has nothing to drop: gap None.
+        - A gradient (an output of a backward op, of at least MIN_GRADIENT_BYTES) may be dropped over
+          one gap between two of its readers (or its producer and first reader): the one whose ops
+          allocate the most, if that is at least MIN_GRADIENT_BYTES. The gradient a residual branch
+          point keeps across the backward pass of the branch, for instance; not one whose readers
+          are separated only by in-place accumulators.
+        Aliases are reported through their storage root, once; readers include the aliases' readers.
+        Ordered by producer.
+        """
+        members: dict[str, list[str]] = {}
+        for name in self.tensors:
+            members.setdefault(self.storage_root(name), []).append(name)
+
+        def readers(root: str) -> list[int]:
+            return sorted({c for name in members[root] for c in self.tensors[name].consumers})
+
+        # what each op allocates while it runs. Memory anywhere in a gap is at most the memory at its
+        # start (which holds the gradient whatever the decision) plus what the ops inside allocate:
+        # over a gap of accumulators (in-place) and views, dropping the gradient cannot lower a peak
+        allocates = [op.workspace_bytes + sum(self.tensors[o].alloc_bytes for o in op.outputs
+                                              if o and self.tensors[o].alias_of is None) for op in self.ops]
+        out: list[Held] = []
+        for t in self.saved_activations():
+            r = readers(t.name)
+            lf = max((c for c in r if self.ops[c].role in (Role.FORWARD, Role.LOSS)), default=t.producer)
+            fb = next((c for c in r if c > lf), None)
+            out.append(Held(t.name, t.producer, lf, fb, r[-1], gradient=False))
+        for t in self.tensors.values():
+            if (t.kind is not TensorKind.GRADIENT or t.alias_of is not None or t.producer is None
+                    or self.ops[t.producer].role is not Role.BACKWARD):
+                continue
+            at = [t.producer] + readers(t.name)
+            if len(at) < 2 or t.nbytes < MIN_GRADIENT_BYTES:
+                continue
+            inside = [sum(allocates[at[k] + 1: at[k + 1]]) for k in range(len(at) - 1)]
+            j = max(range(len(at) - 1), key=lambda k: (inside[k], -k))
+            if inside[j] >= MIN_GRADIENT_BYTES:
+                out.append(Held(t.name, t.producer, at[j], at[j + 1], at[-1], gradient=True))
+        return sorted(out, key=lambda h: (h.prod, h.name))
 
     def op_counts_by_role(self) -> dict[str, int]:
         counts = {role.value: 0 for role in Role}

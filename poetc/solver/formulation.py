@@ -57,6 +57,11 @@ class MilpVars:
     gtau: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (group, stage) -> reruns there
     w: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (member, stage) -> transient copy
 
+    def var(self, key: tuple) -> mip.Var:
+        """The variable a memory-row key names: ("keep", i), ("y", i, k), ("ext", b, p), ..."""
+        table = getattr(self, key[0])
+        return table[key[1]] if len(key) == 2 else table[key[1:]]
+
 
 # What the simulator does not model (kernel scratch below 64 KiB, small bookkeeping blocks) measured
 # up to 0.5% of the activation peak on real models, and about 5 KB a step on toy ones
@@ -126,8 +131,8 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
             continue  # materialization and events per group, below
         for b in c.boundary:
             t = cands[b]
-            if not t.fixed:  # wherever u is materialized before b's own first read, b is too
-                for k in range(stage_idx[c.s0], min(stage_idx[c.fb], stage_idx[t.fb] - 1) + 1):
+            if not t.fixed:  # wherever u is materialized in b's gap, b is too
+                for k in range(max(stage_idx[c.s0], stage_idx[t.s0]), min(stage_idx[c.fb], stage_idx[t.fb] - 1) + 1):
                     m += v.y[(b, k)] - Y(u, k) + v.page[u] + v.keep[b] >= 0, f"need_{u}_{b}_{k}"
         if c.transient_bytes > 0:
             for k in range(stage_idx[c.s0], stage_idx[c.fb] + 1):
@@ -155,7 +160,7 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
             for b in cands[members[0]].boundary:
                 t = cands[b]
                 if not t.fixed:
-                    for k in range(first_k, min(last_k, stage_idx[t.fb] - 1) + 1):
+                    for k in range(max(first_k, stage_idx[t.s0]), min(last_k, stage_idx[t.fb] - 1) + 1):
                         m += v.y[(b, k)] - v.z[(g, k)] + v.keep[b] >= 0, f"gneed_{g}_{b}_{k}"
             for k in range(first_k, last_k + 1):
                 v.gtau[(g, k)] = m.add_var(f"gtau_{g}_{k}", lb=0.0, ub=1.0)
@@ -166,38 +171,17 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
                     m += v.w[(i, k)] - v.gtau[(g, k)] + v.rec[i] >= 0, f"wof_{i}_{k}"
 
     # memory rows
-    const = problem.const_bytes.copy()
-    terms: list[dict] = [dict() for _ in range(problem.positions)]
-    for i in decidable:
-        c = cands[i]
-        const[c.prod: c.lf + 1] += c.mem_bytes
-        const[c.fb: c.lb + 1] += c.mem_bytes
-        for p in range(c.lf + 1, c.fb):
-            terms[p][("keep", i)] = c.mem_bytes
-        for p in range(min(c.s0, c.lf + 1), c.fb):  # at or before lf (a stage inside the forward): a second copy
-            k = problem.stage_of(p)
-            if k is not None and (i, k) in v.y:
-                terms[p][("y", i, k)] = c.mem_bytes
-    pre_const = problem.pre_const_bytes + (const - problem.const_bytes)[stages]
-    pre_terms: list[dict] = [dict(terms[p]) for p in stages]  # regeneration steps before a stage's op
-    for (u, k), _ in v.tau.items():
-        pre_terms[k][("tau", u, k)] = cands[u].transient_bytes
-    for (g, k), _ in v.gtau.items():
-        pre_terms[k][("gtau", g, k)] = cands[problem.groups[g][0]].transient_bytes
-    for (i, k), _ in v.w.items():
-        pre_terms[k][("w", i, k)] = cands[i].mem_bytes
+    decidable_rows = memory_rows(problem, v)
     rows: dict[tuple, float] = {}
     # Spill handles (16 bytes each) are not modelled per position: reserve room for all of them
     budget = limits.activation_budget_bytes - SPILL_HANDLE_BYTES * len(decidable)
-    for row_terms, c0 in zip(terms + pre_terms, list(const) + list(pre_const)):
+    for c0, row_terms in decidable_rows:
         key = tuple(sorted(row_terms.items()))
         if c0 + sum(row_terms.values()) <= budget:
             continue  # cannot bind
         rows[key] = max(rows.get(key, -1.0), float(c0))
-    lookup = {"keep": v.keep, "y": v.y, "tau": v.tau, "ext": v.ext, "gtau": v.gtau, "w": v.w}
     for r, (key, c0) in enumerate(sorted(rows.items(), key=lambda kv: kv[1])):
-        expr = mip.xsum(coef * scale * (lookup[name[0]][name[1]] if len(name) == 2 else lookup[name[0]][name[1:]])
-                        for name, coef in key)
+        expr = mip.xsum(coef * scale * v.var(name) for name, coef in key)
         m += expr <= (budget - c0) * scale, f"mem_{r}"
 
     # deadline, flash, objective
@@ -218,6 +202,36 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
         m.objective = mip.minimize(overhead(lambda c: c.rec_energy_j, lambda c: c.alias_energy_j,
                                             lambda c: c.page_energy_j))
     return m, v
+
+
+def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, float]]]:
+    """The memory rows before budget and deduplication: (constant bytes, {variable key: bytes}), one
+    per position (while its op runs), then one per stage (while the regeneration steps before the
+    stage's op run). Spill handles are left out (build_model reserves them globally)."""
+    cands = problem.candidates
+    stages = problem.stages
+    const = problem.const_bytes.copy()
+    terms: list[dict] = [dict() for _ in range(problem.positions)]
+    for i in v.keep:
+        c = cands[i]
+        const[c.prod: c.lf + 1] += c.mem_bytes
+        const[c.fb: c.lb + 1] += c.mem_bytes
+        for p in range(c.lf + 1, c.fb):
+            terms[p][("keep", i)] = c.mem_bytes
+            k = problem.stage_of(p)
+            if k is not None and (i, k) in v.y:
+                terms[p][("y", i, k)] = c.mem_bytes
+    for (b, p) in v.ext:
+        terms[p][("ext", b, p)] = cands[b].mem_bytes
+    pre_const = problem.pre_const_bytes + (const - problem.const_bytes)[stages]
+    pre_terms: list[dict] = [dict(terms[p]) for p in stages]
+    for (u, k) in v.tau:
+        pre_terms[k][("tau", u, k)] = cands[u].transient_bytes
+    for (g, k) in v.gtau:
+        pre_terms[k][("gtau", g, k)] = cands[problem.groups[g][0]].transient_bytes
+    for (i, k) in v.w:
+        pre_terms[k][("w", i, k)] = cands[i].mem_bytes
+    return list(zip(map(float, const), terms)) + list(zip(map(float, pre_const), pre_terms))
 
 
 def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: LinearEval) -> list[tuple[mip.Var, float]]:
@@ -247,3 +261,14 @@ def read_choice(problem: Problem, v: MilpVars) -> list[Decision]:
         elif v.page[i].x is not None and v.page[i].x > 0.5:
             choice[i] = Decision.PAGE
     return choice
+
+
+def read_early(problem: Problem, v: MilpVars, choice: list[Decision]) -> dict[int, int]:
+    """{candidate: stage index} for regenerated candidates the solution materializes before their own
+    stage (y = 1 earlier): whether a dependent's recompute pulls them there or the solver chose to,
+    the schedule regenerates them there (Schedule.regenerate_at), which is what the rows counted."""
+    early: dict[int, int] = {}
+    for (i, k), var in sorted(v.y.items()):
+        if choice[i] is not Decision.KEEP and i not in early and var.x is not None and var.x > 0.5:
+            early[i] = k
+    return early

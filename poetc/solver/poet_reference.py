@@ -32,18 +32,18 @@ The instance is built from poetc's own objects so both models price the same thi
               addition that is zero on graphs without dead outputs or workspace
   e_i, time_i poetc's StepCosts for op i;  page costs StepCosts.page_out / page_in of m_i
 Semantic differences with poetc's model (poetc.solver.formulation), all visible in `compare`:
-  * Granularity. POET keeps, recomputes and pages a whole node; poetc decides per saved tensor. A
+  * Granularity. POET keeps, recomputes and pages a whole node; poetc decides per tensor. A
     multi-output op (BatchNormInternal: output, saved mean, saved inv-std) must be kept whole by POET
     when only a small output is needed later, so POET over-counts such graphs' memory and can be
-    infeasible where poetc is not (CNN). Conversely POET reruns a multi-output op once for all its
-    outputs, while poetc's policy recomputes the op once per saved output it regenerates (MaxPool
-    output and mask, BatchNorm output and statistics), so POET can be cheaper there (CNN at 80 %).
-  * Policy. POET may recompute or page any node, gradients too, and regenerate a tensor several times
-    (recompute it again, page it in twice); poetc regenerates each saved forward activation at most
-    once, just before its first backward reader, and keeps it until its last. POET's space is the
-    larger one there: on the tiny residual block it drops the skip-connection gradient and recomputes
-    it, which poetc cannot express. Variant "poet-fwd" (decide_backward=False) pins every decision
-    about backward and accumulate nodes; "poet" is the faithful model.
+    infeasible where poetc is not (CNN at 60 %). Both rerun a multi-output op once for all the outputs
+    they regenerate (poetc: one run per group, see poetc.solver.problem).
+  * Policy. POET may drop and regenerate any node, gradients too, in any stage and several times
+    (recompute it again, page it in twice); poetc decides about saved forward activations and about
+    gradients read across a gap (TrainGraph.decidable_tensors), regenerates each at most once, after
+    its one gap, and keeps it until its last reader. POET's space is the larger one: on the tiny
+    residual block at 80 % it pages a forward activation in twice, which poetc cannot express. Variant
+    "poet-fwd" (decide_backward=False) pins every decision about backward and accumulate nodes;
+    "poet" is the faithful model.
   * Page-out timing. POET pages out a tensor that is resident at the start of a stage, so a tensor is in
     RAM during the whole stage after its producer; poetc spills right after the producer and frees the
     tensor after its last forward reader. Equivalent when that reader is the next op; poetc is cheaper
@@ -413,12 +413,15 @@ class Mapping:
 
 
 def map_to_decisions(problem: Problem, sol: PoetSolution) -> Mapping:
-    """One decision per saved activation: how POET makes its producer available at the first backward
-    reader (the latest of: first computation -> KEEP, a recomputation -> RECOMPUTE, a page-in -> PAGE).
+    """One decision per candidate: how POET makes its producer available at the first reader after the
+    candidate's gap (the latest of: first computation -> KEEP, a recomputation -> RECOMPUTE, a page-in
+    -> PAGE).
     Every other regeneration or page-out is listed in `outside_policy`."""
     choice = [Decision.KEEP] * len(problem.candidates)
     used: set[tuple[str, int, int]] = set()
     for ci, c in enumerate(problem.candidates):
+        if c.fixed:
+            continue
         p, fb = c.prod, c.fb
         events = [(t, "R") for t in range(p, fb + 1) if sol.R[t, p]]
         events += [(t + 1, "in") for t in range(p, fb) if sol.M_in[t, p]]

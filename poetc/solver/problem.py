@@ -1,12 +1,14 @@
 """The scheduling problem extracted from a TrainGraph: candidates, their lifetimes and regeneration
 chains, decision-independent memory per position, and costs. Shared by every strategy.
 
-Positions are indices into graph.ops (the execution order). For a saved activation t:
-  prod  its producer;  lf  its last forward/loss reader (prod if none);
-  fb    its first backward reader;  lb  its last reader overall (aliases included).
+Positions are indices into graph.ops (the execution order). Candidates are the decidable tensors
+(TrainGraph.decidable_tensors: saved forward activations, and gradients read across a gap). For one:
+  prod  its producer;  lf  its last reader before its gap (for an activation, its last forward/loss
+  reader; prod if none);  fb  its first reader after the gap;  lb  its last reader overall (aliases
+  included).
 Under KEEP, t is resident over [prod, lb]. Otherwise it is resident over [prod, lf] (plus the
-Spill right after prod), and again over [fb, lb] once regenerated — or from an earlier "stage" when a
-recomputation of another tensor needs it (see schedule.py for the policy this mirrors).
+Spill right after prod), and again over [fb, lb] once regenerated — or from an earlier "stage" in its
+gap when a recomputation of another tensor needs it (see schedule.py for the policy this mirrors).
 Stages are the distinct fb positions: the only places where regeneration happens.
 
 A multi-output op (MaxPool: output and mask; BatchNormalization: output and statistics) is rerun once
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import InternalError
 from ..ir.graph import Role, TensorKind, TrainGraph
 from ..schedule import SPILL_HANDLE_BYTES, Decision, StepCosts, build_steps, simulate
 
@@ -43,6 +46,7 @@ class Candidate:
     chain_ops: list[int] = field(default_factory=list)  # op indices a recompute runs (producer last)
     transient_bytes: int = 0  # intermediates a recompute creates on the way (group members excluded)
     group: int = -1  # index into Problem.groups when its producer has other recomputable outputs
+    gradient: bool = False  # produced by a backward op (see TrainGraph.decidable_tensors)
     fixed: bool = False  # always kept (a graph output, or too small to matter); counted in const_bytes
     recomputable: bool = True
     pageable: bool = True
@@ -54,7 +58,6 @@ class Candidate:
     page_time_s: float = 0.0  # out + in (+ alias ops)
     page_energy_j: float = 0.0
     s0: int = 0  # earliest stage at which it may have to be materialized
-    extend_to: int = -1  # last position a recompute chain may read it at (beyond lb)
 
 
 @dataclass
@@ -89,6 +92,40 @@ class Problem:
     def decisions_from(self, choice: dict[int, Decision]) -> dict[str, Decision]:
         return {self.candidates[i].name: d for i, d in choice.items() if d is not Decision.KEEP}
 
+    def regenerate_at_from(self, early: dict[int, int]) -> dict[str, int]:
+        """Schedule.regenerate_at from {candidate: stage index}."""
+        return {self.candidates[i].name: self.stages[k] for i, k in early.items()}
+
+
+def _materialization_order(candidates: list[Candidate], stages: list[int]) -> tuple[dict[int, list[int]], list[int]]:
+    """Set every candidate's s0, the earliest stage it may be materialized at, and group the
+    recomputable ones by producer. A recompute of u materializes its boundary tensors wherever u
+    itself is materialized, which may be before u's own first read after its gap (u pulled early by a
+    later tensor's recompute, or by a sibling: one run of the producer materializes them all); a
+    boundary tensor still before its gap there is read as it is. Boundary tensors are produced before
+    u, so in decreasing producer order every s0 is final before it is passed on. Returns the groups
+    and the members a sibling's run could reach before their own gap (StepBuilder would not register
+    them there and would rerun the producer later: the caller makes them not recomputable)."""
+    by_producer: dict[int, list[int]] = {}
+    for i, cand in enumerate(candidates):
+        cand.s0 = cand.fb
+        if cand.recomputable:
+            by_producer.setdefault(cand.prod, []).append(i)
+    bad = []
+    for p in sorted(by_producer, reverse=True):
+        group = by_producer[p]
+        s0 = min(candidates[i].s0 for i in group)
+        for i in group:
+            u = candidates[i]
+            u.s0 = s0
+            if s0 <= u.lf:
+                bad.append(i)
+            for b in u.boundary:
+                t = candidates[b]
+                at = max(s0, next(s for s in stages if s > t.lf)) if not t.fixed else t.fb
+                t.s0 = min(t.s0, at)
+    return by_producer, bad
+
 
 def _alias_closure(graph: TrainGraph) -> dict[str, list[str]]:
     members: dict[str, list[str]] = {}
@@ -98,33 +135,44 @@ def _alias_closure(graph: TrainGraph) -> dict[str, list[str]]:
 
 
 def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: int = 0) -> Problem:
-    saved = graph.saved_activations()
+    held = graph.decidable_tensors()
     members = _alias_closure(graph)
     outputs = {o.name for o in graph.model.graph.output}
-    index_of = {t.name: i for i, t in enumerate(saved)}
     backward_start = next((op.index for op in graph.ops if op.role in (Role.BACKWARD, Role.ACCUMULATE)),
                           len(graph.ops))
 
     candidates: list[Candidate] = []
-    for t in saved:
-        readers = sorted({c for name in members[t.name] for c in graph.tensors[name].consumers})
-        fwd = [c for c in readers if graph.ops[c].role in (Role.FORWARD, Role.LOSS)]
-        bwd = [c for c in readers if graph.ops[c].role in (Role.BACKWARD, Role.ACCUMULATE)]
-        cand = Candidate(t.name, t.nbytes, t.alloc_bytes, t.producer, max(fwd, default=t.producer), bwd[0],
-                         readers[-1])
-        if any(name in outputs for name in members[t.name]) or t.nbytes < min_candidate_bytes:
+    for h in held:
+        t = graph.tensors[h.name]
+        cand = Candidate(h.name, t.nbytes, t.alloc_bytes, h.prod, h.lf, h.lb if h.fb is None else h.fb, h.lb,
+                         gradient=h.gradient)
+        if h.fb is None or any(name in outputs for name in members[t.name]) or t.nbytes < min_candidate_bytes:
             cand.fixed = True
             cand.recomputable = cand.pageable = False
         candidates.append(cand)
+    # a gradient read by the producer of a gradient candidate must stay resident until that producer
+    # reruns: a fixed candidate, so that extension can be charged
+    index_of = {c.name: i for i, c in enumerate(candidates)}
+    for h in held:
+        if not h.gradient:
+            continue
+        for x in graph.ops[h.prod].inputs:
+            root = graph.storage_root(x) if x else ""
+            if x and graph.tensors[root].kind is TensorKind.GRADIENT and root not in index_of:
+                r = graph.tensors[root]
+                lb = max(c for name in members[root] for c in graph.tensors[name].consumers)
+                index_of[root] = len(candidates)
+                candidates.append(Candidate(root, r.nbytes, r.alloc_bytes, r.producer, lb, lb, lb, fixed=True,
+                                            recomputable=False, pageable=False, gradient=True))
 
-    # alias ops that rerun when a saved tensor is regenerated: those on the way to an alias of it
-    # that a backward op reads (StepBuilder materializes such an alias once, from the regenerated root)
+    # alias ops that rerun when a tensor is regenerated: views of it made before the gap that are read
+    # after it (StepBuilder materializes such a view once, from the regenerated root)
     alias_ops: list[set[int]] = []
     for cand in candidates:
         ops: set[int] = set()
         for name in members[cand.name]:
-            if (name != cand.name and graph.tensors[name].kind is TensorKind.ACTIVATION  # a forward view
-                    and any(graph.ops[c].role in (Role.BACKWARD, Role.ACCUMULATE) for c in graph.tensors[name].consumers)):
+            t = graph.tensors[name]
+            if name != cand.name and t.producer <= cand.lf and any(c >= cand.fb for c in t.consumers):
                 while name != cand.name:
                     ops.add(graph.tensors[name].producer)
                     name = graph.tensors[name].alias_of
@@ -152,17 +200,20 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
                 break
             ops.append(i)
             for x in op.inputs:
-                if not x or graph.tensors[x].kind is not TensorKind.ACTIVATION:
+                if not x or graph.tensors[x].kind.is_persistent:
                     continue
                 root = graph.storage_root(x)
                 if root in index_of and root != cand.name:
-                    boundary.add(index_of[root])
-                    if x != root:  # an alias of a saved tensor: its alias op reruns too (no bytes)
-                        stack.append(graph.tensors[x].producer)
+                    b = index_of[root]
+                    boundary.add(b)
+                    if x != root and graph.tensors[x].producer <= candidates[b].lf:
+                        stack.append(graph.tensors[x].producer)  # a view of it: its alias op reruns (no bytes)
                 elif root == cand.name and x != root:
                     problem = "it reads its own alias"
-                else:
+                elif graph.tensors[x].kind is TensorKind.ACTIVATION:  # a forward intermediate nobody saved
                     stack.append(graph.tensors[x].producer)
+                else:
+                    raise InternalError(f"regenerating {cand.name!r} reads {x!r}, which no decision covers")
         if problem:
             cand.recomputable, cand.why_not_recomputable = False, problem
             continue
@@ -173,10 +224,19 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         charged = set(ops).difference(*(alias_ops[b] for b in boundary))
         cand.rec_time_s = float(sum(costs.op_time_s[i] for i in charged))
         cand.rec_energy_j = float(sum(costs.op_energy_j[i] for i in charged))
-    by_producer: dict[int, list[int]] = {}
-    for i, cand in enumerate(candidates):
-        if cand.recomputable:
-            by_producer.setdefault(cand.prod, []).append(i)
+    for cand in candidates:
+        to, eo = costs.page_out(cand.nbytes)
+        ti, ei = costs.page_in(cand.nbytes)
+        cand.page_time_s, cand.page_energy_j = to + ti + cand.alias_time_s, eo + ei + cand.alias_energy_j
+    stages = sorted({c.fb for c in candidates if not c.fixed})
+    while True:
+        by_producer, bad = _materialization_order(candidates, stages)
+        if not bad:
+            break
+        for i in bad:  # see _materialization_order
+            candidates[i].recomputable = False
+            candidates[i].why_not_recomputable = ("its producer may rerun for another of its outputs while "
+                                                  "it is still read before its gap")
     groups = [group for _, group in sorted(by_producer.items()) if len(group) > 1]
     for g, group in enumerate(groups):
         for i in group:
@@ -191,29 +251,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         others = sum(graph.tensors[o].alloc_bytes for i in cand.chain_ops for o in graph.ops[i].outputs
                      if o not in own and graph.tensors[o].alias_of is None)
         cand.transient_bytes = others + max((graph.ops[i].workspace_bytes for i in cand.chain_ops), default=0)
-    for cand in candidates:
-        to, eo = costs.page_out(cand.nbytes)
-        ti, ei = costs.page_in(cand.nbytes)
-        cand.page_time_s, cand.page_energy_j = to + ti + cand.alias_time_s, eo + ei + cand.alias_energy_j
-
-    # earliest materialization stage. A recompute of u materializes its boundary tensors wherever u
-    # itself is materialized, which may be before u's own first backward read (u pulled early by a
-    # later tensor's recompute). Boundary tensors are produced before u, so in decreasing producer
-    # order every u's s0 is final before it is passed on.
-    for cand in candidates:
-        cand.s0 = cand.fb
     regen_order = [by_producer[p] for p in sorted(by_producer, reverse=True)]
-    for group in regen_order:
-        s0 = min(candidates[i].s0 for i in group)  # a group is materialized together
-        for u in (candidates[i] for i in group):
-            u.s0 = s0
-            for b in u.boundary:
-                t = candidates[b]
-                if s0 < t.fb:
-                    t.s0 = min(t.s0, s0)
-                if u.fb > t.lb:
-                    t.extend_to = max(t.extend_to, u.fb)
-    stages = sorted({c.fb for c in candidates})
 
     # decision-independent memory: keep-all simulation minus every candidate's keep-all lifetime
     keep_steps, origin = build_steps(graph, {})
@@ -248,12 +286,17 @@ class LinearEval:
     pre_profile: np.ndarray  # per stage: memory while the regeneration steps before its op run
 
 
-def materialization_stage(problem: Problem, choice: list[Decision]) -> list[int | None]:
-    """Stage index at which each non-kept candidate is first materialized (None if kept)."""
+def materialization_stage(problem: Problem, choice: list[Decision],
+                          early: dict[int, int] | None = None) -> list[int | None]:
+    """Stage index at which each non-kept candidate is first materialized (None if kept). `early`:
+    candidate -> stage index in its gap it is regenerated at ahead of need (Schedule.regenerate_at)."""
     cands = problem.candidates
     stage_index = {s: k for k, s in enumerate(problem.stages)}
     first: list[int | None] = [None if choice[i] is Decision.KEEP else stage_index[c.fb]
                                for i, c in enumerate(cands)]
+    for i, k in (early or {}).items():
+        if first[i] is not None:
+            first[i] = min(first[i], k)
     for members in problem.regen_order:
         rec = [u for u in members if choice[u] is Decision.RECOMPUTE]
         if not rec:
@@ -261,14 +304,14 @@ def materialization_stage(problem: Problem, choice: list[Decision]) -> list[int 
         at = min(first[u] for u in rec)  # one run of the producer materializes every recomputed output
         for u in rec:
             first[u] = at
-        for b in cands[rec[0]].boundary:
-            if choice[b] is Decision.KEEP or at >= stage_index[cands[b].fb]:
+        for b in cands[rec[0]].boundary:  # (one still before its gap there is read as it is)
+            if choice[b] is Decision.KEEP or at >= stage_index[cands[b].fb] or problem.stages[at] <= cands[b].lf:
                 continue
             first[b] = min(first[b], at)
     return first
 
 
-def evaluate_linear(problem: Problem, choice: list[Decision]) -> LinearEval:
+def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, int] | None = None) -> LinearEval:
     """The MILP's memory, time and energy accounting of one decision vector, and its variable values.
     Memory has a row per position (while its op runs) and one per stage (while the regeneration steps
     before the stage's op run: the op's outputs and workspace are not there yet, the transient
@@ -277,7 +320,7 @@ def evaluate_linear(problem: Problem, choice: list[Decision]) -> LinearEval:
     stages = problem.stages
     res = np.zeros(problem.positions)  # decision-dependent resident bytes per position
     trans = np.zeros(len(stages))  # transient bytes of recomputes per stage
-    first = materialization_stage(problem, choice)
+    first = materialization_stage(problem, choice, early)
     y: dict[tuple[int, int], float] = {}
     ext: dict[tuple[int, int], float] = {}
     tau: dict[tuple[int, int], float] = {}
@@ -292,7 +335,7 @@ def evaluate_linear(problem: Problem, choice: list[Decision]) -> LinearEval:
         if choice[i] is Decision.KEEP:
             res[c.lf + 1: c.fb] += c.mem_bytes
             continue
-        res[stages[first[i]]: c.fb] += c.mem_bytes  # from before lf (a stage inside the forward): a second copy
+        res[stages[first[i]]: c.fb] += c.mem_bytes  # materialized in its gap (after lf), at its own fb or earlier
         for k in range(first[i], stages.index(c.fb)):
             y[(i, k)] = 1.0
         if choice[i] is Decision.PAGE:
@@ -333,11 +376,12 @@ def evaluate_linear(problem: Problem, choice: list[Decision]) -> LinearEval:
 
 
 def chen_checkpoints(problem: Problem) -> list[Decision]:
-    """Chen et al.'s sqrt(n) checkpointing: keep every ceil(sqrt(n))-th saved activation, recompute the rest."""
-    n = len(problem.candidates)
-    k = max(1, math.ceil(math.sqrt(n)))
-    order = sorted(range(n), key=lambda i: problem.candidates[i].prod)
-    choice = [Decision.KEEP] * n
+    """Chen et al.'s sqrt(n) checkpointing: keep every ceil(sqrt(n))-th saved forward activation,
+    recompute the rest (gradients are kept, as in the paper)."""
+    order = sorted((i for i, c in enumerate(problem.candidates) if not c.gradient),
+                   key=lambda i: problem.candidates[i].prod)
+    k = max(1, math.ceil(math.sqrt(len(order))))
+    choice = [Decision.KEEP] * len(problem.candidates)
     for rank, i in enumerate(order):
         if rank % k != 0 and problem.candidates[i].recomputable:
             choice[i] = Decision.RECOMPUTE

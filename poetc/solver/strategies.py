@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import InfeasibleError, UsageError
 from ..schedule import Decision, Schedule, SimResult, simulate
-from .formulation import Limits, build_model, read_choice, start_values
+from .formulation import Limits, build_model, read_choice, read_early, start_values
 from .problem import Problem, chen_checkpoints, evaluate_linear
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class StrategyResult:
     status: str  # optimal / feasible / heuristic / infeasible / no-solution-in-time
     overhead_time_s: float
     overhead_energy_j: float
+    early: dict[int, int] = field(default_factory=dict)  # candidate -> stage index, regenerated ahead of need
     bound: float | None = None  # lower bound on the overhead objective (MILPs)
     gap: float | None = None  # (objective - bound) / objective, on the overhead
     solve_time_s: float = 0.0
@@ -49,16 +50,18 @@ class StrategyResult:
 
 
 def finish(problem: Problem, strategy: str, choice: list[Decision], limits: Limits, status: str,
-           **kw) -> StrategyResult:
+           early: dict[int, int] | None = None, **kw) -> StrategyResult:
+    early = early or {}
     schedule = Schedule.from_decisions(problem.graph, problem.decisions_from(dict(enumerate(choice))), strategy,
-                                       solver={"status": status, "granularity": "op"})
+                                       solver={"status": status, "granularity": "op"},
+                                       regenerate_at=problem.regenerate_at_from(early))
     sim = simulate(problem.graph, schedule.steps, schedule.origin, problem.costs)
     over_t, over_e = sim.time_s - problem.base_time_s, sim.energy_j - problem.base_energy_j
     fits = (sim.peak_bytes <= limits.activation_budget_bytes + 0.5
             and over_t <= limits.overhead_time_s * (1 + 1e-9) + 1e-12
             and sim.max_flash_bytes <= limits.flash_bytes)
     schedule.solver.update({k: v for k, v in kw.items() if k in ("bound", "gap")})
-    return StrategyResult(strategy, choice, schedule, sim, fits, status, over_t, over_e, **kw)
+    return StrategyResult(strategy, choice, schedule, sim, fits, status, over_t, over_e, early, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -67,8 +70,9 @@ def finish(problem: Problem, strategy: str, choice: list[Decision], limits: Limi
 def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_options: int = 16) -> list[Decision] | None:
     """Free memory at the peak until it fits. Each round tries the `max_options` most promising
     (tensor, mode) moves at the peak position and takes the one that lowers the peak most per unit of
-    cost. rule="capuchin": a tensor's preferred mode is paging when it is compute-heavy (recompute time
-    above paging time), recompute otherwise; rule="cheapest": the mode with the lower objective cost.
+    cost. rule="capuchin": forward activations only (as Capuchin's feature maps), a tensor's preferred
+    mode is paging when it is compute-heavy (recompute time above paging time), recompute otherwise;
+    rule="cheapest": every candidate, the mode with the lower objective cost.
     Then give back (keep) whatever still fits, most expensive first. None if nothing fits."""
     cands = problem.candidates
     choice = [Decision.KEEP] * len(cands)
@@ -94,7 +98,7 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
         p = ev.peak_position
         options = []
         for i, c in enumerate(cands):
-            if choice[i] is not Decision.KEEP or c.fixed or not (c.lf < p < c.fb):
+            if choice[i] is not Decision.KEEP or c.fixed or not (c.lf < p < c.fb) or (rule == "capuchin" and c.gradient):
                 continue
             for rank, d in enumerate(modes(c)):
                 options.append((rank, -c.nbytes / (metric(c, d) + 1e-15), i, d))
@@ -142,8 +146,8 @@ def _milp_worker(problem: Problem, limits: Limits, start: list[Decision] | None,
         status = model.optimize(max_seconds=time_limit_s)
         if model.num_solutions:
             choice = read_choice(problem, v)
-            conn.send((status.name, [d.value for d in choice], model.objective_value, model.objective_bound,
-                       model.num_cols, model.num_rows))
+            conn.send((status.name, ([d.value for d in choice], read_early(problem, v, choice)), model.objective_value,
+                       model.objective_bound, model.num_cols, model.num_rows))
         else:
             conn.send((status.name, None, None, model.objective_bound, model.num_cols, model.num_rows))
     except Exception as exc:  # reported to the parent, which falls back to the heuristic
@@ -187,13 +191,13 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
                           solve_time_s=elapsed, notes=[why + "; no heuristic schedule fits either"])
         notes.append(why + "; falling back to the best heuristic schedule that fits")
         return finish(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed, notes=notes)
-    status_name, values, objective, bound, ncols, nrows = message
+    status_name, (values, early), objective, bound, ncols, nrows = message
     choice = [Decision(x) for x in values]
     bound = max(bound, 0.0) if bound is not None else None
     gap = (objective - bound) / objective if objective and bound is not None and objective > 1e-18 else 0.0
     status = "optimal" if status_name == "OPTIMAL" else "feasible"
     notes.append(f"MILP: {ncols} variables, {nrows} rows, {len(problem.candidates)} candidates")
-    result = finish(problem, strategy, choice, limits, status, bound=bound, gap=gap, solve_time_s=elapsed,
+    result = finish(problem, strategy, choice, limits, status, early, bound=bound, gap=gap, solve_time_s=elapsed,
                     notes=notes)
     if start is not None and not result.fits:  # never worse than the start: the simulator decides
         fallback = finish(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed,

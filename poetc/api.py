@@ -115,6 +115,9 @@ def inspect_model(model_path: Path, import_options: ImportOptions, *, measure: b
             "tensors_by_kind": kinds,
             "saved_activations": len(graph.saved_activations()),
             "saved_activation_bytes": sum(t.nbytes for t in graph.saved_activations()),
+            "decidable_gradients": sum(h.gradient for h in graph.decidable_tensors()),
+            "decidable_gradient_bytes": sum(graph.tensors[h.name].nbytes for h in graph.decidable_tensors()
+                                            if h.gradient),
             "fixed_state_bytes": fixed,
             "fixed_total_bytes": sum(fixed.values()),
             "keep_all_activation_peak_bytes": sim.peak_bytes,

@@ -158,6 +158,8 @@ def cmd_inspect(args) -> int:
         print(f"  {k:<18} {format_size(v):>12}")
     print(f"  {'total':<18} {format_size(doc['fixed_total_bytes']):>12}")
     print(f"saved activations: {doc['saved_activations']} tensors, {format_size(doc['saved_activation_bytes'])}")
+    print(f"gradients held across a gap: {doc['decidable_gradients']} tensors, "
+          f"{format_size(doc['decidable_gradient_bytes'])}")
     if doc["keep_all_peak_ort_order_bytes"]:
         print(f"keep-all peak, ORT's order:          {format_size(doc['keep_all_peak_ort_order_bytes'])}")
     print(f"keep-all peak, accumulators hoisted: {format_size(doc['keep_all_peak_bytes'])} "

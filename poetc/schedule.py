@@ -355,13 +355,19 @@ class Schedule:
         }
 
     def compact_encoding(self, graph: TrainGraph) -> bytes:
-        """The device-side encoding: 2 bits per decidable tensor (in producer order), packed."""
-        saved = graph.decidable_tensors()
+        """The device-side encoding, little-endian: u32 count of decidable tensors, their decisions at
+        2 bits each (producer order, packed), then u16 count of regenerations ahead of need and, for
+        each, u16 tensor index and u16 position."""
+        held = graph.decidable_tensors()
         codes = {Decision.KEEP: 0, Decision.RECOMPUTE: 1, Decision.PAGE: 2}
-        bits = bytearray((len(saved) + 3) // 4)
-        for i, t in enumerate(saved):
-            bits[i // 4] |= codes[self.decisions.get(t.name, Decision.KEEP)] << (2 * (i % 4))
-        return len(saved).to_bytes(4, "little") + bytes(bits)
+        bits = bytearray((len(held) + 3) // 4)
+        for i, h in enumerate(held):
+            bits[i // 4] |= codes[self.decisions.get(h.name, Decision.KEEP)] << (2 * (i % 4))
+        index = {h.name: i for i, h in enumerate(held)}
+        early = sorted((index[name], p) for name, p in self.regenerate_at.items())
+        tail = len(early).to_bytes(2, "little") + b"".join(
+            i.to_bytes(2, "little") + p.to_bytes(2, "little") for i, p in early)
+        return len(held).to_bytes(4, "little") + bytes(bits) + tail
 
 
 def graph_fingerprint(graph: TrainGraph) -> str:

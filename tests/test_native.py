@@ -136,6 +136,37 @@ def test_spill_writes_named_file_and_restore_removes_it(spill_lib, spill_dir):
     assert not path.exists()
 
 
+def test_restore_twice_keeps_the_file_until_the_last(spill_lib, spill_dir):
+    """A tensor paged in again: the first Restore (keep_file=1) leaves the file, the last deletes it."""
+    x = _sample(np.float32, [5, 6], seed=3)
+    sop, sattrs = make_spill_node_spec(TensorProto.FLOAT, key="twice")
+    rop, keep = make_restore_node_spec(TensorProto.FLOAT, key="twice", keep_file=True)
+    _, last = make_restore_node_spec(TensorProto.FLOAT, key="twice")
+    assert keep["keep_file"] == 1 and "keep_file" not in last
+    model = _model(
+        [helper.make_node(sop, ["X"], ["H"], domain="poet", **sattrs),
+         helper.make_node(rop, ["H"], ["Y1"], domain="poet", **keep),
+         helper.make_node("Neg", ["Y1"], ["N1"]),
+         helper.make_node(rop, ["H"], ["Y2"], domain="poet", **last)],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 6])],
+        [helper.make_tensor_value_info("N1", TensorProto.FLOAT, [5, 6]),
+         helper.make_tensor_value_info("Y2", TensorProto.FLOAT, [5, 6]),
+         helper.make_tensor_value_info("H", TensorProto.INT64, [2])])
+    n1, y2, h = _session(model, spill_lib).run(None, {"X": x})
+    assert (-n1).tobytes() == x.tobytes() and y2.tobytes() == x.tobytes()
+    assert not _spill_path(spill_dir, h).exists() and list(spill_dir.iterdir()) == []
+    # keep_file alone leaves the file for the next Restore
+    (h,) = _session(_spill_only(TensorProto.FLOAT, [5, 6]), spill_lib).run(None, {"X": x})
+    keep_only = _model([helper.make_node(rop, ["H"], ["Y"], domain="poet", **keep)],
+                       [helper.make_tensor_value_info("H", TensorProto.INT64, [2])],
+                       [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    for _ in range(2):
+        (y,) = _session(keep_only, spill_lib).run(None, {"H": h})
+        assert np.array_equal(x, y) and _spill_path(spill_dir, h).is_file()
+    (y,) = _session(_restore_only(TensorProto.FLOAT), spill_lib).run(None, {"H": h})
+    assert np.array_equal(x, y) and not _spill_path(spill_dir, h).exists()
+
+
 def test_tokens_differ_between_runs(spill_lib, spill_dir):
     sess = _session(_spill_only(TensorProto.INT64, [3]), spill_lib)
     handles = {int(sess.run(None, {"X": np.arange(3)})[0][0]) for _ in range(20)}

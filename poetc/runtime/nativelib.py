@@ -117,7 +117,7 @@ def make_spill_node_spec(dtype: int, key: str | None = None) -> tuple[str, dict]
     return SPILL_OP_TYPE, attrs
 
 
-def make_restore_node_spec(dtype: int, key: str | None = None) -> tuple[str, dict]:
+def make_restore_node_spec(dtype: int, key: str | None = None, keep_file: bool = False) -> tuple[str, dict]:
     """``(op_type, attrs)`` of the node that restores a tensor of ``dtype``.
 
     ONNX Runtime 1.19 custom ops need a static output element type (an
@@ -125,10 +125,13 @@ def make_restore_node_spec(dtype: int, key: str | None = None) -> tuple[str, dic
     UNDEFINED input, from which ORT copies the type), so there is one op type
     per dtype: ``Restore`` (float) and ``Restore_<dtype>`` for the others.
     Input: the int64[2] handle from ``Spill``; output: the tensor with its
-    original shape.  Domain :data:`SPILL_DOMAIN`.
+    original shape.  Domain :data:`SPILL_DOMAIN`.  ``keep_file``: leave the
+    spill file for a later Restore of the same handle (the last one deletes it).
     """
     d = _check_dtype(dtype)
     attrs = {"key": str(key)} if key else {}
+    if keep_file:
+        attrs["keep_file"] = 1
     return RESTORE_OP_TYPES[d], attrs
 
 

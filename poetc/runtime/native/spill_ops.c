@@ -33,6 +33,10 @@
  *     mismatch, truncation, checksum mismatch -- fails the run with an error
  *     status naming the file; a damaged file is kept for inspection.
  *     attribute key (string, optional): label used only in error messages.
+ *     attribute keep_file (int, optional, default 0): 1 leaves the file in
+ *     place after a successful restore, for a later Restore of the same
+ *     handle (a tensor paged in again between two backward readers); the
+ *     last Restore of a handle has keep_file 0 and deletes it.
  *
  * Environment, read when a kernel is created (i.e. at session creation):
  *   POETC_SPILL_DIR         spill directory (default ${TMPDIR:-/tmp}/poetc-spill,
@@ -71,6 +75,7 @@ typedef struct {
   char dir[POET_PATH_BYTES];
   char key[256];
   int drop_cache;
+  int keep_file; /* Restore: leave the spill file for a later Restore of the same handle */
 } PoetKernel;
 
 /* ------------------------------------------------------------------------ */
@@ -240,6 +245,15 @@ static OrtStatusPtr ORT_API_CALL op_create_kernel(const OrtCustomOp *op, const O
     }
   }
 
+  if (p->kind == POET_KIND_RESTORE) {
+    int64_t keep = 0;
+    st = g_ort->KernelInfoGetAttribute_int64(info, "keep_file", &keep);
+    if (st)
+      g_ort->ReleaseStatus(st); /* absent: delete after restoring */
+    else
+      k->keep_file = keep != 0;
+  }
+
   if (p->kind == POET_KIND_SPILL) {
     poet_err err;
     if (poet_ensure_dir(k->dir, &err) != POET_OK) {
@@ -394,7 +408,7 @@ static OrtStatus *restore_compute(PoetKernel *k, OrtKernelContext *ctx) {
     return make_status(ORT_RUNTIME_EXCEPTION, "%s: %s; the file was kept for inspection", pre,
                        err.msg);
   }
-  poet_spill_reader_close(&rd, 1);
+  poet_spill_reader_close(&rd, !k->keep_file);
   return NULL;
 }
 

@@ -1,7 +1,8 @@
 """insert-spill-restore: add the native Spill/Restore ops for every PAGE decision.
 
 Rewrites: a Spill node (domain `poet`) right after each paged tensor's producer, whose small int64
-handle output feeds a Restore node placed before the tensor's first backward reader; backward nodes
+handle output feeds a Restore node placed before the tensor's first backward reader (and one more
+before each reader it is paged in again for: all but the last keep the spill file); backward nodes
 read the restored tensor. Guarantees: the Restore output has the original's dtype and shape; the
 domain's opset import is registered for export.
 """
@@ -25,7 +26,8 @@ class InsertSpillRestore:
         tensors = ctx.gs_graph.tensors()
         introduced: set[str] = set()
         spills = restores = 0
-        for step in ctx.schedule.steps:
+        last_restore = {step.tensor: i for i, step in enumerate(ctx.schedule.steps) if step.kind is StepKind.PAGE_IN}
+        for i, step in enumerate(ctx.schedule.steps):
             if step.kind is StepKind.PAGE_OUT:
                 t = ctx.graph.tensors[step.tensor]
                 op_type, attrs = make_spill_node_spec(t.dtype)
@@ -37,7 +39,7 @@ class InsertSpillRestore:
                 spills += 1
             elif step.kind is StepKind.PAGE_IN:
                 t = ctx.graph.tensors[step.tensor]
-                op_type, attrs = make_restore_node_spec(t.dtype)
+                op_type, attrs = make_restore_node_spec(t.dtype, keep_file=last_restore[step.tensor] != i)
                 out = tensors.get(step.writes[0])  # insert-recompute creates it if a recompute reads it
                 if out is None:
                     out = tensors[step.writes[0]] = gs.Variable(step.writes[0])

@@ -229,7 +229,8 @@ def _print_report(r: dict, out_dir: Path, timings: dict) -> None:
         over = s["overhead_energy_j"] / keep["energy_j"] * 100 if keep["energy_j"] else 0.0
         print(f"  {name:<12} {s['status']:<19} {str(s['fits']).lower():<5} {format_size(s['peak_bytes']):>12} "
               f"{format_time(s['time_s']):>12} {s['energy_j']:>10.4g} J {over:>8.2f}%  "
-              f"{s['decisions']['recompute']}/{s['decisions']['page']}")
+              f"{s['decisions']['recompute']}/{s['decisions']['page']}"
+              + (f" (+{s['decisions']['page_in_again']} paged in again)" if s["decisions"].get("page_in_again") else ""))
     gap = res.get("gap")
     print(f"  solver: {res['status']}, overhead gap {gap * 100:.2f}%" if gap is not None else
           f"  solver: {res['status']}", f"in {timings['solve_s']:.2f} s (compile {timings['compile_s']:.1f} s); {r['candidates']} candidates, "

@@ -26,7 +26,11 @@ Regeneration policy (the solver's formulation mirrors it exactly):
   regenerated tensor, once, when a reader after the gap needs it;
 - `regenerate_at` may move a tensor's regeneration earlier, to a stage in its gap (the MILP does so
   to keep a recompute's transient intermediates away from the peak): it is regenerated there,
-  before that op, exactly as if a recompute needed it there.
+  before that op, exactly as if a recompute needed it there;
+- `repage_at` lists, for a PAGE tensor, backward readers before which it is paged in again from its
+  flash copy: the restored copy before it is freed after the previous reader, so the tensor is not
+  resident between the two (POET's page-in at any stage). Every Restore but the last of a tensor
+  keeps the spill file.
 """
 
 from __future__ import annotations
@@ -71,8 +75,8 @@ def recompute_name(name: str, k: int) -> str:
     return f"{name}__poet_rc{k}"
 
 
-def restored_name(name: str) -> str:
-    return f"{name}__poet_restored"
+def restored_name(name: str, k: int = 1) -> str:
+    return f"{name}__poet_restored" if k == 1 else f"{name}__poet_restored{k}"
 
 
 def handle_name(name: str) -> str:
@@ -82,9 +86,17 @@ def handle_name(name: str) -> str:
 class StepBuilder:
     """Expands decisions into a step list (see the module docstring for the policy)."""
 
-    def __init__(self, graph: TrainGraph, decisions: dict[str, Decision], regenerate_at: dict[str, int] | None = None):
+    def __init__(self, graph: TrainGraph, decisions: dict[str, Decision], regenerate_at: dict[str, int] | None = None,
+                 repage_at: dict[str, list[int]] | None = None):
         self.g = graph
         self.decisions = decisions
+        self.repage: dict[int, list[str]] = {}  # position -> PAGE tensors paged in again before that op
+        for name, positions in sorted((repage_at or {}).items()):
+            if decisions.get(name) is not Decision.PAGE:
+                raise InternalError(f"{name!r} is paged in again but its decision is not page")
+            for p in positions:
+                self.repage.setdefault(p, []).append(name)
+        self._restores: dict[str, int] = {}
         self.early: dict[int, list[str]] = {}  # position -> tensors regenerated before that op, ahead of need
         for name, p in sorted((regenerate_at or {}).items(), key=lambda kv: (kv[1], graph.tensors[kv[0]].producer, kv[0])):
             self.early.setdefault(p, []).append(name)
@@ -101,6 +113,10 @@ class StepBuilder:
     def build(self) -> list[Step]:
         for op in self.g.ops:
             self.position = op.index
+            for name in self.repage.get(op.index, ()):
+                if name not in self.regenerated:
+                    raise InternalError(f"{name!r} is paged in again before {op.name!r} but was never paged in")
+                del self.regenerated[name]  # this op reads a fresh copy; the last one is freed after its reader
             for name in self.early.get(op.index, ()):
                 self.resolve(name)
             if op.role in (Role.FORWARD, Role.LOSS):
@@ -133,7 +149,8 @@ class StepBuilder:
         root = self.g.storage_root(name)
         decision = self.decision(name)
         if name == root and decision is Decision.PAGE:
-            new = restored_name(name)
+            k = self._restores[name] = self._restores.get(name, 0) + 1
+            new = restored_name(name, k)
             self.steps.append(Step(StepKind.PAGE_IN, None, name, (handle_name(name),), (new,)))
             self.origin[new] = name
             self.regenerated[name] = new
@@ -171,11 +188,11 @@ class StepBuilder:
         return new
 
 
-def build_steps(graph: TrainGraph, decisions: dict[str, Decision],
-                regenerate_at: dict[str, int] | None = None) -> tuple[list[Step], dict[str, str]]:
-    """The step list for `decisions` (and regenerations placed ahead of need, see the module
-    docstring) and the map versioned name -> original tensor name."""
-    builder = StepBuilder(graph, decisions, regenerate_at)
+def build_steps(graph: TrainGraph, decisions: dict[str, Decision], regenerate_at: dict[str, int] | None = None,
+                repage_at: dict[str, list[int]] | None = None) -> tuple[list[Step], dict[str, str]]:
+    """The step list for `decisions` (with regenerations placed ahead of need and page-ins again, see
+    the module docstring) and the map versioned name -> original tensor name."""
+    builder = StepBuilder(graph, decisions, regenerate_at, repage_at)
     return builder.build(), builder.origin
 
 
@@ -240,10 +257,13 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
         return t is not None and t.kind.is_persistent
 
     last_read: dict[str, int] = {}
+    last_page_in: dict[str, int] = {}  # the flash copy is dropped by a tensor's last Restore
     for i, step in enumerate(steps):
         for x in step.reads:
             if x:
                 last_read[x] = i
+        if step.kind is StepKind.PAGE_IN:
+            last_page_in[step.tensor] = i
     outputs = {o.name for o in graph.model.graph.output}
     # storage: versioned name -> buffer id (its own name, or the buffer it aliases)
     buffer_of: dict[str, str] = {}
@@ -297,7 +317,7 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
             paged += tensors[step.tensor].nbytes
             flash += tensors[step.tensor].nbytes
             max_flash = max(max_flash, flash)
-        elif step.kind is StepKind.PAGE_IN:
+        elif step.kind is StepKind.PAGE_IN and last_page_in[step.tensor] == i:
             flash -= tensors[step.tensor].nbytes
         # frees: reads whose last reader is this step, and writes nobody reads
         for x in set(step.reads) | set(step.writes):
@@ -328,19 +348,24 @@ class Schedule:
     origin: dict[str, str] = field(default_factory=dict)
     solver: dict = field(default_factory=dict)  # status, gap, bound, time, granularity
     regenerate_at: dict[str, int] = field(default_factory=dict)  # tensor -> position, ahead of its need
+    repage_at: dict[str, list[int]] = field(default_factory=dict)  # PAGE tensor -> readers it is paged in again for
 
     @classmethod
     def from_decisions(cls, graph: TrainGraph, decisions: dict[str, Decision], strategy: str,
-                       solver: dict | None = None, regenerate_at: dict[str, int] | None = None) -> "Schedule":
+                       solver: dict | None = None, regenerate_at: dict[str, int] | None = None,
+                       repage_at: dict[str, list[int]] | None = None) -> "Schedule":
         decisions = {k: v for k, v in sorted(decisions.items()) if v is not Decision.KEEP}
         regenerate_at = {k: p for k, p in sorted((regenerate_at or {}).items()) if k in decisions}
-        steps, origin = build_steps(graph, decisions, regenerate_at)
-        return cls(decisions, strategy, graph_fingerprint(graph), steps, origin, solver or {}, regenerate_at)
+        repage_at = {k: sorted(ps) for k, ps in sorted((repage_at or {}).items()) if ps}
+        steps, origin = build_steps(graph, decisions, regenerate_at, repage_at)
+        return cls(decisions, strategy, graph_fingerprint(graph), steps, origin, solver or {}, regenerate_at,
+                   repage_at)
 
     def counts(self) -> dict[str, int]:
         out = {d.value: 0 for d in Decision}
         for d in self.decisions.values():
             out[d.value] += 1
+        out["page_in_again"] = sum(len(ps) for ps in self.repage_at.values())
         return out
 
     def to_json(self) -> dict:
@@ -350,6 +375,7 @@ class Schedule:
             "graph_fingerprint": self.graph_fingerprint,
             "decisions": {k: v.value for k, v in sorted(self.decisions.items())},
             "regenerate_at": dict(sorted(self.regenerate_at.items())),
+            "repage_at": dict(sorted(self.repage_at.items())),
             "steps": [s.to_json() for s in self.steps],
             "solver": self.solver,
         }
@@ -357,7 +383,8 @@ class Schedule:
     def compact_encoding(self, graph: TrainGraph) -> bytes:
         """The device-side encoding, little-endian: u32 count of decidable tensors, their decisions at
         2 bits each (producer order, packed), then u16 count of regenerations ahead of need and, for
-        each, u16 tensor index and u16 position."""
+        each, u16 tensor index and u16 position, then u16 count of page-ins again and, for each, u16
+        tensor index and u16 position of the reader it is for."""
         held = graph.decidable_tensors()
         codes = {Decision.KEEP: 0, Decision.RECOMPUTE: 1, Decision.PAGE: 2}
         bits = bytearray((len(held) + 3) // 4)
@@ -365,8 +392,9 @@ class Schedule:
             bits[i // 4] |= codes[self.decisions.get(h.name, Decision.KEEP)] << (2 * (i % 4))
         index = {h.name: i for i, h in enumerate(held)}
         early = sorted((index[name], p) for name, p in self.regenerate_at.items())
-        tail = len(early).to_bytes(2, "little") + b"".join(
-            i.to_bytes(2, "little") + p.to_bytes(2, "little") for i, p in early)
+        again = sorted((index[name], p) for name, ps in self.repage_at.items() for p in ps)
+        tail = b"".join(len(pairs).to_bytes(2, "little") + b"".join(
+            i.to_bytes(2, "little") + p.to_bytes(2, "little") for i, p in pairs) for pairs in (early, again))
         return len(held).to_bytes(4, "little") + bytes(bits) + tail
 
 

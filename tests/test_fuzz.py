@@ -51,7 +51,7 @@ def test_every_strategy_is_valid_on_random_graphs(spec, seed, page_scale, fracti
             if r.fits:
                 assert r.sim.peak_bytes <= limits.activation_budget_bytes
                 assert r.overhead_time_s <= limits.overhead_time_s + 1e-9
-                assert evaluate_linear(problem, r.choice, r.early).peak_bytes >= r.sim.peak_bytes - 128
+                assert evaluate_linear(problem, r.choice, r.early, r.repage).peak_bytes >= r.sim.peak_bytes - 128
 
 
 @settings(max_examples=3, **SETTINGS)

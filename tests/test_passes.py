@@ -583,3 +583,39 @@ def test_gradient_decisions_on_a_residual_block(residual, rule, tmp_path, reques
     assert_valid(graph, schedule, after, keep_all_peak_bytes(graph))
     feeds = user_feeds(graph)
     assert_same_training(train_in_ort(artifacts, feeds), train_rewritten(tmp_path, artifacts, after, feeds, request))
+
+
+def test_paging_a_tensor_in_again_on_a_residual_block(residual, tmp_path, request, update_golden):
+    """relu0 is read by fc2's weight gradient and, much later, by its own ReluGrad: paged, it can be
+    dropped in between and paged in again (POET's solution at 80% of keep-all). Two Restore nodes from
+    one Spill, the first keeping the spill file; the simulator frees the first copy after its reader;
+    training is bitwise identical in ONNX Runtime."""
+    from poetc.schedule import SPILL_HANDLE_BYTES, StepCosts
+    from poetc.solver.problem import build_problem
+    artifacts, graph = residual
+    n = len(graph.ops)
+    problem = build_problem(graph, StepCosts([1e-6] * n, [1e-6] * n, lambda b: (1e-6, 1e-6), lambda b: (1e-6, 1e-6)))
+    cand = next(c for c in problem.candidates if c.name == "relu0_out")
+    assert cand.inner, "relu0 has no backward readers far apart"
+    (a, b), = cand.inner
+    plain = Schedule.from_decisions(graph, {"relu0_out": Decision.PAGE}, "rule:page")
+    schedule = Schedule.from_decisions(graph, {"relu0_out": Decision.PAGE}, "rule:page-again",
+                                       repage_at={"relu0_out": [b]})
+    page_ins = [s for s in schedule.steps if s.kind is StepKind.PAGE_IN]
+    assert [s.tensor for s in page_ins] == ["relu0_out"] * 2 and page_ins[0].writes != page_ins[1].writes
+    # resident over (a, b) only without the second page-in (whose spill handle lives on: 16 bytes)
+    live = {name: simulate(graph, s.steps, s.origin).live_bytes for name, s in (("plain", plain), ("again", schedule))}
+    at = next(i for i, s in enumerate(schedule.steps) if s.kind is StepKind.COMPUTE and a < s.op < b)
+    at_plain = next(i for i, s in enumerate(plain.steps) if s.op == schedule.steps[at].op and s.kind is StepKind.COMPUTE)
+    assert live["plain"][at_plain] - live["again"][at] == graph.tensors["relu0_out"].alloc_bytes - SPILL_HANDLE_BYTES
+    before, after, _ = run_passes(graph, schedule, "default")
+    restores = [n for n in after.graph.node if n.domain == SPILL_DOMAIN and n.op_type.startswith("Restore")]
+    keep = [next((x.i for x in n.attribute if x.name == "keep_file"), 0) for n in restores]
+    assert keep == [1, 0]
+    header = (f"residual-page-again: poet_reference.tiny_onnx('residual', layers=2), relu0 paged and paged in "
+              f"again before op {b} ({schedule.counts()}), passes: {', '.join(DEFAULT_ORDER)}\n"
+              f"refresh: python3 -m pytest tests/test_passes.py --update-golden")
+    check_golden("residual-page-again", header, graph_text(before), graph_text(after), update_golden)
+    assert_valid(graph, schedule, after, keep_all_peak_bytes(graph))
+    feeds = user_feeds(graph)
+    assert_same_training(train_in_ort(artifacts, feeds), train_rewritten(tmp_path, artifacts, after, feeds, request))

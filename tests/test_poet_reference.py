@@ -43,14 +43,22 @@ def test_keep_all_memory_agrees(tiny_problems, name):
 @pytest.mark.parametrize("frac", BUDGETS)
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_poetc_equal_or_better_than_poet(tiny_problems, name, frac):
-    """Against POET restricted to the tensors poetc decides about (forward activations): both solve to
-    a proof (optimal or infeasible, no time-outs, no heuristic fallback), agree on feasibility, and
-    poetc's optimum is no worse."""
+    """Against POET restricted to decisions about forward nodes: both solve to a proof (optimal or
+    infeasible, no time-outs, no heuristic fallback); wherever POET finds a schedule poetc does, no
+    worse; where only poetc does, it uses what that restriction rules out (a decision about a
+    gradient) or pages a tensor in again."""
     row = _solve_both(tiny_problems[name], frac, "poet-fwd")
     assert row.poet_status in ("optimal", "infeasible"), row
     assert row.poetc_status in ("optimal", "infeasible"), row
-    assert (row.poet_status == "infeasible") == (not row.poetc_fits), row
-    if row.poetc_fits:
+    if row.poet_status != "infeasible":
+        assert row.poetc_fits, row
+    elif row.poetc_fits:
+        problem = tiny_problems[name]
+        limits = Limits(row.activation_budget_bytes, problem.base_time_s * (DEADLINE - 1.0), 1e15)
+        ours = run_strategy(problem, limits, "poet", time_limit_s=TIME_LIMIT_S)
+        gradients = {c.name for c in problem.candidates if c.gradient}
+        assert ours.fits and (set(ours.schedule.decisions) & gradients or ours.schedule.repage_at), row
+    if row.poetc_fits and row.poet_status != "infeasible":
         assert row.poetc_objective_j <= row.poet_objective_j * (1 + 1e-6) + 1e-12, row
         # POET's choice, read per tensor, replays in poetc's simulator at the same cost
         assert row.mapped_fits and row.mapped_objective_j == pytest.approx(row.poet_objective_j, rel=1e-6)
@@ -134,12 +142,23 @@ def test_faithful_poet_on_the_residual_matches_poetc_which_recomputes_a_gradient
     assert ours.schedule.decisions
 
 
-def test_faithful_poet_beats_poetc_on_the_residual_only_by_regenerating_twice(tiny_problems):
-    """A known gap in poetc's policy, not a modelling error: at 80% POET pages a forward activation
-    in twice (for its two backward readers, dropping it in between); poetc regenerates a tensor at
-    most once and finds no schedule."""
+def test_poetc_pages_a_tensor_in_twice_on_the_residual_as_poet_does(tiny_problems):
+    """At 80% POET pages relu0 out once and in twice, for its two backward readers far apart,
+    dropping it in between; poetc can do the same (Schedule.repage_at). POET's optimum, read as
+    poetc decisions, maps without actions outside poetc's policy other than recomputing a zero-byte
+    Identity, and replays in poetc's simulator at POET's cost; poetc's own optimum is no worse.
+    (It is lower, 5.30 vs 7.78 mJ: it keeps relu1, peaking 240 bytes under the budget, inside the
+    656 bytes POET's accounting does not model and the comparison takes off POET's budget.)"""
     problem = tiny_problems["residual"]
     ours, inst, sol = _residual_both(problem, 0.8)
     assert sol.status == "optimal", sol.message
-    assert not ours.fits
     assert any(sol.M_in[:, i].sum() >= 2 for i in range(inst.n)), pr.describe(inst, sol)
+    assert ours.status == "optimal" and ours.fits, ours.notes
+    assert ours.schedule.repage_at == {"relu0_out": [problem.candidates[
+        next(i for i, c in enumerate(problem.candidates) if c.name == "relu0_out")].inner[0][1]]}
+    assert 0 < ours.overhead_energy_j <= sol.objective_j * (1 + 1e-6)
+    mapped = pr.map_to_decisions(problem, sol)
+    assert mapped.repage and all(x.startswith("recompute add_Grad/Identity") for x in mapped.outside_policy), mapped
+    limits = Limits(int(problem.keep_all_peak_bytes * 0.8), problem.base_time_s * (DEADLINE - 1.0), 1e15)
+    replay = finish(problem, "poet-reference", mapped.choice, limits, sol.status, repage=mapped.repage)
+    assert replay.fits and replay.overhead_energy_j == pytest.approx(sol.objective_j, rel=1e-6)

@@ -51,11 +51,11 @@ def test_every_strategy_is_valid(fixture, request, frac, deadline, seed_scale, p
             # the MILP's own accounting agrees with the linear model and the simulator: an answer the
             # solver calls feasible fits (a mismatch would have shown as "heuristic-fallback")
             assert r.fits, (s, r.status, r.notes)
-            assert evaluate_linear(problem, r.choice, r.early).peak_bytes <= limits.activation_budget_bytes + 1
+            assert evaluate_linear(problem, r.choice, r.early, r.repage).peak_bytes <= limits.activation_budget_bytes + 1
         if r.fits:
             assert r.sim.peak_bytes <= limits.activation_budget_bytes
             assert r.overhead_time_s <= limits.overhead_time_s + 1e-9
-            predicted = evaluate_linear(problem, r.choice, r.early)
+            predicted = evaluate_linear(problem, r.choice, r.early, r.repage)
             assert predicted.peak_bytes >= r.sim.peak_bytes - 1  # the model never under-counts
         if s == "capuchin" and r.fits:
             best_heuristic = r.overhead_energy_j
@@ -70,7 +70,7 @@ def test_milp_prediction_equals_simulation_on_recompute_chains(cnn_graph):
     limits = Limits(problem.keep_all_peak_bytes * 0.8, problem.base_time_s * 5, 1e12)
     r = run_strategy(problem, limits, "remat-only", time_limit_s=20)
     assert r.fits and any(d is Decision.RECOMPUTE for d in r.choice)
-    assert evaluate_linear(problem, r.choice, r.early).peak_bytes == pytest.approx(r.sim.peak_bytes, rel=0.02)
+    assert evaluate_linear(problem, r.choice, r.early, r.repage).peak_bytes == pytest.approx(r.sim.peak_bytes, rel=0.02)
 
 
 def test_budget_below_floor_is_reported_before_solving(mlp_graph):
@@ -114,10 +114,16 @@ def test_remat_only_milp_optimum_fits(cnn_graph):
     assert r.fits
 
 
+def _random_repage(problem, choice, rng) -> dict[int, list[int]]:
+    """Random page-ins again: for half the PAGE candidates' inner reader gaps."""
+    return {i: js for i, c in enumerate(problem.candidates) if choice[i] is Decision.PAGE
+            for js in [[j for j in range(len(c.inner)) if rng.random() < 0.5]] if js}
+
+
 @pytest.mark.parametrize("fixture", ["mlp_graph", "cnn_graph", "bert_tiny_graph"])
 def test_linear_model_never_under_counts_the_simulator(fixture, request):
-    """For any decisions (200 seeded random ones, some regenerated ahead of need), the solver's linear
-    memory model is at or above the simulator's peak. A recompute of MaxPool writes its mask too; the model once missed that (1.7 MB
+    """For any decisions (200 seeded random ones, some regenerated ahead of need, some paged in again
+    between backward readers), the solver's linear memory model is at or above the simulator's peak. A recompute of MaxPool writes its mask too; the model once missed that (1.7 MB
     under on the CNN at batch 64) and the MILP called an over-budget schedule optimal."""
     import random
 
@@ -140,11 +146,13 @@ def test_linear_model_never_under_counts_the_simulator(fixture, request):
             lo, hi = problem.stages.index(c.s0), problem.stages.index(c.fb)
             if lo < hi and rng.random() < 0.3:
                 early[i] = rng.randrange(lo, hi)
+        repage = _random_repage(problem, choice, rng)
         schedule = Schedule.from_decisions(g, problem.decisions_from(dict(enumerate(choice))), "random",
-                                           regenerate_at=problem.regenerate_at_from(early))
+                                           regenerate_at=problem.regenerate_at_from(early),
+                                           repage_at=problem.repage_at_from(repage))
         sim = simulate(g, schedule.steps, schedule.origin, problem.costs)
         timeline = sim.live_bytes
-        ev = evaluate_linear(problem, choice, early)
+        ev = evaluate_linear(problem, choice, early, repage)
         # overhead: exact, except that a chain reading a saved tensor through an alias (Flatten) is
         # charged the alias op, which only reruns when that tensor is itself regenerated
         alias_ops = {i for u, c in enumerate(problem.candidates) if choice[u] is Decision.RECOMPUTE
@@ -167,6 +175,8 @@ def test_linear_model_never_under_counts_the_simulator(fixture, request):
                 rows.append(ev.op_profile[g.tensors[step.tensor].producer])
             elif position in problem.stages:
                 rows.append(ev.pre_profile[problem.stages.index(position)])
+            elif step.kind.value == "page_in":  # paged in again before a reader that is not a stage: the
+                rows.append(ev.op_profile[position])  # op's row counts it, and the op's outputs on top
             else:  # an alias op rebuilding a view of an already regenerated tensor: no bytes
                 assert step.kind.value == "recompute" and all(g.tensors[w].alias_of for w in map(
                     schedule.origin.get, step.writes)), step
@@ -225,12 +235,14 @@ def test_milp_rows_are_the_linear_model(fixture, request):
         for i, c in enumerate(problem.candidates):
             if choice[i] is not Decision.KEEP and c.s0 < c.fb and rng.random() < 0.3:
                 early[i] = rng.randrange(problem.stages.index(c.s0), problem.stages.index(c.fb))
-        ev = evaluate_linear(problem, choice, early)
-        value = {id(var): x for var, x in start_values(problem, v, choice, ev)}
+        repage = _random_repage(problem, choice, rng)
+        ev = evaluate_linear(problem, choice, early, repage)
+        value = {id(var): x for var, x in start_values(problem, v, choice, ev, repage)}
         handles = np.zeros(n)
         for i, c in enumerate(problem.candidates):
             if choice[i] is Decision.PAGE:
-                handles[c.prod + 1: c.fb + 1] += SPILL_HANDLE_BYTES
+                last = max([c.fb] + [c.inner[j][1] for j in repage.get(i, ())])
+                handles[c.prod + 1: last + 1] += SPILL_HANDLE_BYTES
         got = [c0 + sum(coef * value[id(v.var(key))] for key, coef in t.items()) for c0, t in rows]
         assert np.allclose(np.array(got[:n]) + handles, ev.op_profile, rtol=0, atol=0.5)
         assert np.allclose(np.array(got[n:]) + handles[problem.stages], ev.pre_profile, rtol=0, atol=0.5)

@@ -26,6 +26,9 @@ Time and energy, overhead only (the mandatory first computation is a constant, k
   sum (rec_i, outside groups) * c_rec_i + sum run_g * c_rec_g + sum rec_i * c_alias_i + page_i * c_page_i
   <= deadline - keep-all time;  the same sum in energy is the objective;  sum page_i * m_i <= flash
 (c_alias: Flatten/Reshape views of a regenerated tensor that backward ops read, rebuilt once.)
+Page in again: for each pair (a, b) of a pageable tensor's consecutive backward readers with ops
+between them (Candidate.inner), a binary drop[i,j] <= page_i: the tensor is not resident over (a, b)
+(a term -m_i in those rows) and is paged in again before b (one more page-in in time and energy).
 y is binary for a tensor outside a group whose recompute creates transient intermediates (it has tau
 variables), z is binary; otherwise y, and tau, gtau, w, run and ext everywhere, are continuous, which
 is exact: at integral keep/rec/page their minimal values are integral and any larger value only uses
@@ -56,6 +59,7 @@ class MilpVars:
     z: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (group, stage) -> has rerun by then
     gtau: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (group, stage) -> reruns there
     w: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (member, stage) -> transient copy
+    drop: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (candidate, inner gap) -> paged in again
 
     def var(self, key: tuple) -> mip.Var:
         """The variable a memory-row key names: ("keep", i), ("y", i, k), ("ext", b, p), ..."""
@@ -104,6 +108,10 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
         v.page[i] = m.add_var(f"page_{i}", var_type=mip.BINARY,
                               ub=1.0 if (c.pageable and limits.allow_page) else 0.0)
         m += v.keep[i] + v.rec[i] + v.page[i] == 1, f"one_{i}"
+        if c.pageable and limits.allow_page:
+            for j in range(len(c.inner)):
+                v.drop[(i, j)] = m.add_var(f"drop_{i}_{j}", var_type=mip.BINARY)
+                m += v.drop[(i, j)] - v.page[i] <= 0, f"drop_{i}_{j}"
         has_events = c.recomputable and limits.allow_recompute and c.transient_bytes > 0 and c.group < 0
         y_type = mip.BINARY if has_events else mip.CONTINUOUS
         for k in range(stage_idx[c.s0], stage_idx[c.fb]):
@@ -177,7 +185,7 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
     budget = limits.activation_budget_bytes - SPILL_HANDLE_BYTES * len(decidable)
     for c0, row_terms in decidable_rows:
         key = tuple(sorted(row_terms.items()))
-        if c0 + sum(row_terms.values()) <= budget:
+        if c0 + sum(b for b in row_terms.values() if b > 0) <= budget:
             continue  # cannot bind
         rows[key] = max(rows.get(key, -1.0), float(c0))
     for r, (key, c0) in enumerate(sorted(rows.items(), key=lambda kv: kv[1])):
@@ -185,14 +193,16 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
         m += expr <= (budget - c0) * scale, f"mem_{r}"
 
     # deadline, flash, objective
-    def overhead(rec_cost, alias_cost, page_cost):  # a group's producer reruns once for all its recomputed members
-        grouped = v.run
+    def overhead(rec_cost, alias_cost, page_cost, repage_cost):  # a group's producer reruns once for all its
+        grouped = v.run  # recomputed members
         return (mip.xsum(page_cost(cands[i]) * v.page[i] for i in decidable)
+                + mip.xsum(repage_cost(cands[i]) * var for (i, _), var in v.drop.items())
                 + mip.xsum(alias_cost(cands[i]) * v.rec[i] for i in decidable)
                 + mip.xsum(rec_cost(cands[i]) * v.rec[i] for i in decidable if cands[i].group not in grouped)
                 + mip.xsum(rec_cost(cands[problem.groups[g][0]]) * var for g, var in grouped.items()))
 
-    overhead_time = overhead(lambda c: c.rec_time_s, lambda c: c.alias_time_s, lambda c: c.page_time_s)
+    overhead_time = overhead(lambda c: c.rec_time_s, lambda c: c.alias_time_s, lambda c: c.page_time_s,
+                             lambda c: c.repage_time_s)
     m += overhead_time <= max(limits.overhead_time_s, 0.0), "deadline"
     if limits.flash_bytes < sum(cands[i].nbytes for i in decidable):
         m += mip.xsum(cands[i].nbytes / max(limits.flash_bytes, 1.0) * v.page[i] for i in decidable) <= 1, "flash"
@@ -200,7 +210,7 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
         m.objective = mip.minimize(overhead_time)
     else:
         m.objective = mip.minimize(overhead(lambda c: c.rec_energy_j, lambda c: c.alias_energy_j,
-                                            lambda c: c.page_energy_j))
+                                            lambda c: c.page_energy_j, lambda c: c.repage_energy_j))
     return m, v
 
 
@@ -223,6 +233,10 @@ def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, 
                 terms[p][("y", i, k)] = c.mem_bytes
     for (b, p) in v.ext:
         terms[p][("ext", b, p)] = cands[b].mem_bytes
+    for (i, j) in v.drop:
+        a, b = cands[i].inner[j]
+        for p in range(a + 1, b):
+            terms[p][("drop", i, j)] = -cands[i].mem_bytes
     pre_const = problem.pre_const_bytes + (const - problem.const_bytes)[stages]
     pre_terms: list[dict] = [dict(terms[p]) for p in stages]
     for (u, k) in v.tau:
@@ -234,7 +248,8 @@ def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, 
     return list(zip(map(float, const), terms)) + list(zip(map(float, pre_const), pre_terms))
 
 
-def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: LinearEval) -> list[tuple[mip.Var, float]]:
+def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: LinearEval,
+                 repage: dict[int, list[int]] | None = None) -> list[tuple[mip.Var, float]]:
     """A complete start (every variable set: python-mip's HiGHS backend zeroes missing ones)."""
     cands = problem.candidates
     start = []
@@ -244,6 +259,7 @@ def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: Line
     start += [(var, ev.y.get(key, 0.0)) for key, var in v.y.items()]
     start += [(var, ev.tau.get(key, 0.0)) for key, var in v.tau.items()]
     start += [(var, ev.ext.get(key, 0.0)) for key, var in v.ext.items()]
+    start += [(var, float(j in (repage or {}).get(i, ()))) for (i, j), var in v.drop.items()]
     at = ev.group_stage
     start += [(var, float(g in at)) for g, var in v.run.items()]
     start += [(var, float(g in at and k >= at[g])) for (g, k), var in v.z.items()]
@@ -261,6 +277,15 @@ def read_choice(problem: Problem, v: MilpVars) -> list[Decision]:
         elif v.page[i].x is not None and v.page[i].x > 0.5:
             choice[i] = Decision.PAGE
     return choice
+
+
+def read_repage(v: MilpVars, choice: list[Decision]) -> dict[int, list[int]]:
+    """{PAGE candidate: indices into its `inner`} it is dropped across and paged in again."""
+    repage: dict[int, list[int]] = {}
+    for (i, j), var in sorted(v.drop.items()):
+        if choice[i] is Decision.PAGE and var.x is not None and var.x > 0.5:
+            repage.setdefault(i, []).append(j)
+    return repage
 
 
 def read_early(problem: Problem, v: MilpVars, choice: list[Decision]) -> dict[int, int]:

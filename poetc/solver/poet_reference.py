@@ -410,14 +410,17 @@ def describe(inst: PoetInstance, sol: PoetSolution) -> list[str]:
 class Mapping:
     choice: list[Decision]
     outside_policy: list[str]  # POET actions poetc's policy cannot express
+    repage: dict[int, list[int]] = field(default_factory=dict)  # PAGE candidate -> inner gaps paged in again
 
 
 def map_to_decisions(problem: Problem, sol: PoetSolution) -> Mapping:
     """One decision per candidate: how POET makes its producer available at the first reader after the
     candidate's gap (the latest of: first computation -> KEEP, a recomputation -> RECOMPUTE, a page-in
-    -> PAGE).
+    -> PAGE); a later page-in of a PAGE candidate within one of its `inner` gaps -> paged in again
+    there (poetc does it just before the gap's second reader).
     Every other regeneration or page-out is listed in `outside_policy`."""
     choice = [Decision.KEEP] * len(problem.candidates)
+    repage: dict[int, list[int]] = {}
     used: set[tuple[str, int, int]] = set()
     for ci, c in enumerate(problem.candidates):
         if c.fixed:
@@ -430,6 +433,11 @@ def map_to_decisions(problem: Problem, sol: PoetSolution) -> Mapping:
             choice[ci] = Decision.PAGE
             used.add(("in", t - 1, p))
             used.update(("out", s, p) for s in range(p, t) if sol.M_out[s, p])
+            for j, (a, b) in enumerate(c.inner):
+                again = [s for s in range(max(a, t), b) if sol.M_in[s, p]]
+                if again:  # poetc pages it in just before b, holding it no longer than POET does
+                    repage.setdefault(ci, []).append(j)
+                    used.update(("in", s, p) for s in again)
         elif t > p:
             choice[ci] = Decision.RECOMPUTE
             used.add(("R", t, p))
@@ -446,7 +454,7 @@ def map_to_decisions(problem: Problem, sol: PoetSolution) -> Mapping:
                 outside.append(f"page in {names[i]} in stage {t}")
             if sol.M_out[t, i] and ("out", t, i) not in used:
                 outside.append(f"page out {names[i]} in stage {t}")
-    return Mapping(choice, outside)
+    return Mapping(choice, outside, repage)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -564,7 +572,7 @@ def compare_problem(name: str, problem: Problem, budget_fracs, *, deadline_facto
             outside: list[str] = []
             if ref.solved:
                 mapping = map_to_decisions(problem, ref)
-                sim = finish(problem, "poet-reference", mapping.choice, limits, ref.status)
+                sim = finish(problem, "poet-reference", mapping.choice, limits, ref.status, repage=mapping.repage)
                 mapped_fits, mapped_obj, outside = sim.fits, sim.overhead_energy_j, mapping.outside_policy
             rows.append(ComparisonRow(name, inst.n, len(problem.candidates), frac, budget, deadline_factor,
                                       problem.keep_all_peak_bytes, poet_keep, ours.status, ours.fits,

@@ -10,6 +10,8 @@ Under KEEP, t is resident over [prod, lb]. Otherwise it is resident over [prod, 
 Spill right after prod), and again over [fb, lb] once regenerated — or from an earlier "stage" in its
 gap when a recomputation of another tensor needs it (see schedule.py for the policy this mirrors).
 Stages are the distinct fb positions: the only places where regeneration happens.
+A PAGE candidate may also be dropped between two of its backward readers far apart and paged in
+again from its flash copy before the second (`inner`: those reader pairs; Schedule.repage_at).
 
 A multi-output op (MaxPool: output and mask; BatchNormalization: output and statistics) is rerun once
 for all its saved outputs that are recomputed: its recomputable candidates form a `group`, whose
@@ -58,6 +60,11 @@ class Candidate:
     page_time_s: float = 0.0  # out + in (+ alias ops)
     page_energy_j: float = 0.0
     s0: int = 0  # earliest stage at which it may have to be materialized
+    # (a, b): consecutive backward readers with ops between them, across which a PAGE candidate may be
+    # dropped and paged in again before b (resident over (a, b) otherwise); at one page-in's cost each
+    inner: list[tuple[int, int]] = field(default_factory=list)
+    repage_time_s: float = 0.0
+    repage_energy_j: float = 0.0
 
 
 @dataclass
@@ -95,6 +102,11 @@ class Problem:
     def regenerate_at_from(self, early: dict[int, int]) -> dict[str, int]:
         """Schedule.regenerate_at from {candidate: stage index}."""
         return {self.candidates[i].name: self.stages[k] for i, k in early.items()}
+
+    def repage_at_from(self, repage: dict[int, list[int]]) -> dict[str, list[int]]:
+        """Schedule.repage_at from {candidate: indices into its `inner`}."""
+        return {self.candidates[i].name: sorted(self.candidates[i].inner[j][1] for j in js)
+                for i, js in repage.items() if js}
 
 
 def _materialization_order(candidates: list[Candidate], stages: list[int]) -> tuple[dict[int, list[int]], list[int]]:
@@ -224,10 +236,16 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         charged = set(ops).difference(*(alias_ops[b] for b in boundary))
         cand.rec_time_s = float(sum(costs.op_time_s[i] for i in charged))
         cand.rec_energy_j = float(sum(costs.op_energy_j[i] for i in charged))
-    for cand in candidates:
+    for cand, views in zip(candidates, alias_ops):
         to, eo = costs.page_out(cand.nbytes)
         ti, ei = costs.page_in(cand.nbytes)
         cand.page_time_s, cand.page_energy_j = to + ti + cand.alias_time_s, eo + ei + cand.alias_energy_j
+        cand.repage_time_s, cand.repage_energy_j = ti, ei
+        # page in again: only a tensor whose backward readers all read it directly (no view to rebuild)
+        if cand.pageable and not any(name != cand.name and any(r >= cand.fb for r in graph.tensors[name].consumers)
+                                     for name in members[cand.name]):
+            readers = sorted({r for r in graph.tensors[cand.name].consumers if r >= cand.fb})
+            cand.inner = [(a, b) for a, b in zip(readers, readers[1:]) if b - a > 1]
     stages = sorted({c.fb for c in candidates if not c.fixed})
     while True:
         by_producer, bad = _materialization_order(candidates, stages)
@@ -237,6 +255,13 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
             candidates[i].recomputable = False
             candidates[i].why_not_recomputable = ("its producer may rerun for another of its outputs while "
                                                   "it is still read before its gap")
+    # a recompute reads its boundary tensors at stages s0..fb of the recomputed tensor: never while a
+    # boundary tensor is dropped between two of its readers
+    for u in candidates:
+        if u.recomputable:
+            for b in u.boundary:
+                t = candidates[b]
+                t.inner = [(a, z) for a, z in t.inner if u.fb <= a or u.s0 >= z]
     groups = [group for _, group in sorted(by_producer.items()) if len(group) > 1]
     for g, group in enumerate(groups):
         for i in group:
@@ -311,8 +336,10 @@ def materialization_stage(problem: Problem, choice: list[Decision],
     return first
 
 
-def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, int] | None = None) -> LinearEval:
+def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, int] | None = None,
+                    repage: dict[int, list[int]] | None = None) -> LinearEval:
     """The MILP's memory, time and energy accounting of one decision vector, and its variable values.
+    `repage`: PAGE candidate -> indices into its `inner` it is dropped across and paged in again.
     Memory has a row per position (while its op runs) and one per stage (while the regeneration steps
     before the stage's op run: the op's outputs and workspace are not there yet, the transient
     intermediates of recomputes are); `profile` is the larger of the two at each position."""
@@ -342,7 +369,12 @@ def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, i
             time_s += c.page_time_s
             energy += c.page_energy_j
             flash += c.nbytes
-            res[c.prod + 1: c.fb + 1] += SPILL_HANDLE_BYTES
+            again = [c.inner[j] for j in (repage or {}).get(i, ())]
+            for a, b in again:
+                res[a + 1: b] -= c.mem_bytes
+                time_s += c.repage_time_s
+                energy += c.repage_energy_j
+            res[c.prod + 1: max([c.fb] + [b for _, b in again]) + 1] += SPILL_HANDLE_BYTES
             continue
         time_s += c.alias_time_s
         energy += c.alias_energy_j

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import InfeasibleError, UsageError
 from ..schedule import Decision, Schedule, SimResult, simulate
-from .formulation import Limits, build_model, read_choice, read_early, start_values
+from .formulation import Limits, build_model, read_choice, read_early, read_repage, start_values
 from .problem import Problem, chen_checkpoints, evaluate_linear
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class StrategyResult:
     overhead_time_s: float
     overhead_energy_j: float
     early: dict[int, int] = field(default_factory=dict)  # candidate -> stage index, regenerated ahead of need
+    repage: dict[int, list[int]] = field(default_factory=dict)  # PAGE candidate -> inner gaps paged in again
     bound: float | None = None  # lower bound on the overhead objective (MILPs)
     gap: float | None = None  # (objective - bound) / objective, on the overhead
     solve_time_s: float = 0.0
@@ -50,18 +51,20 @@ class StrategyResult:
 
 
 def finish(problem: Problem, strategy: str, choice: list[Decision], limits: Limits, status: str,
-           early: dict[int, int] | None = None, **kw) -> StrategyResult:
+           early: dict[int, int] | None = None, repage: dict[int, list[int]] | None = None, **kw) -> StrategyResult:
     early = early or {}
+    repage = {i: js for i, js in (repage or {}).items() if js and choice[i] is Decision.PAGE}
     schedule = Schedule.from_decisions(problem.graph, problem.decisions_from(dict(enumerate(choice))), strategy,
                                        solver={"status": status, "granularity": "op"},
-                                       regenerate_at=problem.regenerate_at_from(early))
+                                       regenerate_at=problem.regenerate_at_from(early),
+                                       repage_at=problem.repage_at_from(repage))
     sim = simulate(problem.graph, schedule.steps, schedule.origin, problem.costs)
     over_t, over_e = sim.time_s - problem.base_time_s, sim.energy_j - problem.base_energy_j
     fits = (sim.peak_bytes <= limits.activation_budget_bytes + 0.5
             and over_t <= limits.overhead_time_s * (1 + 1e-9) + 1e-12
             and sim.max_flash_bytes <= limits.flash_bytes)
     schedule.solver.update({k: v for k, v in kw.items() if k in ("bound", "gap")})
-    return StrategyResult(strategy, choice, schedule, sim, fits, status, over_t, over_e, early, **kw)
+    return StrategyResult(strategy, choice, schedule, sim, fits, status, over_t, over_e, early, repage, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,7 +151,8 @@ def _milp_worker(problem: Problem, limits: Limits, start: list[Decision] | None,
         status = model.optimize(max_seconds=max(time_limit_s - (time.perf_counter() - t0) - 1.0, 0.5))
         if model.num_solutions:
             choice = read_choice(problem, v)
-            conn.send((status.name, ([d.value for d in choice], read_early(problem, v, choice)), model.objective_value,
+            conn.send((status.name, ([d.value for d in choice], read_early(problem, v, choice), read_repage(v, choice)),
+                       model.objective_value,
                        model.objective_bound, model.num_cols, model.num_rows))
         else:
             conn.send((status.name, None, None, model.objective_bound, model.num_cols, model.num_rows))
@@ -196,14 +200,14 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
                           solve_time_s=elapsed, notes=[why + "; no heuristic schedule fits either"])
         notes.append(why + "; falling back to the best heuristic schedule that fits")
         return finish(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed, notes=notes)
-    status_name, (values, early), objective, bound, ncols, nrows = message
+    status_name, (values, early, repage), objective, bound, ncols, nrows = message
     choice = [Decision(x) for x in values]
     bound = max(bound, 0.0) if bound is not None else None
     gap = (objective - bound) / objective if objective and bound is not None and objective > 1e-18 else 0.0
     status = "optimal" if status_name == "OPTIMAL" else "feasible"
     notes.append(f"MILP: {ncols} variables, {nrows} rows, {len(problem.candidates)} candidates")
-    result = finish(problem, strategy, choice, limits, status, early, bound=bound, gap=gap, solve_time_s=elapsed,
-                    notes=notes)
+    result = finish(problem, strategy, choice, limits, status, early, repage, bound=bound, gap=gap,
+                    solve_time_s=elapsed, notes=notes)
     if start is not None and not result.fits:  # never worse than the start: the simulator decides
         fallback = finish(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed,
                           notes=notes + ["the MILP solution failed simulation; using the heuristic start"])
@@ -251,6 +255,8 @@ def floor_bytes(problem: Problem) -> tuple[int, int]:
             continue
         floor[c.prod: c.lf + 1] += c.mem_bytes
         floor[c.fb: c.lb + 1] += c.mem_bytes
+        for a, b in c.inner:  # paged, it can be dropped between these readers
+            floor[a + 1: b] -= c.mem_bytes
     p = int(floor.argmax())
     return problem.fixed_bytes + int(floor[p]), p
 

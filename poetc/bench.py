@@ -42,7 +42,7 @@ COLUMNS = (
     "fixed_bytes", "keep_all_activation_bytes", "keep_all_time_s", "keep_all_energy_j", "floor_bytes",
     "budget_fraction", "ram_budget_bytes", "deadline_factor", "deadline_s",
     "strategy", "status", "fits", "peak_bytes", "activation_peak_bytes", "time_s", "energy_j",
-    "overhead_energy_pct", "overhead_time_pct", "recompute", "page", "bound", "gap", "solve_time_s",
+    "overhead_energy_pct", "overhead_time_pct", "recompute", "page", "page_in_again", "bound", "gap", "solve_time_s",
     "measured_activation_peak_bytes", "keep_all_ort_order_activation_bytes", "measured_keep_all_activation_peak_bytes",
     "measured_step_s", "measured_keep_all_step_s", "predicted_keep_all_step_s", "measured_within_budget",
     "identical", "max_rel_param_diff", "notes",
@@ -335,7 +335,7 @@ def _strategy_columns(problem, r) -> dict:
         "time_s": r.sim.time_s, "energy_j": r.sim.energy_j,
         "overhead_energy_pct": 100.0 * r.overhead_energy_j / problem.base_energy_j,
         "overhead_time_pct": 100.0 * r.overhead_time_s / problem.base_time_s,
-        "recompute": counts["recompute"], "page": counts["page"],
+        "recompute": counts["recompute"], "page": counts["page"], "page_in_again": counts["page_in_again"],
         "bound": r.bound, "gap": r.gap, "solve_time_s": round(r.solve_time_s, 3),
         "notes": "; ".join(r.notes),
     }
@@ -375,7 +375,8 @@ def _measure(g: _Graph, fraction: float, config: BenchConfig, out: Path) -> dict
                    energy_j=res["energy_j"],
                    overhead_energy_pct=100.0 * res["overhead_energy_j"] / result.report["keep_all"]["energy_j"],
                    overhead_time_pct=100.0 * res["overhead_time_s"] / result.report["keep_all"]["time_s"],
-                   recompute=res["decisions"]["recompute"], page=res["decisions"]["page"], bound=res["bound"],
+                   recompute=res["decisions"]["recompute"], page=res["decisions"]["page"],
+                   page_in_again=res["decisions"]["page_in_again"], bound=res["bound"],
                    gap=res["gap"], solve_time_s=round(result.timings["solve_s"], 3),
                    predicted_keep_all_step_s=result.report["keep_all"]["time_s"])
         row["keep_all_ort_order_activation_bytes"] = _ort_order_keep_all(g.graph, out)
@@ -512,8 +513,14 @@ def _pct(row: dict) -> str:
     return f"{row['overhead_energy_pct']:.2f}%"
 
 
+def _counts(row: dict) -> str:
+    """recomputed/paged tensors, and "+n" page-ins again"""
+    again = row.get("page_in_again") or 0
+    return f"{row['recompute']}/{row['page']}" + (f"+{again}" if again else "")
+
+
 def _pct_counts(row: dict) -> str:
-    return f"{_pct(row)} ({row['recompute']}/{row['page']})" if row.get("fits") else _pct(row)
+    return f"{_pct(row)} ({_counts(row)})" if row.get("fits") else _pct(row)
 
 
 def _gap(gap) -> str:
@@ -540,7 +547,7 @@ def render_tables(rows: list[dict], config: BenchConfig) -> str:
                    "MILP status, overhead gap to the solver's bound, solve time.\n")
         shown = [s for s in ("poet", "capuchin", "chen", "remat-only", "paging-only") if s in config.strategies]
         out.append("| model | budget | MiB (fixed + act.) | floor MiB | " + " | ".join(shown) +
-                   " | poet status | rec/page | issue #3 checks |")
+                   " | poet status | rec/page(+again) | issue #3 checks |")
         out.append("|---|---|---|---|" + "---|" * len(shown) + "---|---|---|")
         for m in config.models:
             for f in config.fractions:
@@ -555,14 +562,14 @@ def render_tables(rows: list[dict], config: BenchConfig) -> str:
                         else f"{p['status']}, {p['solve_time_s']:.1f} s"
                     checks = _issue3_checks(p, [idx[("budget", m, base_t, f, d, s)] for s in ("capuchin", "chen")
                                                 if ("budget", m, base_t, f, d, s) in idx])
-                rp = f"{p['recompute']}/{p['page']}" if p.get("fits") else ""
+                rp = _counts(p) if p.get("fits") else ""
                 out.append(f"| {m} | {f:.0%} | {_mib(p['ram_budget_bytes'])} ({_mib(p['fixed_bytes'])} + "
                            f"{_mib(p['ram_budget_bytes'] - p['fixed_bytes'])}) | {_mib(p['floor_bytes'])} | " +
                            " | ".join(cells) + f" | {status} | {rp} | {checks} |")
         out.append("")
 
         out.append(f"### poet energy overhead by device (deadline {d:g}x; POET fig. 3)\n")
-        out.append("Energy overhead over keep-all, and (recomputed / paged) tensors.\n")
+        out.append("Energy overhead over keep-all, and (recomputed / paged tensors, +page-ins again).\n")
         out.append("| model | target | " + " | ".join(f"{f:.0%}" for f in config.fractions) + " |")
         out.append("|---|---|" + "---|" * len(config.fractions))
         for m in config.models:

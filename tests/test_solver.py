@@ -115,9 +115,10 @@ def test_remat_only_milp_optimum_fits(cnn_graph):
 
 
 def _random_repage(problem, choice, rng) -> dict[int, list[int]]:
-    """Random page-ins again: for half the PAGE candidates' inner reader gaps."""
+    """Random page-ins again: for half the PAGE candidates' inner reader gaps no recompute reads across."""
     return {i: js for i, c in enumerate(problem.candidates) if choice[i] is Decision.PAGE
-            for js in [[j for j in range(len(c.inner)) if rng.random() < 0.5]] if js}
+            for js in [[j for j in range(len(c.inner)) if rng.random() < 0.5
+                        and all(choice[u] is not Decision.RECOMPUTE for u in c.inner_conflicts[j])]] if js}
 
 
 @pytest.mark.parametrize("fixture", ["mlp_graph", "cnn_graph", "bert_tiny_graph"])

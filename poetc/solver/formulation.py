@@ -28,7 +28,8 @@ Time and energy, overhead only (the mandatory first computation is a constant, k
 (c_alias: Flatten/Reshape views of a regenerated tensor that backward ops read, rebuilt once.)
 Page in again: for each pair (a, b) of a pageable tensor's consecutive backward readers with ops
 between them (Candidate.inner), a binary drop[i,j] <= page_i: the tensor is not resident over (a, b)
-(a term -m_i in those rows) and is paged in again before b (one more page-in in time and energy).
+(a term -m_i in those rows) and is paged in again before b (one more page-in in time and energy);
+drop[i,j] + rec_u <= 1 for every u whose recompute may read i as a boundary tensor inside (a, b).
 y is binary for a tensor outside a group whose recompute creates transient intermediates (it has tau
 variables), z is binary; otherwise y, and tau, gtau, w, run and ext everywhere, are continuous, which
 is exact: at integral keep/rec/page their minimal values are integral and any larger value only uses
@@ -177,6 +178,11 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
                 for i in members:  # written by the run but not recomputed: transient
                     v.w[(i, k)] = m.add_var(f"w_{i}_{k}", lb=0.0, ub=1.0)
                     m += v.w[(i, k)] - v.gtau[(g, k)] + v.rec[i] >= 0, f"wof_{i}_{k}"
+
+    for (i, j), var in v.drop.items():  # a recompute that may read it there
+        for u in cands[i].inner_conflicts[j]:
+            if u in v.rec:
+                m += var + v.rec[u] <= 1, f"dropread_{i}_{j}_{u}"
 
     # memory rows
     decidable_rows = memory_rows(problem, v)

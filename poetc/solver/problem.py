@@ -63,6 +63,9 @@ class Candidate:
     # (a, b): consecutive backward readers with ops between them, across which a PAGE candidate may be
     # dropped and paged in again before b (resident over (a, b) otherwise); at one page-in's cost each
     inner: list[tuple[int, int]] = field(default_factory=list)
+    # per inner gap: recomputable candidates whose recompute may read this one inside it (as a boundary
+    # tensor, at a stage in s0..fb of theirs): not recomputed if it is dropped there
+    inner_conflicts: list[list[int]] = field(default_factory=list)
     repage_time_s: float = 0.0
     repage_energy_j: float = 0.0
 
@@ -256,12 +259,16 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
             candidates[i].why_not_recomputable = ("its producer may rerun for another of its outputs while "
                                                   "it is still read before its gap")
     # a recompute reads its boundary tensors at stages s0..fb of the recomputed tensor: never while a
-    # boundary tensor is dropped between two of its readers
-    for u in candidates:
+    # boundary tensor is dropped between two of its readers (the MILP excludes the pair)
+    for t in candidates:
+        t.inner_conflicts = [[] for _ in t.inner]
+    for ui, u in enumerate(candidates):
         if u.recomputable:
             for b in u.boundary:
                 t = candidates[b]
-                t.inner = [(a, z) for a, z in t.inner if u.fb <= a or u.s0 >= z]
+                for j, (a, z) in enumerate(t.inner):
+                    if u.s0 < z and u.fb > a:
+                        t.inner_conflicts[j].append(ui)
     groups = [group for _, group in sorted(by_producer.items()) if len(group) > 1]
     for g, group in enumerate(groups):
         for i in group:

@@ -239,7 +239,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         charged = set(ops).difference(*(alias_ops[b] for b in boundary))
         cand.rec_time_s = float(sum(costs.op_time_s[i] for i in charged))
         cand.rec_energy_j = float(sum(costs.op_energy_j[i] for i in charged))
-    for cand, views in zip(candidates, alias_ops):
+    for cand in candidates:
         to, eo = costs.page_out(cand.nbytes)
         ti, ei = costs.page_in(cand.nbytes)
         cand.page_time_s, cand.page_energy_j = to + ti + cand.alias_time_s, eo + ei + cand.alias_energy_j

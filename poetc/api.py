@@ -26,12 +26,13 @@ from .errors import InfeasibleError, InputFileError, OutputError, RuntimeFailure
 from .importer import ImportOptions, import_model
 from .ir.graph import Role, TensorKind, TrainGraph
 from .ir.lower import load_artifacts
-from .schedule import Decision, SimResult, Step, StepCosts, build_steps, fixed_state_bytes, simulate
+from .plan import BASELINES
+from .report import CompileReport, InputSpec, KeepAllSummary, StrategySummary
+from .schedule import Decision, SimResult, Step, StepCosts, fixed_state_bytes, simulate
 from .units import Deadline
 
 log = logging.getLogger(__name__)
 
-REPORT_FORMAT = "poetc-report/1"
 RUNTIME_CONTRACT = {
     "graph_optimization_level": "ORT_DISABLE_ALL",
     "execution_order": "PRIORITY_BASED",
@@ -56,25 +57,6 @@ def open_graph(model_path: Path, work_dir: Path, import_options: ImportOptions) 
     return artifacts, load_artifacts(artifacts)
 
 
-def lower_bound_bytes(graph: TrainGraph) -> tuple[int, str]:
-    """A bound valid for any schedule: fixed state + the largest single-op working set (inputs and
-    outputs of one op, non-persistent ones, and its kernel workspace), and the op that sets it."""
-    best, where = 0, ""
-    for op in graph.ops:
-        names = {x for x in op.inputs + op.outputs if x}
-        roots = {graph.storage_root(x) for x in names}
-        size = sum(graph.tensors[r].alloc_bytes for r in roots if not graph.tensors[r].kind.is_persistent) \
-            + op.workspace_bytes
-        if size > best:
-            best, where = size, f"{op.op_type} {op.name}"
-    return sum(fixed_state_bytes(graph).values()) + best, where
-
-
-def keep_all(graph: TrainGraph):
-    steps, origin = build_steps(graph, {})
-    return simulate(graph, steps, origin)
-
-
 def ort_order_keep_all(graph: TrainGraph, original_model: onnx.ModelProto):
     """Keep-all peak in the order onnxruntime-training wrote (before accumulator hoisting)."""
     from .schedule import Step, StepKind
@@ -96,19 +78,24 @@ def largest_activations(graph: TrainGraph, n: int = 10) -> list[dict]:
 # inspect
 
 
-def inspect_model(model_path: Path, import_options: ImportOptions, *, measure: bool = False) -> dict:
+def inspect_model(model_path: Path, import_options: ImportOptions, *, measure: bool = False,
+                  target: str = "rpi4") -> dict:
+    from .plan import lower_bound
+    from .solver import build_problem
+    from .targets import load_target
     with tempfile.TemporaryDirectory(prefix="poetc-inspect-") as work:
         artifacts, graph = open_graph(model_path, Path(work), import_options)
-        sim = keep_all(graph)
+        problem = build_problem(graph, step_costs_for(graph, load_target(target), None))
+        sim = problem.keep_all
         original = onnx.load(str(artifacts / "training_model.onnx"), load_external_data=False)
         from .ir.lower import ensure_unique_node_names
         ensure_unique_node_names(original)
         ort_sim = ort_order_keep_all(graph, original)
-        bound, bound_op = lower_bound_bytes(graph)
+        bound = lower_bound(problem)
         fixed = fixed_state_bytes(graph)
         kinds = {k.value: len(graph.tensors_of_kind(k)) for k in TensorKind}
         doc = {
-            "format": "poetc-inspect/1",
+            "format": "poetc-inspect/2",
             "model": str(model_path),
             "ops": len(graph.ops),
             "ops_by_role": graph.op_counts_by_role(),
@@ -123,8 +110,7 @@ def inspect_model(model_path: Path, import_options: ImportOptions, *, measure: b
             "keep_all_activation_peak_bytes": sim.peak_bytes,
             "keep_all_peak_bytes": sim.total_peak_bytes,
             "keep_all_peak_ort_order_bytes": ort_sim.total_peak_bytes if ort_sim else None,
-            "lower_bound_bytes": bound,
-            "lower_bound_set_by": bound_op,
+            "lower_bound": bound.to_json(),
             "largest_activations": largest_activations(graph),
         }
         if measure:
@@ -150,7 +136,7 @@ class CompileOptions:
     flash_bytes: int | None = None
     objective: str = "energy"
     strategy: str = "poet"
-    baselines: tuple[str, ...] = ("keep-all", "chen", "capuchin", "remat-only", "paging-only")
+    baselines: tuple[str, ...] = BASELINES
     time_limit_s: float = 120.0
     solver: str = "highs"
     seed: int = 0
@@ -176,7 +162,7 @@ class Timelines:
 @dataclass
 class CompileResult:
     out_dir: Path
-    report: dict  # what report.json holds: deterministic for the same inputs and options
+    report: CompileReport  # what report.json holds: deterministic for the same inputs and options
     timings: dict = field(default_factory=dict)  # wall-clock figures, kept out of the output files
     timelines: Timelines | None = None  # in memory only, not in report.json
 
@@ -254,9 +240,10 @@ def _install(stage: Path, out_dir: Path) -> None:
 
 def compile_model(model_path: Path, options: CompileOptions, *,
                   progress: Callable[[str], None] | None = None) -> CompileResult:
-    """Import, solve, rewrite and export. `progress`, if given, is called with the name of each phase
+    """Import, plan, rewrite and export. `progress`, if given, is called with the name of each phase
     as it starts (the CLI shows it on a terminal); it must not raise."""
-    from .solver import Limits, activation_budget, build_problem, check_lower_bound, run_strategy
+    from .plan import Budget, plan
+    from .solver import build_problem
     from .targets import load_target
 
     out_dir = Path(options.out_dir)
@@ -268,32 +255,16 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         t0 = time.perf_counter()
         say("importing and lowering")
         artifacts, graph = open_graph(model_path, work, options.import_options)
-        costs = step_costs_for(graph, target, options.costs_path)
-        problem = build_problem(graph, costs)
-        check_lower_bound(problem, options.ram_bytes)
-        bound, bound_op = lower_bound_bytes(graph)
-        deadline_s = options.deadline.resolve(problem.base_time_s)
+        problem = build_problem(graph, step_costs_for(graph, target, options.costs_path))
+        budget = Budget.from_ram(options.ram_bytes, problem.fixed_bytes)
         flash = options.flash_bytes if options.flash_bytes is not None else target.flash_bytes
-        limits = Limits(activation_budget(options.ram_bytes, problem.fixed_bytes), deadline_s - problem.base_time_s,
-                        flash, objective=options.objective)
-        if limits.overhead_time_s < 0:
-            raise InfeasibleError(f"deadline {options.deadline} is below the keep-all step time "
-                                  f"{problem.base_time_s:.4g} s on {target.name}: no schedule can meet it",
-                                  hint=f"use --deadline of at least {problem.base_time_s:.4g}s, or a factor "
-                                  f"of keep-all such as 1.3x")
-        say(f"solving ({options.strategy})")
-        main = run_strategy(problem, limits, options.strategy, time_limit_s=options.time_limit_s,
-                            seed=options.seed, threads=options.threads, solver=options.solver)
-        baselines = {}
-        for name in options.baselines:
-            if name == options.strategy:
-                continue
-            say(f"baseline {name}")
-            baselines[name] = run_strategy(problem, limits, name, time_limit_s=max(options.time_limit_s / 4, 5),
-                                           seed=options.seed, threads=options.threads, solver=options.solver)
+        chosen = plan(problem, budget, options.deadline, flash_bytes=flash, objective=options.objective,
+                      strategy=options.strategy, baselines=options.baselines, time_limit_s=options.time_limit_s,
+                      seed=options.seed, threads=options.threads, solver=options.solver, progress=say)
+        main = chosen.result
         if not main.fits:
-            raise InfeasibleError(_infeasible_message(main, options, problem),
-                                  hint="raise --ram, relax --deadline, or allow more flash (--flash)")
+            raise InfeasibleError(_infeasible_message(chosen), hint="raise --ram, relax --deadline, or allow more "
+                                  "flash (--flash)")
         say("rewriting")
         model, pass_records = rewrite(graph, main.schedule, options, work / "dumps")
         for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
@@ -303,59 +274,47 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         onnx.save(model, str(stage / "training_model.onnx"))
         uses_paging = any(d is Decision.PAGE for d in main.schedule.decisions.values())
         libraries = _copy_native_libraries(stage, required=uses_paging)
-        schedule_doc = main.schedule.to_json()
-        _write_json(stage / "schedule.json", schedule_doc)
+        _write_json(stage / "schedule.json", main.schedule.to_json())
         encoding = main.schedule.compact_encoding(graph)
         (stage / "schedule.bin").write_bytes(encoding)
-        report = {
-            "format": REPORT_FORMAT,
-            "model": Path(model_path).name,
-            "target": target.name,
-            "objective": options.objective,
-            "ram_budget_bytes": options.ram_bytes,
-            "planned_activation_budget_bytes": limits.activation_budget_bytes,
-            "deadline": str(options.deadline),
-            "deadline_s": deadline_s,
-            "flash_bytes": flash,
-            "fixed_state_bytes": fixed_state_bytes(graph),
-            "fixed_total_bytes": problem.fixed_bytes,
-            "lower_bound_bytes": bound,
-            "lower_bound_set_by": bound_op,
-            "keep_all": {"peak_bytes": problem.fixed_bytes + problem.keep_all_peak_bytes,
-                         "activation_peak_bytes": problem.keep_all_peak_bytes,
-                         "time_s": problem.base_time_s, "energy_j": problem.base_energy_j},
-            "result": main.summary(),
-            "baselines": {k: v.summary() for k, v in baselines.items()},
-            "candidates": len(problem.candidates),
-            "granularity": "op (every saved activation of the ONNX Runtime training graph)",
-            "schedule_encoding_bytes": len(encoding),
-            "passes": [{k: v for k, v in r.items() if k != "seconds"} for r in pass_records],
-            "native_libraries": libraries,
-            "runtime_contract": RUNTIME_CONTRACT,
-            "label_classes": _label_classes(graph),
-            "inputs": {n: {"shape": list(graph.tensors[n].shape), "dtype": graph.tensors[n].dtype_name}
-                       for n in graph.user_inputs if n != "lazy_reset_grad"},
-        }
+        keep = chosen.keep_all
+        report = CompileReport(
+            model=Path(model_path).name, target=target.name, objective=options.objective, budget=budget,
+            deadline=str(options.deadline), deadline_s=chosen.deadline_s, flash_bytes=int(flash),
+            fixed_state_bytes=fixed_state_bytes(graph), lower_bound=chosen.bound,
+            keep_all=KeepAllSummary(keep.total_peak_bytes, keep.peak_bytes, keep.time_s, keep.energy_j),
+            result=StrategySummary.of(main),
+            baselines={k: StrategySummary.of(v) for k, v in chosen.baselines.items()},
+            candidates=len(problem.candidates),
+            granularity="op (every saved activation of the ONNX Runtime training graph)",
+            schedule_encoding_bytes=len(encoding),
+            passes=[{k: v for k, v in r.items() if k != "seconds"} for r in pass_records],
+            native_libraries=libraries, runtime_contract=RUNTIME_CONTRACT, label_classes=_label_classes(graph),
+            inputs=input_specs(graph))
         timings = {"compile_s": round(time.perf_counter() - t0, 3), "solve_s": round(main.solve_time_s, 3),
                    "passes": {r["name"]: r.get("seconds") for r in pass_records}}
-        keep_steps, keep_origin = build_steps(graph, {})
-        timelines = Timelines(simulate(graph, keep_steps, keep_origin, costs), main.sim, main.schedule.steps,
-                              problem.backward_start, options.ram_bytes)
-        _write_json(stage / "report.json", report)
+        timelines = Timelines(keep, main.sim, main.schedule.steps, problem.backward_start, budget.ram_bytes)
+        _write_json(stage / "report.json", report.to_json())
         _write_json(stage / "runtime.json", RUNTIME_CONTRACT)
         _install(stage, out_dir)
     return CompileResult(out_dir, report, timings, timelines)
 
 
-def _infeasible_message(result, options: CompileOptions, problem) -> str:
-    from .solver import RESERVE_BYTES, RESERVE_FRACTION
+def _infeasible_message(chosen) -> str:
+    from .plan import RESERVE_BYTES, RESERVE_FRACTION
     from .units import format_size
+    result, budget, keep = chosen.result, chosen.budget, chosen.keep_all
     notes = "; ".join(result.notes)
-    return (f"no schedule found that fits {format_size(options.ram_bytes)} within deadline {options.deadline} "
+    return (f"no schedule found that fits {format_size(budget.ram_bytes)} within the deadline "
             f"(strategy {result.strategy}: {result.status}{', ' + notes if notes else ''}); keep-all needs "
-            f"{format_size(problem.fixed_bytes + problem.keep_all_peak_bytes)}; schedules are planned with "
-            f"{RESERVE_FRACTION:.0%} of the activation budget and {RESERVE_BYTES // 1024} KiB spare for allocations "
-            f"the simulator does not model")
+            f"{format_size(keep.total_peak_bytes)}; schedules are planned with {RESERVE_FRACTION:.0%} of the "
+            f"activation budget and {RESERVE_BYTES // 1024} KiB spare for allocations the simulator does not model")
+
+
+def input_specs(graph: TrainGraph) -> dict[str, InputSpec]:
+    """The training graph's user inputs (what a step is fed), without ORT's lazy_reset_grad flag."""
+    return {n: InputSpec(list(graph.tensors[n].shape), graph.tensors[n].dtype_name)
+            for n in graph.user_inputs if n != "lazy_reset_grad"}
 
 
 def _label_classes(graph: TrainGraph) -> int | None:
@@ -418,13 +377,13 @@ def _json_default(x):
 # running compiled artifacts
 
 
-def make_feeds(report: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs for the training model's user inputs, from report.json."""
+def make_feeds(inputs: dict[str, InputSpec], label_classes: int | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs for a training step: floats standard normal, integers in [0, classes)."""
     rng = np.random.default_rng(seed)
-    classes = report.get("label_classes") or 2
+    classes = label_classes or 2
     feeds = {}
-    for name, spec in sorted(report["inputs"].items()):
-        shape, dtype = tuple(spec["shape"]), spec["dtype"]
+    for name, spec in sorted(inputs.items()):
+        shape, dtype = tuple(spec.shape), spec.dtype
         if dtype in ("float", "double", "float16"):
             feeds[name] = rng.standard_normal(shape).astype({"float": np.float32, "double": np.float64,
                                                              "float16": np.float16}[dtype])
@@ -435,12 +394,16 @@ def make_feeds(report: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def load_report(out_dir: Path) -> dict:
+def load_report(out_dir: Path) -> CompileReport:
     path = Path(out_dir) / "report.json"
     if not path.exists():
         raise InputFileError(f"{out_dir} is not a poetc output directory (no report.json)",
                              hint="pass the directory written by `poetc compile -o DIR`")
-    return json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(f"cannot read {path}: {exc}", hint="compile the model again") from None
+    return CompileReport.from_json(doc, where=str(path))
 
 
 def measure_artifacts(artifacts: Path, graph: TrainGraph | None = None, steps: int = 2, feeds=None,
@@ -448,10 +411,7 @@ def measure_artifacts(artifacts: Path, graph: TrainGraph | None = None, steps: i
                       intra_op_threads: int | None = None):
     from .runtime.measure import MeasurementError, measure_training
     if feeds is None:
-        report = {"inputs": {n: {"shape": list(graph.tensors[n].shape), "dtype": graph.tensors[n].dtype_name}
-                             for n in graph.user_inputs if n != "lazy_reset_grad"},
-                  "label_classes": _label_classes(graph)}
-        feeds = make_feeds(report)
+        feeds = make_feeds(input_specs(graph), _label_classes(graph))
     try:
         return measure_training(artifacts, feeds, steps=steps, spill_library=spill_library, spill_dir=spill_dir,
                                 intra_op_threads=intra_op_threads)
@@ -489,7 +449,7 @@ def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: flo
     default threads, as deployed."""
     out_dir = Path(out_dir)
     report = load_report(out_dir)
-    feeds = dict(np.load(data)) if data else make_feeds(report)
+    feeds = dict(np.load(data)) if data else make_feeds(report.inputs, report.label_classes)
     with tempfile.TemporaryDirectory(prefix="poetc-verify-") as work:
         ref_dir = Path(work) / "reference"
         ref_dir.mkdir()
@@ -513,11 +473,11 @@ def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: flo
         param_diff = max(param_diff, diff)
         param_rel = max(param_rel, diff / max(float(np.max(np.abs(a))), 1e-30))
         bitwise &= a.tobytes() == b.tobytes()
-    fixed = report["fixed_total_bytes"]
-    predicted = report["result"]["activation_peak_bytes"]
+    fixed = report.budget.fixed_bytes
+    predicted = report.result.activation_peak_bytes
     steady = comp.steps[1:] or comp.steps  # step 1 also allocates the optimizer state
     measured = [s.peak_heap_bytes for s in comp.steps]
-    budget = report["ram_budget_bytes"]
+    budget = report.budget.ram_bytes
     peak_ok = fixed + max(s.peak_heap_bytes for s in steady) <= budget
     close = all(abs(s.peak_heap_bytes - predicted) <= max(0.03 * predicted, 2**20) for s in steady)
     same = loss_rel <= rtol and param_rel <= rtol
@@ -552,7 +512,7 @@ def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
           spill_dir: Path | None = None) -> dict:
     out_dir = Path(out_dir)
     report = load_report(out_dir)
-    feeds = dict(np.load(data)) if data else make_feeds(report, seed)
+    feeds = dict(np.load(data)) if data else make_feeds(report.inputs, report.label_classes, seed)
     library = out_dir / "libpoet_spill.so"
     run = measure_artifacts(out_dir, steps=steps, feeds=feeds,
                             spill_library=library if library.exists() else None, spill_dir=spill_dir)

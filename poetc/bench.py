@@ -30,16 +30,17 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import OutputError, PoetcError, UsageError
+from .plan import STRATEGIES
 
 log = logging.getLogger(__name__)
 
 BENCH_FORMAT = "poetc-bench/1"
-ALL_STRATEGIES = ("poet", "keep-all", "chen", "capuchin", "remat-only", "paging-only")
+ALL_STRATEGIES = STRATEGIES  # every strategy, in the order tables show them
 MILP_STRATEGIES = ("poet", "remat-only", "paging-only")
 
 COLUMNS = (
     "experiment", "model", "batch", "target", "ops", "candidates",
-    "fixed_bytes", "keep_all_activation_bytes", "keep_all_time_s", "keep_all_energy_j", "floor_bytes",
+    "fixed_bytes", "keep_all_activation_bytes", "keep_all_time_s", "keep_all_energy_j", "lower_bound_bytes",
     "budget_fraction", "ram_budget_bytes", "deadline_factor", "deadline_s",
     "strategy", "status", "fits", "peak_bytes", "activation_peak_bytes", "time_s", "energy_j",
     "overhead_energy_pct", "overhead_time_pct", "recompute", "page", "page_in_again", "bound", "gap", "solve_time_s",
@@ -138,7 +139,6 @@ class _Graph:
 
 
 def _check_config(config: BenchConfig) -> None:
-    from .solver import STRATEGIES
     from .targets import load_target
     import models
     for name in set(config.models) | set(config.deadline_models) | set(config.scaling_models) | \
@@ -285,10 +285,10 @@ def _problem(g: _Graph, target_name: str):
     return g.problems[target_name]
 
 
-def floor_bytes(problem) -> int:
-    """Fixed state plus the peak of what no decision can remove (the compile lower-bound check's figure)."""
-    from .solver.strategies import floor_bytes as solver_floor_bytes
-    return solver_floor_bytes(problem)[0]
+def lower_bound_bytes(problem) -> int:
+    """The RAM below which no schedule fits (poetc.plan.lower_bound, the figure compile checks)."""
+    from .plan import lower_bound
+    return lower_bound(problem).ram_bytes
 
 
 def _base_row(experiment: str, g: _Graph, problem, target_name: str, fraction: float, factor: float) -> dict:
@@ -298,7 +298,7 @@ def _base_row(experiment: str, g: _Graph, problem, target_name: str, fraction: f
         "ops": len(g.graph.ops), "candidates": len(problem.candidates),
         "fixed_bytes": problem.fixed_bytes, "keep_all_activation_bytes": problem.keep_all_peak_bytes,
         "keep_all_time_s": problem.base_time_s, "keep_all_energy_j": problem.base_energy_j,
-        "floor_bytes": floor_bytes(problem), "budget_fraction": fraction, "ram_budget_bytes": budget,
+        "lower_bound_bytes": lower_bound_bytes(problem), "budget_fraction": fraction, "ram_budget_bytes": budget,
         "deadline_factor": factor, "deadline_s": factor * problem.base_time_s,
     }
 
@@ -306,24 +306,22 @@ def _base_row(experiment: str, g: _Graph, problem, target_name: str, fraction: f
 def _solve_all(rows: list[dict], experiment: str, g: _Graph, target_name: str, fraction: float, factor: float,
                strategies, config: BenchConfig) -> dict:
     """Run `strategies` on one (model, target, budget, deadline); append one row each."""
-    from .solver import Limits, activation_budget, run_strategy
+    from .plan import Budget, plan
+    from .units import Deadline
     problem, target = _problem(g, target_name)
     base = _base_row(experiment, g, problem, target_name, fraction, factor)
-    # as compile_model plans: the activation budget less the solver's reserve
-    limits = Limits(activation_budget(base["ram_budget_bytes"], problem.fixed_bytes),
-                    (factor - 1.0) * problem.base_time_s, target.flash_bytes)
-    results = {}
+    if base["ram_budget_bytes"] < base["lower_bound_bytes"]:
+        rows.extend(dict(base, strategy=s, status="below-lower-bound", fits=False,
+                         notes=f"budget below the lower bound {base['lower_bound_bytes']} B: nothing can fit")
+                    for s in strategies)
+        return {}
+    chosen = plan(problem, Budget.from_ram(base["ram_budget_bytes"], problem.fixed_bytes), Deadline(factor=factor),
+                  flash_bytes=target.flash_bytes, strategy=strategies[0], baselines=tuple(strategies[1:]),
+                  time_limit_s=config.time_limit_s, baseline_time_limit_s=config.time_limit_s, seed=config.seed,
+                  threads=config.threads)
+    results = {strategies[0]: chosen.result, **chosen.baselines}
     for s in strategies:
-        row = dict(base, strategy=s)
-        if base["ram_budget_bytes"] < base["floor_bytes"]:
-            row.update(status="below-lower-bound", fits=False,
-                       notes=f"budget below the lower bound {base['floor_bytes']} B: nothing can fit")
-        else:
-            r = run_strategy(problem, limits, s, time_limit_s=config.time_limit_s, seed=config.seed,
-                             threads=config.threads)
-            results[s] = r
-            row.update(_strategy_columns(problem, r))
-        rows.append(row)
+        rows.append(dict(base, strategy=s, **_strategy_columns(problem, results[s])))
     return results
 
 
@@ -343,12 +341,9 @@ def _strategy_columns(problem, r) -> dict:
 
 def _timeline(g: _Graph, target_name: str, result, fraction: float):
     from .api import Timelines
-    from .schedule import build_steps, simulate
     problem, _ = _problem(g, target_name)
-    steps, origin = build_steps(g.graph, {})
-    keep = simulate(g.graph, steps, origin, problem.costs)
     budget = problem.fixed_bytes + int(fraction * problem.keep_all_peak_bytes)
-    return (Timelines(keep, result.sim, result.schedule.steps, problem.backward_start, budget),
+    return (Timelines(problem.keep_all, result.sim, result.schedule.steps, problem.backward_start, budget),
             f"{g.model} (batch {g.batch}) on {target_name}, budget {fraction:.0%} of keep-all activations")
 
 
@@ -358,27 +353,26 @@ def _measure(g: _Graph, fraction: float, config: BenchConfig, out: Path) -> dict
     from .units import Deadline
     problem, _ = _problem(g, "host")
     row = dict(_base_row("measured", g, problem, "host", fraction, config.deadline_factor), strategy="poet")
-    if row["ram_budget_bytes"] < row["floor_bytes"]:
+    if row["ram_budget_bytes"] < row["lower_bound_bytes"]:
         return dict(row, status="below-lower-bound", fits=False)
     options = CompileOptions(ram_bytes=row["ram_budget_bytes"], out_dir=out, target="host",
                              deadline=Deadline(factor=config.deadline_factor), baselines=(),
                              time_limit_s=config.time_limit_s, seed=config.seed, threads=config.threads, force=True)
     try:
         result = compile_model(g.path, options)
-        rep, res = result.report, result.report["result"]
+        rep, res, keep = result.report, result.report.result, result.report.keep_all
         # compile lowers again: on host the op times are measured anew, so take its keep-all figures
-        row.update(keep_all_time_s=rep["keep_all"]["time_s"], keep_all_energy_j=rep["keep_all"]["energy_j"],
-                   keep_all_activation_bytes=rep["keep_all"]["activation_peak_bytes"],
-                   fixed_bytes=rep["fixed_total_bytes"], deadline_s=rep["deadline_s"])
-        row.update(status=res["status"], fits=res["fits"], peak_bytes=res["peak_bytes"],
-                   activation_peak_bytes=res["activation_peak_bytes"], time_s=res["time_s"],
-                   energy_j=res["energy_j"],
-                   overhead_energy_pct=100.0 * res["overhead_energy_j"] / result.report["keep_all"]["energy_j"],
-                   overhead_time_pct=100.0 * res["overhead_time_s"] / result.report["keep_all"]["time_s"],
-                   recompute=res["decisions"]["recompute"], page=res["decisions"]["page"],
-                   page_in_again=res["decisions"]["page_in_again"], bound=res["bound"],
-                   gap=res["gap"], solve_time_s=round(result.timings["solve_s"], 3),
-                   predicted_keep_all_step_s=result.report["keep_all"]["time_s"])
+        row.update(keep_all_time_s=keep.time_s, keep_all_energy_j=keep.energy_j,
+                   keep_all_activation_bytes=keep.activation_peak_bytes,
+                   fixed_bytes=rep.budget.fixed_bytes, deadline_s=rep.deadline_s)
+        row.update(status=res.status, fits=res.fits, peak_bytes=res.peak_bytes,
+                   activation_peak_bytes=res.activation_peak_bytes, time_s=res.time_s, energy_j=res.energy_j,
+                   overhead_energy_pct=100.0 * res.overhead_energy_j / keep.energy_j,
+                   overhead_time_pct=100.0 * res.overhead_time_s / keep.time_s,
+                   recompute=res.decisions["recompute"], page=res.decisions["page"],
+                   page_in_again=res.decisions["page_in_again"], bound=res.bound,
+                   gap=res.gap, solve_time_s=round(result.timings["solve_s"], 3),
+                   predicted_keep_all_step_s=keep.time_s)
         row["keep_all_ort_order_activation_bytes"] = _ort_order_keep_all(g.graph, out)
         v = verify(out, steps=config.measure_steps).doc
     except PoetcError as exc:
@@ -560,11 +554,11 @@ def render_tables(rows: list[dict], config: BenchConfig) -> str:
                     gap = p.get("gap")
                     status = f"{p['status']}, gap {_gap(gap)}, {p['solve_time_s']:.1f} s" if gap is not None \
                         else f"{p['status']}, {p['solve_time_s']:.1f} s"
-                    checks = _issue3_checks(p, [idx[("budget", m, base_t, f, d, s)] for s in ("capuchin", "chen")
+                    checks = _versus_heuristics(p, [idx[("budget", m, base_t, f, d, s)] for s in ("capuchin", "chen")
                                                 if ("budget", m, base_t, f, d, s) in idx])
                 rp = _counts(p) if p.get("fits") else ""
                 out.append(f"| {m} | {f:.0%} | {_mib(p['ram_budget_bytes'])} ({_mib(p['fixed_bytes'])} + "
-                           f"{_mib(p['ram_budget_bytes'] - p['fixed_bytes'])}) | {_mib(p['floor_bytes'])} | " +
+                           f"{_mib(p['ram_budget_bytes'] - p['fixed_bytes'])}) | {_mib(p['lower_bound_bytes'])} | " +
                            " | ".join(cells) + f" | {status} | {rp} | {checks} |")
         out.append("")
 
@@ -676,7 +670,7 @@ def render_tables(rows: list[dict], config: BenchConfig) -> str:
     return "\n".join(out)
 
 
-def _issue3_checks(poet: dict, heuristics: list[dict]) -> str:
+def _versus_heuristics(poet: dict, heuristics: list[dict]) -> str:
     if not poet.get("fits"):
         return "poet: no fit"
     gap = poet.get("gap")
@@ -753,4 +747,4 @@ def override(config: BenchConfig, **changes) -> BenchConfig:
 
 __all__ = ["BenchConfig", "BenchResult", "run_bench", "render_tables", "check_rows", "integrated_wins",
            "solver_anomalies",
-           "write_csv", "machine_info", "floor_bytes", "override", "parse_list"]
+           "write_csv", "machine_info", "lower_bound_bytes", "override", "parse_list"]

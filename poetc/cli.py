@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EXIT_CODES, InternalError, PoetcError, UsageError
+from .plan import BASELINES, STRATEGIES
 from .units import format_size, format_time, parse_deadline, parse_size
 
 
@@ -81,9 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", default="1.3x", help="step-time limit: factor of keep-all (1.3x) or a time (2s)")
     p.add_argument("--flash", help="flash capacity for paging (default: the target's)")
     p.add_argument("--objective", choices=("energy", "time"), default="energy")
-    p.add_argument("--strategy", default="poet",
-                   choices=("poet", "keep-all", "chen", "capuchin", "remat-only", "paging-only"))
-    p.add_argument("--baselines", default="keep-all,chen,capuchin,remat-only,paging-only",
+    p.add_argument("--strategy", default="poet", choices=STRATEGIES)
+    p.add_argument("--baselines", default=",".join(BASELINES),
                    help="comma-separated strategies to run for the report ('' for none)")
     p.add_argument("--solver", choices=("highs", "cbc"), default="highs")
     p.add_argument("--time-limit", default="120s", help="solver wall-clock limit: 90s, 2min or seconds (default 120s)")
@@ -166,7 +166,10 @@ def cmd_inspect(args) -> int:
           f"(activations {format_size(doc['keep_all_activation_peak_bytes'])})")
     if "measured_step_peak_bytes" in doc:
         print(f"measured step peak (ORT order):      {format_size(doc['measured_step_peak_bytes'])} above fixed state")
-    print(f"lower bound (any schedule):          {format_size(doc['lower_bound_bytes'])}, set by {doc['lower_bound_set_by']}")
+    b = doc["lower_bound"]
+    print(f"lower bound (no schedule fits below): {format_size(b['ram_bytes'])}, set by {b['set_by']} "
+          f"(fixed state + {format_size(b['floor_activation_bytes'])} no decision can drop + planning reserve)")
+    print(f"largest single-op working set:       {format_size(b['largest_op_bytes'])}, {b['largest_op']}")
     print("largest saved activations:")
     for a in doc["largest_activations"]:
         print(f"  {format_size(a['bytes']):>12}  {a['producer']:<24} {a['name']}")
@@ -193,49 +196,52 @@ def cmd_compile(args) -> int:
     if args.plot:
         from .plots import memory_timeline
         memory_timeline(args.plot, result.timelines,
-                        title=f"{report['model']} on {report['target']}, budget {format_size(report['ram_budget_bytes'])}, "
-                              f"strategy {report['result']['strategy']}")
+                        title=f"{report.model} on {report.target}, budget {format_size(report.budget.ram_bytes)}, "
+                              f"strategy {report.result.strategy}")
+    verified = None
     if args.verify:
         from .api import verify
-        v = verify(result.out_dir)
-        report = dict(report, verify=v.doc)
+        verified = verify(result.out_dir)
     if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+        doc = report.to_json()
+        if verified is not None:
+            doc["verify"] = verified.doc
+        print(json.dumps(doc, indent=2, sort_keys=True))
     else:
         _print_report(report, result.out_dir, result.timings)
         if args.plot:
             print(f"  wrote {args.plot}")
-        if args.verify:
-            _print_verify(report["verify"])
-    if args.verify and not report["verify"]["identical_results"] or args.verify and not report["verify"]["within_budget"]:
+        if verified is not None:
+            _print_verify(verified.doc)
+    if verified is not None and not verified.ok:
         return 8
     return 0
 
 
-def _print_report(r: dict, out_dir: Path, timings: dict) -> None:
-    keep = r["keep_all"]
-    res = r["result"]
-    print(f"poetc: {r['model']} on {r['target']}, budget {format_size(r['ram_budget_bytes'])}, "
-          f"deadline {r['deadline']} ({format_time(r['deadline_s'])})")
-    print(f"  fixed state {format_size(r['fixed_total_bytes'])}; lower bound {format_size(r['lower_bound_bytes'])}")
+def _print_report(r, out_dir: Path, timings: dict) -> None:
+    from .report import StrategySummary
+    keep, res, budget = r.keep_all, r.result, r.budget
+    print(f"poetc: {r.model} on {r.target}, budget {format_size(budget.ram_bytes)}, "
+          f"deadline {r.deadline} ({format_time(r.deadline_s)})")
+    print(f"  fixed state {format_size(budget.fixed_bytes)}, planning reserve {format_size(budget.reserve_bytes)}, "
+          f"activation budget {format_size(budget.activation_bytes)}; lower bound {format_size(r.lower_bound.ram_bytes)}")
     print(f"  {'strategy':<12} {'status':<19} {'fits':<5} {'peak':>12} {'time':>12} {'energy':>12} "
           f"{'overhead':>9}  recompute/page")
-    rows = [("keep-all*", {"status": "-", "fits": keep["peak_bytes"] <= r["ram_budget_bytes"],
-                           "peak_bytes": keep["peak_bytes"], "time_s": keep["time_s"], "energy_j": keep["energy_j"],
-                           "overhead_energy_j": 0.0, "decisions": {"recompute": 0, "page": 0}})]
-    rows.append((res["strategy"] + " <", res))
-    rows += [(k, v) for k, v in r["baselines"].items() if k != "keep-all"]
+    keep_row = StrategySummary("keep-all", "-", keep.peak_bytes <= budget.ram_bytes, keep.peak_bytes,
+                               keep.activation_peak_bytes, keep.time_s, keep.energy_j, 0.0, 0.0,
+                               {"recompute": 0, "page": 0}, None, None, [])
+    rows = [("keep-all*", keep_row), (res.strategy + " <", res)]
+    rows += [(k, v) for k, v in r.baselines.items() if k != "keep-all"]
     for name, s in rows:
-        over = s["overhead_energy_j"] / keep["energy_j"] * 100 if keep["energy_j"] else 0.0
-        print(f"  {name:<12} {s['status']:<19} {str(s['fits']).lower():<5} {format_size(s['peak_bytes']):>12} "
-              f"{format_time(s['time_s']):>12} {s['energy_j']:>10.4g} J {over:>8.2f}%  "
-              f"{s['decisions']['recompute']}/{s['decisions']['page']}"
-              + (f" (+{s['decisions']['page_in_again']} paged in again)" if s["decisions"].get("page_in_again") else ""))
-    gap = res.get("gap")
-    print(f"  solver: {res['status']}, overhead gap {gap * 100:.2f}%" if gap is not None else
-          f"  solver: {res['status']}", f"in {timings['solve_s']:.2f} s (compile {timings['compile_s']:.1f} s); {r['candidates']} candidates, "
-          f"granularity {r['granularity']}; schedule encoding {r['schedule_encoding_bytes']} B")
-    for note in res.get("notes", []):
+        over = s.overhead_energy_j / keep.energy_j * 100 if keep.energy_j else 0.0
+        print(f"  {name:<12} {s.status:<19} {str(s.fits).lower():<5} {format_size(s.peak_bytes):>12} "
+              f"{format_time(s.time_s):>12} {s.energy_j:>10.4g} J {over:>8.2f}%  "
+              f"{s.decisions['recompute']}/{s.decisions['page']}"
+              + (f" (+{s.decisions['page_in_again']} paged in again)" if s.decisions.get("page_in_again") else ""))
+    print(f"  solver: {res.status}, overhead gap {res.gap * 100:.2f}%" if res.gap is not None else
+          f"  solver: {res.status}", f"in {timings['solve_s']:.2f} s (compile {timings['compile_s']:.1f} s); "
+          f"{r.candidates} candidates, granularity {r.granularity}; schedule encoding {r.schedule_encoding_bytes} B")
+    for note in res.notes:
         print(f"  note: {note}")
     print(f"  wrote {out_dir}")
 

@@ -151,8 +151,8 @@ def memory_timeline(path: Path, timelines, *, title: str = "") -> bool:
 # benchmark figures (rows as written by poetc.bench)
 
 
-def _floor_fraction(r: dict) -> float:
-    return (r["floor_bytes"] - r["fixed_bytes"]) / r["keep_all_activation_bytes"]
+def _lower_bound_fraction(r: dict) -> float:
+    return (r["lower_bound_bytes"] - r["fixed_bytes"]) / r["keep_all_activation_bytes"]
 
 
 def energy_vs_budget(path: Path, rows: list[dict]) -> bool:
@@ -172,7 +172,7 @@ def energy_vs_budget(path: Path, rows: list[dict]) -> bool:
                 drawn = True
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4,
                         color=TARGET_COLOR.get(t), label=t)
-        ax.axvline(_floor_fraction(rs[0]) * 100, color="#b2182b", ls=":", lw=1, label="lower bound")
+        ax.axvline(_lower_bound_fraction(rs[0]) * 100, color="#b2182b", ls=":", lw=1, label="lower bound")
         _log_or_empty(ax, drawn)
         ax.set_xlabel("RAM budget (% of keep-all activation memory)")
         ax.set_ylabel("energy overhead vs keep-all (%)")

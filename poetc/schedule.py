@@ -243,6 +243,13 @@ def fixed_state_bytes(graph: TrainGraph) -> dict[str, int]:
     }
 
 
+def simulate_keep_all(graph: TrainGraph, costs: StepCosts | None = None) -> SimResult:
+    """Every decidable tensor kept: one step per op, in execution order. The one keep-all simulation
+    (the solver's Problem holds its result; see poetc.plan)."""
+    steps, origin = build_steps(graph, {})
+    return simulate(graph, steps, origin, costs)
+
+
 def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None = None,
              costs: StepCosts | None = None) -> SimResult:
     """Replay `steps` under ONNX Runtime's allocation rules; raise ScheduleError on an invalid read."""

@@ -124,8 +124,8 @@ def test_compile_timelines_match_the_report(cnn_onnx, tmp_path):
                            progress=phases.append)
     assert phases[0].startswith("importing") and any(p.startswith("solving") for p in phases)
     tl = result.timelines
-    assert tl.compiled.total_peak_bytes == result.report["result"]["peak_bytes"]
-    assert tl.keep_all.total_peak_bytes == result.report["keep_all"]["peak_bytes"]
+    assert tl.compiled.total_peak_bytes == result.report.result.peak_bytes
+    assert tl.keep_all.total_peak_bytes == result.report.keep_all.peak_bytes
     assert len(tl.compiled.live_bytes) == len(tl.steps) and len(tl.keep_all.live_bytes) == len(tl.steps) - sum(
         s.kind.value != "compute" for s in tl.steps)
     xs = step_positions(tl.steps)

@@ -11,12 +11,12 @@ import onnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poetc.api import CompileOptions, compile_model, keep_all, open_graph, verify
+from poetc.api import CompileOptions, compile_model, open_graph, verify
 from poetc.importer import ImportOptions
-from poetc.schedule import StepCosts, fixed_state_bytes
-from poetc.solver import RESERVE_BYTES, RESERVE_FRACTION, STRATEGIES, Limits, build_problem, run_strategy
+from poetc.plan import STRATEGIES, Budget, Limits, lower_bound
+from poetc.schedule import StepCosts
+from poetc.solver import build_problem, run_strategy
 from poetc.solver.problem import evaluate_linear
-from poetc.solver.strategies import floor_bytes
 from poetc.units import Deadline
 from random_onnx import build, graph_specs
 
@@ -44,7 +44,8 @@ def test_every_strategy_is_valid_on_random_graphs(spec, seed, page_scale, fracti
     _, graph = lower(spec, tmp_path_factory)
     problem = build_problem(graph, random_costs(graph, seed, page_scale))
     for fraction in fractions:
-        limits = Limits(problem.keep_all_peak_bytes * fraction, problem.base_time_s * (deadline - 1), 1e12)
+        budget = Budget.activations_only(int(problem.keep_all_peak_bytes * fraction))
+        limits = Limits.of(budget, problem.base_time_s * (deadline - 1), 1e12)
         for strategy in STRATEGIES:
             r = run_strategy(problem, limits, strategy, time_limit_s=20)  # simulate() raises on a bad read
             assert not any("failed simulation" in note for note in r.notes), (strategy, r.notes)
@@ -59,15 +60,14 @@ def test_every_strategy_is_valid_on_random_graphs(spec, seed, page_scale, fracti
 def test_random_graphs_compile_and_train_identically(spec, position, tmp_path_factory):
     """The budget lies `position` of the way from the least any schedule needs to keep-all."""
     path, graph = lower(spec, tmp_path_factory)
-    floor, _ = floor_bytes(build_problem(graph, random_costs(graph, 0, 1.0)))
-    fixed = sum(fixed_state_bytes(graph).values())
-    keep_all_bytes = fixed + keep_all(graph).peak_bytes
-    ram = int(floor + position * (keep_all_bytes - floor) + (keep_all_bytes - fixed) * 2 * RESERVE_FRACTION
-              + RESERVE_BYTES)
+    problem = build_problem(graph, random_costs(graph, 0, 1.0))
+    least = lower_bound(problem).ram_bytes
+    keep_all = Budget.smallest_for(problem.keep_all_peak_bytes, problem.fixed_bytes).ram_bytes
+    ram = int(least + position * (keep_all - least))
     out = tmp_path_factory.mktemp("fuzz-out") / "out"
     options = CompileOptions(ram_bytes=ram, out_dir=out, time_limit_s=20, baselines=(), deadline=Deadline(factor=3.0))
     report = compile_model(path, options).report
-    assert report["result"]["fits"]
+    assert report.result.fits
     result = verify(out, steps=2)
     assert result.doc["bitwise_identical_params"], result.doc
     assert result.ok, result.doc

@@ -1,13 +1,13 @@
 """poetc's collapsed MILP against a direct implementation of POET's per-(stage, node) MILP
-(poetc.solver.poet_reference) on tiny graphs, with the same rpi4 costs and limits."""
+(benchmarks.poet_reference) on tiny graphs, with the same rpi4 costs and limits."""
 
 import pytest
 
 from poetc.ir.graph import Role
 from poetc.schedule import Decision
-from poetc.solver import poet_reference as pr
-from poetc.solver.formulation import Limits
-from poetc.solver.strategies import finish, run_strategy
+from benchmarks import poet_reference as pr
+from poetc.plan import Budget, Limits
+from poetc.solver.strategies import evaluate_choice, run_strategy
 
 TINY = {"chain2": ("chain", 2), "chain3": ("chain", 3), "residual": ("residual", 2)}
 BUDGETS = (0.9, 0.75, 0.6)
@@ -54,7 +54,8 @@ def test_poetc_equal_or_better_than_poet(tiny_problems, name, frac):
         assert row.poetc_fits, row
     elif row.poetc_fits:
         problem = tiny_problems[name]
-        limits = Limits(row.activation_budget_bytes, problem.base_time_s * (DEADLINE - 1.0), 1e15)
+        budget = Budget.activations_only(row.activation_budget_bytes)
+        limits = Limits.of(budget, problem.base_time_s * (DEADLINE - 1.0), 1e15)
         ours = run_strategy(problem, limits, "poet", time_limit_s=TIME_LIMIT_S)
         gradients = {c.name for c in problem.candidates if c.gradient}
         assert ours.fits and (set(ours.schedule.decisions) & gradients or ours.schedule.repage_at), row
@@ -70,7 +71,7 @@ def test_both_really_solve_a_nontrivial_instance(tiny_problems):
     problem = tiny_problems["chain3"]
     frac = 0.75
     budget = int(problem.keep_all_peak_bytes * frac)
-    limits = Limits(budget, problem.base_time_s * (DEADLINE - 1.0), 1e15)
+    limits = Limits.of(Budget.activations_only(budget), problem.base_time_s * (DEADLINE - 1.0), 1e15)
     ours = run_strategy(problem, limits, "poet", time_limit_s=TIME_LIMIT_S)
     assert ours.status == "optimal" and ours.fits, ours.notes
     assert any(d is not Decision.KEEP for d in ours.choice) and ours.overhead_energy_j > 0
@@ -87,7 +88,7 @@ def test_both_really_solve_a_nontrivial_instance(tiny_problems):
     assert ours.overhead_energy_j == pytest.approx(sol.objective_j, rel=1e-6)
     mapped = pr.map_to_decisions(problem, sol)
     assert not mapped.outside_policy
-    replay = finish(problem, "poet-reference", mapped.choice, limits, sol.status)
+    replay = evaluate_choice(problem, "poet-reference", mapped.choice, limits, sol.status)
     assert replay.fits and replay.overhead_energy_j == pytest.approx(sol.objective_j, rel=1e-6)
 
 
@@ -118,7 +119,7 @@ def test_faithful_poet_on_the_cnn_matches_poetc(cnn_b2, frac):
 
 def _residual_both(problem, frac):
     budget = int(problem.keep_all_peak_bytes * frac)
-    limits = Limits(budget, problem.base_time_s * (DEADLINE - 1.0), 1e15)
+    limits = Limits.of(Budget.activations_only(budget), problem.base_time_s * (DEADLINE - 1.0), 1e15)
     ours = run_strategy(problem, limits, "poet", time_limit_s=TIME_LIMIT_S)
     inst = pr.instance_from_graph(problem.graph, problem.costs)
     sol = pr.solve_poet(inst, budget - pr.unmodelled_bytes(problem), limits.overhead_time_s,
@@ -159,6 +160,7 @@ def test_poetc_pages_a_tensor_in_twice_on_the_residual_as_poet_does(tiny_problem
     assert 0 < ours.overhead_energy_j <= sol.objective_j * (1 + 1e-6)
     mapped = pr.map_to_decisions(problem, sol)
     assert mapped.repage and all(x.startswith("recompute add_Grad/Identity") for x in mapped.outside_policy), mapped
-    limits = Limits(int(problem.keep_all_peak_bytes * 0.8), problem.base_time_s * (DEADLINE - 1.0), 1e15)
-    replay = finish(problem, "poet-reference", mapped.choice, limits, sol.status, repage=mapped.repage)
+    budget = Budget.activations_only(int(problem.keep_all_peak_bytes * 0.8))
+    limits = Limits.of(budget, problem.base_time_s * (DEADLINE - 1.0), 1e15)
+    replay = evaluate_choice(problem, "poet-reference", mapped.choice, limits, sol.status, repage=mapped.repage)
     assert replay.fits and replay.overhead_energy_j == pytest.approx(sol.objective_j, rel=1e-6)

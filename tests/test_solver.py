@@ -75,12 +75,20 @@ def test_milp_prediction_equals_simulation_on_recompute_chains(cnn_graph):
 
 def test_budget_below_floor_is_reported_before_solving(mlp_graph):
     from poetc.errors import InfeasibleError
-    from poetc.solver import check_lower_bound
+    from poetc.plan import Budget, check_budget, lower_bound
     _, g = mlp_graph
     problem = build_problem(g, costs_for(g, 0, 1))
     with pytest.raises(InfeasibleError) as err:
-        check_lower_bound(problem, problem.fixed_bytes + 10)
+        check_budget(problem, Budget.from_ram(problem.fixed_bytes + 10, problem.fixed_bytes))
     assert "try --ram" in str(err.value)
+    # the bound is exact: one byte less is refused, the bound itself is accepted and leaves the floor
+    bound = lower_bound(problem)
+    with pytest.raises(InfeasibleError):
+        check_budget(problem, Budget.from_ram(bound.ram_bytes - 1, problem.fixed_bytes))
+    at = Budget.from_ram(bound.ram_bytes, problem.fixed_bytes)
+    assert check_budget(problem, at) == bound
+    assert at.activation_bytes >= bound.floor_activation_bytes
+    assert at.ram_bytes == at.fixed_bytes + at.reserve_bytes + at.activation_bytes
 
 
 def _cnn_at_70_percent(cnn_graph, strategy):

@@ -1,7 +1,8 @@
-"""Choosing keep / recompute / page per saved activation: problem extraction, MILP, baselines."""
+"""Choosing keep / recompute / page per decidable tensor: problem extraction, MILP, baselines.
+The limits a strategy respects (Limits) are built from a poetc.plan.Budget."""
 
-from .formulation import RESERVE_BYTES, RESERVE_FRACTION, Limits, activation_budget
+from ..plan import Limits
 from .problem import Problem, build_problem
-from .strategies import STRATEGIES, StrategyResult, check_lower_bound, run_strategy
+from .strategies import StrategyResult, run_strategy
 
-__all__ = ["Limits", "RESERVE_BYTES", "RESERVE_FRACTION", "activation_budget", "Problem", "STRATEGIES", "StrategyResult", "build_problem", "check_lower_bound", "run_strategy"]
+__all__ = ["Limits", "Problem", "StrategyResult", "build_problem", "run_strategy"]

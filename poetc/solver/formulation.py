@@ -18,7 +18,7 @@ output and statistics) reruns its producer once, for all its recomputed members:
   y[b,k] >= z[g,k] - keep_b for b in the group's boundary;  run_g >= rec_i
   gtau[g,k] >= z[g,k] - z[g,k-1] (the run);  w[i,k] >= gtau[g,k] - rec_i (a member it writes that is
   not recomputed: a transient copy)
-Memory, in units of the budget minus fixed state:
+Memory, in units of the activation budget (poetc.plan.Budget; less a Spill handle per decidable tensor):
   at every position p, while its op runs:  const(p) + sum m_i * (lifetime terms) <= budget
   at every stage, while the regeneration steps before its op run (the op's outputs and workspace not
   yet there):  pre_const(k) + the same lifetime terms + transients (tau, gtau, w) <= budget
@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 
 import mip
 
-from ..schedule import SPILL_HANDLE_BYTES, Decision
+from ..plan import Limits
+from ..schedule import Decision
 from .problem import LinearEval, Problem
 
 
@@ -66,29 +67,6 @@ class MilpVars:
         """The variable a memory-row key names: ("keep", i), ("y", i, k), ("ext", b, p), ..."""
         table = getattr(self, key[0])
         return table[key[1]] if len(key) == 2 else table[key[1:]]
-
-
-# What the simulator does not model (kernel scratch below 64 KiB, small bookkeeping blocks) measured
-# up to 0.5% of the activation peak on real models, and about 5 KB a step on toy ones
-# (docs/memory-model.md): plans keep this much of the activation budget spare.
-RESERVE_FRACTION = 0.01
-RESERVE_BYTES = 16 * 1024
-
-
-def activation_budget(ram_bytes: int, fixed_bytes: int) -> float:
-    """The activation memory a schedule may plan for: RAM budget minus fixed state minus the reserve."""
-    free = ram_bytes - fixed_bytes
-    return free - RESERVE_FRACTION * max(free, 0) - RESERVE_BYTES
-
-
-@dataclass(frozen=True)
-class Limits:
-    activation_budget_bytes: float  # RAM budget minus fixed state
-    overhead_time_s: float  # deadline minus keep-all step time
-    flash_bytes: float
-    objective: str = "energy"  # or "time"
-    allow_recompute: bool = True
-    allow_page: bool = True
 
 
 def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) -> tuple[mip.Model, MilpVars]:
@@ -187,8 +165,7 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
     # memory rows
     decidable_rows = memory_rows(problem, v)
     rows: dict[tuple, float] = {}
-    # Spill handles (16 bytes each) are not modelled per position: reserve room for all of them
-    budget = limits.activation_budget_bytes - SPILL_HANDLE_BYTES * len(decidable)
+    budget = limits.milp_budget_bytes(len(decidable))
     for c0, row_terms in decidable_rows:
         key = tuple(sorted(row_terms.items()))
         if c0 + sum(b for b in row_terms.values() if b > 0) <= budget:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import InternalError
 from ..ir.graph import Role, TensorKind, TrainGraph
-from ..schedule import SPILL_HANDLE_BYTES, Decision, StepCosts, build_steps, simulate
+from ..schedule import SPILL_HANDLE_BYTES, Decision, SimResult, StepCosts, simulate_keep_all
 
 # Ops whose output differs between two runs on the same inputs: never recomputed.
 RANDOM_OPS = {"Dropout", "BitmaskDropout", "RandomNormal", "RandomNormalLike", "RandomUniform",
@@ -82,6 +82,7 @@ class Problem:
     base_time_s: float
     base_energy_j: float
     keep_all_peak_bytes: int  # activation peak with every candidate kept (simulated)
+    keep_all: SimResult | None = None  # that simulation (schedule.simulate_keep_all), with the costs
     groups: list[list[int]] = field(default_factory=list)  # recomputable candidates sharing a producer (>= 2)
     # recomputable candidates by producer, latest producer first. A recompute materializes its boundary
     # tensors, produced before it: in this order whatever can pull a tensor early comes before it
@@ -286,8 +287,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
     regen_order = [by_producer[p] for p in sorted(by_producer, reverse=True)]
 
     # decision-independent memory: keep-all simulation minus every candidate's keep-all lifetime
-    keep_steps, origin = build_steps(graph, {})
-    sim = simulate(graph, keep_steps, origin, costs)
+    sim = simulate_keep_all(graph, costs)
     const = np.array(sim.live_bytes, dtype=np.float64)
     before = np.array(sim.before_bytes, dtype=np.float64)
     for cand in candidates:
@@ -295,7 +295,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
             const[cand.prod: cand.lb + 1] -= cand.mem_bytes
             before[cand.prod + 1: cand.lb + 1] -= cand.mem_bytes
     return Problem(graph, costs, candidates, stages, const, backward_start, sim.fixed_bytes,
-                   sim.time_s, sim.energy_j, sim.peak_bytes, groups, regen_order, before[stages])
+                   sim.time_s, sim.energy_j, sim.peak_bytes, sim, groups, regen_order, before[stages])
 
 
 # ---------------------------------------------------------------------------------------------------

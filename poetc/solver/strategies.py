@@ -6,20 +6,19 @@ Heuristics double as warm starts for the MILPs.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass, field, replace
 
-from ..errors import InfeasibleError, UsageError
+from ..errors import UsageError
+from ..plan import STRATEGIES, Limits
 from ..schedule import Decision, Schedule, SimResult, simulate
-from .formulation import Limits, build_model, read_choice, read_early, read_repage, start_values
+from .child import run_in_child
+from .formulation import build_model, read_choice, read_early, read_repage, start_values
 from .problem import Problem, chen_checkpoints, evaluate_linear
 
 log = logging.getLogger(__name__)
 
 SOLVERS = {"highs": "HiGHS", "cbc": "CBC"}
-STRATEGIES = ("poet", "keep-all", "chen", "capuchin", "remat-only", "paging-only")
 
 
 @dataclass
@@ -39,19 +38,11 @@ class StrategyResult:
     solve_time_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
-    def summary(self) -> dict:
-        return {
-            "strategy": self.strategy, "status": self.status, "fits": self.fits,
-            "peak_bytes": self.sim.total_peak_bytes, "activation_peak_bytes": self.sim.peak_bytes,
-            "time_s": self.sim.time_s, "energy_j": self.sim.energy_j,
-            "overhead_time_s": self.overhead_time_s, "overhead_energy_j": self.overhead_energy_j,
-            "decisions": self.schedule.counts(), "bound": self.bound, "gap": self.gap,
-            "notes": self.notes,
-        }
 
-
-def finish(problem: Problem, strategy: str, choice: list[Decision], limits: Limits, status: str,
-           early: dict[int, int] | None = None, repage: dict[int, list[int]] | None = None, **kw) -> StrategyResult:
+def evaluate_choice(problem: Problem, strategy: str, choice: list[Decision], limits: Limits, status: str,
+                    early: dict[int, int] | None = None, repage: dict[int, list[int]] | None = None,
+                    **kw) -> StrategyResult:
+    """The result of a choice of decisions: its schedule, simulated, and whether it fits `limits`."""
     early = early or {}
     repage = {i: js for i, js in (repage or {}).items() if js and choice[i] is Decision.PAGE}
     schedule = Schedule.from_decisions(problem.graph, problem.decisions_from(dict(enumerate(choice))), strategy,
@@ -60,7 +51,7 @@ def finish(problem: Problem, strategy: str, choice: list[Decision], limits: Limi
                                        repage_at=problem.repage_at_from(repage))
     sim = simulate(problem.graph, schedule.steps, schedule.origin, problem.costs)
     over_t, over_e = sim.time_s - problem.base_time_s, sim.energy_j - problem.base_energy_j
-    fits = (sim.peak_bytes <= limits.activation_budget_bytes + 0.5
+    fits = (sim.peak_bytes <= limits.activation_budget_bytes
             and over_t <= limits.overhead_time_s * (1 + 1e-9) + 1e-12
             and sim.max_flash_bytes <= limits.flash_bytes)
     schedule.solver.update({k: v for k, v in kw.items() if k in ("bound", "gap")})
@@ -135,31 +126,22 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
 
 
 def _milp_worker(problem: Problem, limits: Limits, start: list[Decision] | None, time_limit_s: float,
-                 seed: int, threads: int, solver: str, conn) -> None:
-    """Runs in a forked child: build, solve, send back (status, choice, objective, bound)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # HiGHS prints its banner on stdout whatever python-mip's verbosity
+                 seed: int, threads: int, solver: str) -> tuple:
+    """Runs in a child (run_in_child): build, solve, return (status, choice, objective, bound, sizes)."""
     t0 = time.perf_counter()
-    try:
-        model, v = build_model(problem, limits, solver_name=SOLVERS[solver])
-        model.seed = seed
-        model.threads = threads
-        model.max_mip_gap = 1e-4
-        if start is not None:
-            model.start = start_values(problem, v, start, evaluate_linear(problem, start))
-        # what is left after building, less a margin for reading the solution back
-        status = model.optimize(max_seconds=max(time_limit_s - (time.perf_counter() - t0) - 1.0, 0.5))
-        if model.num_solutions:
-            choice = read_choice(problem, v)
-            conn.send((status.name, ([d.value for d in choice], read_early(problem, v, choice), read_repage(v, choice)),
-                       model.objective_value,
-                       model.objective_bound, model.num_cols, model.num_rows))
-        else:
-            conn.send((status.name, None, None, model.objective_bound, model.num_cols, model.num_rows))
-    except Exception as exc:  # reported to the parent, which falls back to the heuristic
-        conn.send(("ERROR", repr(exc), None, None, 0, 0))
-    finally:
-        conn.close()
+    model, v = build_model(problem, limits, solver_name=SOLVERS[solver])
+    model.seed = seed
+    model.threads = threads
+    model.max_mip_gap = 1e-4
+    if start is not None:
+        model.start = start_values(problem, v, start, evaluate_linear(problem, start))
+    # what is left after building, less a margin for reading the solution back
+    status = model.optimize(max_seconds=max(time_limit_s - (time.perf_counter() - t0) - 1.0, 0.5))
+    if model.num_solutions:
+        choice = read_choice(problem, v)
+        return (status.name, ([d.value for d in choice], read_early(problem, v, choice), read_repage(v, choice)),
+                model.objective_value, model.objective_bound, model.num_cols, model.num_rows)
+    return (status.name, None, None, model.objective_bound, model.num_cols, model.num_rows)
 
 
 def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s: float, seed: int = 0,
@@ -173,17 +155,8 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
     if starts:
         start = min(starts, key=lambda s: _objective(problem, s, limits))
     remaining = max(time_limit_s - (time.perf_counter() - t0), 1.0)
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_milp_worker, args=(problem, limits, start, remaining, seed, threads, solver, child),
-                       daemon=True)
-    proc.start()
-    child.close()
-    grace = 5.0 + 0.1 * time_limit_s
-    message = parent.recv() if parent.poll(remaining + grace) else None
-    if message is None:
-        proc.kill()
-    proc.join(5)
+    message, _ = run_in_child(_milp_worker, (problem, limits, start, remaining, seed, threads, solver),
+                              remaining + 5.0 + 0.1 * time_limit_s)
     elapsed = time.perf_counter() - t0
     notes = []
     if message is None or message[0] == "ERROR" or message[1] is None:
@@ -196,21 +169,21 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
         else:
             why = f"the solver stopped with status {message[0]} and no solution"
         if start is None:
-            return finish(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "infeasible",
-                          solve_time_s=elapsed, notes=[why + "; no heuristic schedule fits either"])
+            return evaluate_choice(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "infeasible",
+                                   solve_time_s=elapsed, notes=[why + "; no heuristic schedule fits either"])
         notes.append(why + "; falling back to the best heuristic schedule that fits")
-        return finish(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed, notes=notes)
+        return evaluate_choice(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed, notes=notes)
     status_name, (values, early, repage), objective, bound, ncols, nrows = message
     choice = [Decision(x) for x in values]
     bound = max(bound, 0.0) if bound is not None else None
     gap = (objective - bound) / objective if objective and bound is not None and objective > 1e-18 else 0.0
     status = "optimal" if status_name == "OPTIMAL" else "feasible"
     notes.append(f"MILP: {ncols} variables, {nrows} rows, {len(problem.candidates)} candidates")
-    result = finish(problem, strategy, choice, limits, status, early, repage, bound=bound, gap=gap,
-                    solve_time_s=elapsed, notes=notes)
+    result = evaluate_choice(problem, strategy, choice, limits, status, early, repage, bound=bound, gap=gap,
+                             solve_time_s=elapsed, notes=notes)
     if start is not None and not result.fits:  # never worse than the start: the simulator decides
-        fallback = finish(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed,
-                          notes=notes + ["the MILP solution failed simulation; using the heuristic start"])
+        fallback = evaluate_choice(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed,
+                                   notes=notes + ["the MILP solution failed simulation; using the heuristic start"])
         if fallback.fits:
             return fallback
     return result
@@ -225,16 +198,16 @@ def run_strategy(problem: Problem, limits: Limits, strategy: str, *, time_limit_
                  threads: int = 1, solver: str = "highs") -> StrategyResult:
     t0 = time.perf_counter()
     if strategy == "keep-all":
-        return finish(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "heuristic")
+        return evaluate_choice(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "heuristic")
     if strategy == "chen":
-        return finish(problem, strategy, chen_checkpoints(problem), limits, "heuristic",
-                      solve_time_s=time.perf_counter() - t0)
+        return evaluate_choice(problem, strategy, chen_checkpoints(problem), limits, "heuristic",
+                               solve_time_s=time.perf_counter() - t0)
     if strategy == "capuchin":
         choice = greedy(problem, limits, rule="capuchin")
         if choice is None:
-            return finish(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "infeasible",
-                          notes=["the greedy found no schedule within the limits"])
-        return finish(problem, strategy, choice, limits, "heuristic", solve_time_s=time.perf_counter() - t0)
+            return evaluate_choice(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "infeasible",
+                                   notes=["the greedy found no schedule within the limits"])
+        return evaluate_choice(problem, strategy, choice, limits, "heuristic", solve_time_s=time.perf_counter() - t0)
     if strategy == "poet":
         return solve_milp(problem, limits, strategy, time_limit_s=time_limit_s, seed=seed, threads=threads, solver=solver)
     if strategy == "remat-only":
@@ -244,33 +217,3 @@ def run_strategy(problem: Problem, limits: Limits, strategy: str, *, time_limit_
         return solve_milp(problem, replace(limits, allow_recompute=False), strategy, time_limit_s=time_limit_s,
                           seed=seed, threads=threads, solver=solver)
     raise UsageError(f"unknown strategy {strategy!r}", hint=f"strategies: {', '.join(STRATEGIES)}")
-
-
-def floor_bytes(problem: Problem) -> tuple[int, int]:
-    """(bytes, position): the least RAM any schedule needs, fixed state plus the peak over positions of
-    what no decision can remove there, and where that peak is."""
-    floor = problem.const_bytes.copy()
-    for c in problem.candidates:
-        if c.fixed:
-            continue
-        floor[c.prod: c.lf + 1] += c.mem_bytes
-        floor[c.fb: c.lb + 1] += c.mem_bytes
-        for a, b in c.inner:  # paged, it can be dropped between these readers
-            floor[a + 1: b] -= c.mem_bytes
-    p = int(floor.argmax())
-    return problem.fixed_bytes + int(floor[p]), p
-
-
-def check_lower_bound(problem: Problem, budget_bytes: int) -> None:
-    """Fail before solving when no schedule can fit (see floor_bytes)."""
-    from ..units import format_size
-    need, p = floor_bytes(problem)
-    floor_at_p = need - problem.fixed_bytes
-    if need > budget_bytes:
-        op = problem.graph.ops[p]
-        suggestion = f"{(need * 1.02) / 1e6:.2f}MB"
-        raise InfeasibleError(
-            f"budget {format_size(budget_bytes)} is below the lower bound {format_size(need)} set by "
-            f"{op.op_type} {op.name!r} (position {p}): fixed state {format_size(problem.fixed_bytes)} plus "
-            f"{format_size(floor_at_p)} of tensors no schedule can drop there",
-            hint=f"try --ram {suggestion}")

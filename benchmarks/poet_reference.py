@@ -60,25 +60,26 @@ Semantic differences with poetc's model (poetc.solver.formulation), all visible 
 To compare on poetc's terms, `map_to_decisions` reads POET's solution as one keep / recompute / page
 decision per saved activation and poetc's simulator prices it; `compare` reports both.
 
-Benchmark: `python -m poetc.solver.poet_reference [--graphs tiny-chain,tiny-residual,mlp-example,mlp,cnn]
+Benchmark: `python -m benchmarks.poet_reference [--graphs tiny-chain,tiny-residual,mlp-example,mlp,cnn]
 [--budgets 0.9,0.8,0.6] [--deadline 1.3] [--time-limit 30] [--target rpi4]` prints a table.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mip
 import numpy as np
 
-from ..ir.graph import Role, TrainGraph
-from ..schedule import SPILL_HANDLE_BYTES, Decision, StepCosts
-from .problem import RANDOM_OPS, Problem
+from poetc.ir.graph import Role, TrainGraph
+from poetc.plan import Budget, limits_for
+from poetc.schedule import SPILL_HANDLE_BYTES, Decision, StepCosts
+from poetc.solver.child import run_in_child
+from poetc.solver.problem import RANDOM_OPS, Problem
+from poetc.solver.strategies import evaluate_choice, run_strategy
+from poetc.units import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -268,35 +269,28 @@ class PoetSolution:
         return self.R is not None
 
 
-def _worker(inst, budget, overhead_time_s, flash_bytes, decide_backward, time_limit_s, seed, conn) -> None:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # HiGHS prints its banner on stdout whatever the verbosity
-    try:
-        model, v = build_poet_model(inst, budget, overhead_time_s, flash_bytes=flash_bytes,
-                                    decide_backward=decide_backward)
-        model.seed = seed
-        model.threads = 1
-        model.max_mip_gap = 1e-4
-        status = model.optimize(max_seconds=time_limit_s)
-        sizes = (model.num_cols, model.num_int, model.num_rows)
-        if model.num_solutions:
-            n = inst.n
+def _worker(inst, budget, overhead_time_s, flash_bytes, decide_backward, time_limit_s, seed) -> tuple:
+    """Runs in a child (run_in_child): build, solve, return (status, objective, bound, matrices, sizes)."""
+    model, v = build_poet_model(inst, budget, overhead_time_s, flash_bytes=flash_bytes,
+                                decide_backward=decide_backward)
+    model.seed = seed
+    model.threads = 1
+    model.max_mip_gap = 1e-4
+    status = model.optimize(max_seconds=time_limit_s)
+    sizes = (model.num_cols, model.num_int, model.num_rows)
+    if model.num_solutions:
+        n = inst.n
 
-            def mat(d, diag=False):
-                a = np.zeros((n, n), dtype=bool)
-                for (t, i), var in d.items():
-                    a[t, i] = var.x is not None and var.x > 0.5
-                if diag:
-                    np.fill_diagonal(a, True)
-                return a
-            conn.send((status.name, model.objective_value, model.objective_bound,
-                       [mat(v.R, True), mat(v.S_ram), mat(v.S_sd), mat(v.M_in), mat(v.M_out)], sizes))
-        else:
-            conn.send((status.name, None, model.objective_bound, None, sizes))
-    except Exception as exc:  # noqa: BLE001  reported as status "error"
-        conn.send(("ERROR", repr(exc), None, None, (0, 0, 0)))
-    finally:
-        conn.close()
+        def mat(d, diag=False):
+            a = np.zeros((n, n), dtype=bool)
+            for (t, i), var in d.items():
+                a[t, i] = var.x is not None and var.x > 0.5
+            if diag:
+                np.fill_diagonal(a, True)
+            return a
+        return (status.name, model.objective_value, model.objective_bound,
+                [mat(v.R, True), mat(v.S_ram), mat(v.S_sd), mat(v.M_in), mat(v.M_out)], sizes)
+    return (status.name, None, model.objective_bound, None, sizes)
 
 
 def solve_poet(inst: PoetInstance, activation_budget_bytes: float, overhead_time_s: float, *,
@@ -304,25 +298,15 @@ def solve_poet(inst: PoetInstance, activation_budget_bytes: float, overhead_time
                decide_backward: bool = True) -> PoetSolution:
     """Solve POET's MILP with HiGHS (one thread, seeded) in a child process whose wall clock is
     enforced from outside (HiGHS does not interrupt presolve or the root LP)."""
-    t0 = time.perf_counter()
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, daemon=True,
-                       args=(inst, activation_budget_bytes, overhead_time_s, flash_bytes, decide_backward, time_limit_s,
-                             seed, child))
-    proc.start()
-    child.close()
-    message = parent.recv() if parent.poll(time_limit_s + 5.0 + 0.1 * time_limit_s) else None
-    if message is None:
-        proc.kill()
-    proc.join(5)
-    elapsed = time.perf_counter() - t0
+    message, elapsed = run_in_child(_worker, (inst, activation_budget_bytes, overhead_time_s, flash_bytes,
+                                              decide_backward, time_limit_s, seed), time_limit_s + 5.0 + 0.1 * time_limit_s)
     if message is None:
         return PoetSolution("no-solution-in-time", None, None, None, None, None, None, None, None, elapsed,
                             message=f"killed after {elapsed:.1f} s")
+    if message[0] == "ERROR":
+        return PoetSolution("error", None, None, None, None, None, None, None, None, elapsed, 0, 0, 0,
+                            message=message[1])
     name, objective, bound, mats, sizes = message
-    if name == "ERROR":
-        return PoetSolution("error", None, None, None, None, None, None, None, None, elapsed, *sizes, message=objective)
     if mats is None:
         status = "infeasible" if name == "INFEASIBLE" else "no-solution-in-time"
         return PoetSolution(status, None, bound, None, None, None, None, None, None, elapsed, *sizes, message=name)
@@ -555,15 +539,13 @@ def unmodelled_bytes(problem: Problem) -> int:
 def compare_problem(name: str, problem: Problem, budget_fracs, *, deadline_factor: float = 1.3,
                     time_limit_s: float = 60.0, seed: int = 0, variants=tuple(VARIANTS)) -> list[ComparisonRow]:
     """Solve poetc's `poet` strategy and POET's MILP on the same graph, costs and limits."""
-    from .formulation import Limits
-    from .strategies import finish, run_strategy
     inst = instance_from_graph(problem.graph, problem.costs)
     poet_keep = checkmate_peak_bytes(inst, *keep_all_schedule(inst))
     reserve = unmodelled_bytes(problem)
     rows = []
     for frac in budget_fracs:
         budget = int(problem.keep_all_peak_bytes * frac)
-        limits = Limits(budget, problem.base_time_s * (deadline_factor - 1.0), 1e15)
+        limits, _ = limits_for(problem, Budget.activations_only(budget), Deadline(factor=deadline_factor), 1e15)
         ours = run_strategy(problem, limits, "poet", time_limit_s=time_limit_s, seed=seed)
         for variant in variants:
             ref = solve_poet(inst, budget - reserve, limits.overhead_time_s, time_limit_s=time_limit_s, seed=seed,
@@ -572,7 +554,7 @@ def compare_problem(name: str, problem: Problem, budget_fracs, *, deadline_facto
             outside: list[str] = []
             if ref.solved:
                 mapping = map_to_decisions(problem, ref)
-                sim = finish(problem, "poet-reference", mapping.choice, limits, ref.status, repage=mapping.repage)
+                sim = evaluate_choice(problem, "poet-reference", mapping.choice, limits, ref.status, repage=mapping.repage)
                 mapped_fits, mapped_obj, outside = sim.fits, sim.overhead_energy_j, mapping.outside_policy
             rows.append(ComparisonRow(name, inst.n, len(problem.candidates), frac, budget, deadline_factor,
                                       problem.keep_all_peak_bytes, poet_keep, ours.status, ours.fits,
@@ -583,10 +565,10 @@ def compare_problem(name: str, problem: Problem, budget_fracs, *, deadline_facto
 
 
 def load_problem(model_path: Path, work_dir: Path, target: str = "rpi4") -> Problem:
-    from ..api import open_graph, step_costs_for
-    from ..importer import ImportOptions
-    from ..targets import load_target
-    from .problem import build_problem
+    from poetc.api import open_graph, step_costs_for
+    from poetc.importer import ImportOptions
+    from poetc.solver import build_problem
+    from poetc.targets import load_target
     _, graph = open_graph(Path(model_path), Path(work_dir), ImportOptions())
     return build_problem(graph, step_costs_for(graph, load_target(target), None))
 
@@ -607,7 +589,7 @@ def compare(graphs=("tiny-chain", "tiny-residual", "mlp-example", "mlp", "cnn"),
             if name.startswith("tiny-"):
                 path = tiny_onnx(name[5:], gdir / "model.onnx")
             elif name == "mlp-example":
-                path = Path(__file__).resolve().parents[2] / "examples" / "mlp.onnx"
+                path = Path(__file__).resolve().parents[1] / "examples" / "mlp.onnx"
             else:
                 from models.zoo import export_onnx
                 path = export_onnx(name, gdir / "model.onnx", batch=2, seed=seed)
@@ -639,8 +621,6 @@ def format_table(rows: list[ComparisonRow]) -> str:
 
 def main() -> None:  # pragma: no cover - benchmark entry point
     import argparse
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for `models`
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--graphs", default="tiny-chain,tiny-residual,mlp-example,mlp,cnn")
     ap.add_argument("--budgets", default="0.9,0.8,0.6")

@@ -1,0 +1,1 @@
+"""Research harnesses run from the repository root (not installed with poetc): `python -m benchmarks.NAME`."""

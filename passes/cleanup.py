@@ -1,7 +1,7 @@
-"""cleanup: final consistency checks on the rewritten graph; removes nothing the schedule placed.
-
-Rewrites: drops graph-surgeon tensors no node or graph output references any more (never nodes: the
-step list is exact). Guarantees: node names are unique and every node input is produced before use.
+"""cleanup: final consistency checks on the rewritten graph. An analysis pass: it changes nothing
+(graph-surgeon's export already leaves out tensors no node references, and the step list is exact, so
+no node may go). Guarantees, or raises: node names are unique and every node input is a graph input,
+a constant or an output of an earlier node.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from poetc.schedule import StepKind
+from poetc.schedule import StepKind, recompute_node_name
 
 from .manager import PassContext, PassResult
 
@@ -36,8 +36,8 @@ class InsertRecompute:
                 outputs.append(var)
                 introduced.add(w)
             inputs = [read_tensor(ctx, tensors, r) for r in step.reads]
-            suffix = step.writes[0].rsplit("__poet_rc", 1)[1]
-            node = gs.Node(op=original.op, name=f"{op.name}__poet_rc{suffix}", attrs=dict(original.attrs),
+            node = gs.Node(op=original.op, name=recompute_node_name(op.name, step.writes[0]),
+                           attrs=dict(original.attrs),
                            inputs=inputs, outputs=outputs, domain=original.domain)
             ctx.gs_graph.nodes.append(node)
             count += 1

@@ -8,7 +8,7 @@ result is topological).
 
 from __future__ import annotations
 
-from poetc.schedule import StepKind
+from poetc.schedule import StepKind, recompute_node_name
 
 from .manager import PassContext, PassResult
 
@@ -17,8 +17,7 @@ def step_node_name(ctx: PassContext, step) -> str:
     if step.kind is StepKind.COMPUTE:
         return ctx.graph.ops[step.op].name
     if step.kind is StepKind.RECOMPUTE:
-        suffix = step.writes[0].rsplit("__poet_rc", 1)[1]
-        return f"{ctx.graph.ops[step.op].name}__poet_rc{suffix}"
+        return recompute_node_name(ctx.graph.ops[step.op].name, step.writes[0])
     return f"{step.writes[0]}__spill" if step.kind is StepKind.PAGE_OUT else f"{step.writes[0]}__restore"
 
 

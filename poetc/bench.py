@@ -129,7 +129,7 @@ class BenchResult:
 
 
 @dataclass
-class _Graph:
+class _LoweredModel:
     model: str
     batch: int
     path: Path
@@ -179,7 +179,7 @@ def run_bench(config: BenchConfig, out_dir: Path, *, figures_dir: Path | None = 
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
     rows: list[dict] = []
-    graphs: dict[str, _Graph] = {}
+    graphs: dict[str, _LoweredModel] = {}
     timeline = None
 
     with tempfile.TemporaryDirectory(prefix="poetc-bench-") as work:
@@ -263,7 +263,7 @@ def run_bench(config: BenchConfig, out_dir: Path, *, figures_dir: Path | None = 
 # sweeping
 
 
-def _lower(name: str, config: BenchConfig, work: Path, cache_dir: Path | None) -> _Graph:
+def _lower(name: str, config: BenchConfig, work: Path, cache_dir: Path | None) -> _LoweredModel:
     import models
 
     from .api import open_graph
@@ -272,10 +272,10 @@ def _lower(name: str, config: BenchConfig, work: Path, cache_dir: Path | None) -
     batch = config.batches.get(name, models.get_spec(name).default_batch)
     path = models.build(name, cache_dir=cache_dir, batch=batch, seed=config.seed)
     _, graph = open_graph(path, work / f"{name}-b{batch}", ImportOptions())
-    return _Graph(name, batch, Path(path), graph, time.perf_counter() - t0)
+    return _LoweredModel(name, batch, Path(path), graph, time.perf_counter() - t0)
 
 
-def _problem(g: _Graph, target_name: str):
+def _problem(g: _LoweredModel, target_name: str):
     from .api import step_costs_for
     from .solver import build_problem
     from .targets import load_target
@@ -291,7 +291,7 @@ def lower_bound_bytes(problem) -> int:
     return lower_bound(problem).ram_bytes
 
 
-def _base_row(experiment: str, g: _Graph, problem, target_name: str, fraction: float, factor: float) -> dict:
+def _base_row(experiment: str, g: _LoweredModel, problem, target_name: str, fraction: float, factor: float) -> dict:
     budget = problem.fixed_bytes + int(fraction * problem.keep_all_peak_bytes)
     return {
         "experiment": experiment, "model": g.model, "batch": g.batch, "target": target_name,
@@ -303,7 +303,7 @@ def _base_row(experiment: str, g: _Graph, problem, target_name: str, fraction: f
     }
 
 
-def _solve_all(rows: list[dict], experiment: str, g: _Graph, target_name: str, fraction: float, factor: float,
+def _solve_all(rows: list[dict], experiment: str, g: _LoweredModel, target_name: str, fraction: float, factor: float,
                strategies, config: BenchConfig) -> dict:
     """Run `strategies` on one (model, target, budget, deadline); append one row each."""
     from .plan import Budget, plan
@@ -339,7 +339,7 @@ def _strategy_columns(problem, r) -> dict:
     }
 
 
-def _timeline(g: _Graph, target_name: str, result, fraction: float):
+def _timeline(g: _LoweredModel, target_name: str, result, fraction: float):
     from .api import Timelines
     problem, _ = _problem(g, target_name)
     budget = problem.fixed_bytes + int(fraction * problem.keep_all_peak_bytes)
@@ -347,7 +347,7 @@ def _timeline(g: _Graph, target_name: str, result, fraction: float):
             f"{g.model} (batch {g.batch}) on {target_name}, budget {fraction:.0%} of keep-all activations")
 
 
-def _measure(g: _Graph, fraction: float, config: BenchConfig, out: Path) -> dict:
+def _measure(g: _LoweredModel, fraction: float, config: BenchConfig, out: Path) -> dict:
     """Compile for the host target at `fraction` and run reference and compiled steps in ONNX Runtime."""
     from .api import CompileOptions, compile_model, verify
     from .units import Deadline

@@ -71,8 +71,18 @@ class Step:
         return [self.kind.value, self.op, self.tensor, list(self.reads), list(self.writes)]
 
 
+_RECOMPUTE_TAG = "__poet_rc"
+
+
 def recompute_name(name: str, k: int) -> str:
-    return f"{name}__poet_rc{k}"
+    """The k-th recomputed copy of tensor `name`."""
+    return f"{name}{_RECOMPUTE_TAG}{k}"
+
+
+def recompute_node_name(op_name: str, written: str) -> str:
+    """The node that reruns op `op_name` to write `written` (a recompute_name): the op's name with the
+    same tag, so the rewritten graph's node names say which copy they are."""
+    return f"{op_name}{_RECOMPUTE_TAG}{written.rsplit(_RECOMPUTE_TAG, 1)[1]}"
 
 
 def restored_name(name: str, k: int = 1) -> str:
@@ -406,7 +416,9 @@ class Schedule:
 
 
 def graph_fingerprint(graph: TrainGraph) -> str:
+    """sha256 over the ops in execution order (name, type, inputs, outputs): identifies the lowered
+    graph a schedule or a cost file is for."""
     h = hashlib.sha256()
     for op in graph.ops:
-        h.update(json.dumps([op.name, op.op_type, op.inputs, op.outputs]).encode())
-    return h.hexdigest()[:16]
+        h.update(json.dumps([op.name, op.qualified_type, op.inputs, op.outputs]).encode())
+    return h.hexdigest()

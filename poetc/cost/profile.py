@@ -9,7 +9,6 @@ durations over the timed runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import numpy as np
 
 from ..errors import RuntimeFailure, TargetError
 from ..ir.graph import TrainGraph
+from ..schedule import graph_fingerprint
 from .model import MIN_MEASURED_OP_TIME_S, CostTable
 
 COSTS_FORMAT = "poetc-costs"
@@ -84,12 +84,6 @@ def profile_host(graph: TrainGraph, repeats: int = 5, seed: int = 0, *, warmup: 
 
 
 # ---- cost files --------------------------------------------------------------------------------
-def graph_fingerprint(graph: TrainGraph) -> str:
-    """sha256 over the sorted (op name, op type) pairs: identifies the graph a cost file is for."""
-    lines = sorted(f"{op.name}\t{op.qualified_type}" for op in graph.ops)
-    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
-
-
 @dataclass(frozen=True)
 class SavedCosts(Mapping[str, float]):
     """Contents of a costs file. A read-only mapping op name -> seconds (the same as `times`), so it

@@ -25,6 +25,7 @@ kernels, so they carry to an ONNX Runtime build for another CPU.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -32,6 +33,8 @@ import tempfile
 
 import numpy as np
 import onnx
+
+log = logging.getLogger(__name__)
 
 _TIMEOUT_S = 900
 
@@ -178,13 +181,14 @@ def _measure_one(node, types, constants, feeds, initializers, opsets, ir_version
         returned = heap.large_current() - before  # the outputs, still held by `out`
         del out
     except Exception as exc:  # an op that cannot run alone (e.g. needs state): no workspace known
-        print(f"workspace: {node.op_type} {node.name}: not measured ({str(exc)[:200]})", file=sys.stderr)
+        log.warning("workspace: %s %s: not measured (%s)", node.op_type, node.name, str(exc)[:200])
         return 0
     return max(0, int(peak - returned))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the worker: its stderr goes to the parent's log
     import onnxruntime
 
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     onnxruntime.set_default_logger_severity(3)
     _run_worker(*sys.argv[1:4])

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from . import output
 from .errors import InfeasibleError, InputFileError, OutputError, RuntimeFailure
 from .importer import ImportOptions, import_model
 from .ir.graph import Role, TensorKind, TrainGraph
@@ -188,70 +189,6 @@ def step_costs_for(graph: TrainGraph, target, costs_path: Path | None) -> StepCo
     return StepCosts([c.time_s for c in table.ops], [c.energy_j for c in table.ops], table.page_out, table.page_in)
 
 
-def _check_output_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() or out_dir.is_symlink():
-        if not force:
-            raise OutputError(f"output directory {out_dir} already exists", hint="choose another -o or pass --force")
-        if out_dir.is_symlink() or not out_dir.is_dir():
-            raise OutputError(f"{out_dir} exists and is not a directory; --force replaces only a directory "
-                              f"that poetc wrote", hint="remove it yourself or choose another -o")
-        if any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
-            raise OutputError(f"{out_dir} is not empty and holds no report.json; --force replaces only an "
-                              f"empty directory or one that poetc wrote", hint="remove it yourself or choose another -o")
-    parent = out_dir.resolve().parent
-    if not parent.exists():
-        try:  # like `mkdir -p`: a pipeline's fresh `-o build/model` should just work
-            parent.mkdir(parents=True)
-        except OSError as exc:
-            raise OutputError(f"cannot write {out_dir}: cannot create its parent directory {parent}: "
-                              f"{exc.strerror}") from None
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {out_dir}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {out_dir}: {parent} is not writable")
-
-
-_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
-@contextlib.contextmanager
-def _staging(out_dir: Path):
-    """A hidden staging directory beside out_dir (same file system, so the final rename is atomic),
-    created first so an unwritable destination fails before any work. Always removed on exit. A
-    failure to write there (disk full, read-only file system, permissions) becomes an OutputError."""
-    parent = out_dir.resolve().parent
-    try:
-        root = Path(tempfile.mkdtemp(prefix=".poetc-", dir=parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write {out_dir}: cannot create a staging directory in {parent}: "
-                          f"{exc.strerror or exc}", hint="choose a writable -o") from None
-    try:
-        (root / "out").mkdir()
-        yield root / "out"
-    except OSError as exc:
-        inside = exc.filename and str(exc.filename).startswith((str(root), str(out_dir)))
-        if not inside and exc.errno not in _OUTPUT_ERRNOS:
-            raise
-        raise OutputError(f"cannot write {out_dir}: {exc.strerror or exc}; nothing was written there",
-                          hint="free space on that file system or choose another -o") from exc
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _install(stage: Path, out_dir: Path) -> None:
-    """Rename the finished stage into place. An old output (--force) is moved aside first and deleted
-    only after the new one is in place, so out_dir holds one complete output or the old one."""
-    old = stage.parent / "replaced"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    try:
-        os.replace(stage, out_dir)
-    except OSError:
-        if old.exists():
-            os.replace(old, out_dir)
-        raise
-
-
 def compile_model(model_path: Path, options: CompileOptions, *,
                   progress: Callable[[str], None] | None = None) -> CompileResult:
     """Import, solve, rewrite and export. `progress`, if given, is called with the name of each phase
@@ -260,9 +197,10 @@ def compile_model(model_path: Path, options: CompileOptions, *,
     from .targets import load_target
 
     out_dir = Path(options.out_dir)
-    _check_output_dir(out_dir, options.force)
-    target = load_target(options.target)
-    with _staging(out_dir) as stage, tempfile.TemporaryDirectory(prefix="poetc-compile-") as work:
+    with output.OutputTransaction(out_dir, force=options.force, inputs=[Path(model_path)]) as tx, \
+            tempfile.TemporaryDirectory(prefix="poetc-compile-") as work:
+        target = load_target(options.target)
+        stage = tx.stage
         work = Path(work)
         say = progress or (lambda phase: None)
         t0 = time.perf_counter()
@@ -302,7 +240,7 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         shutil.copy2(artifacts / "training_model.onnx", stage / "reference" / "training_model.onnx")
         onnx.save(model, str(stage / "training_model.onnx"))
         uses_paging = any(d is Decision.PAGE for d in main.schedule.decisions.values())
-        libraries = _copy_native_libraries(stage, required=uses_paging)
+        libraries = output.copy_native_libraries(stage, required=uses_paging)
         schedule_doc = main.schedule.to_json()
         _write_json(stage / "schedule.json", schedule_doc)
         encoding = main.schedule.compact_encoding(graph)
@@ -341,9 +279,10 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         keep_steps, keep_origin = build_steps(graph, {})
         timelines = Timelines(simulate(graph, keep_steps, keep_origin, costs), main.sim, main.schedule.steps,
                               problem.backward_start, options.ram_bytes)
-        _write_json(stage / "report.json", report)
         _write_json(stage / "runtime.json", RUNTIME_CONTRACT)
-        _install(stage, out_dir)
+        report["artifacts"] = output.artifact_hashes(stage)  # checked by train and verify
+        _write_json(stage / "report.json", report)
+        tx.commit()
     return CompileResult(out_dir, report, timings, timelines)
 
 
@@ -375,31 +314,6 @@ def rewrite(graph: TrainGraph, schedule, options: CompileOptions, dump_dir: Path
     ctx = PassContext(graph, schedule, gs.import_onnx(graph.model))
     model = manager.run(ctx)
     return model, manager.records
-
-
-def _copy_native_libraries(stage: Path, *, required: bool) -> dict:
-    from .runtime import nativelib
-    out = {}
-    try:
-        host = nativelib.build_spill_library("host")
-        shutil.copy2(host, stage / "libpoet_spill.so")
-        out["host"] = "libpoet_spill.so"
-    except Exception as exc:
-        if required:
-            raise RuntimeFailure(f"the schedule pages tensors but the Spill/Restore library could not be built: {exc}",
-                                 hint="check network access to the Debian archive, or use --strategy remat-only") from exc
-        out["host"] = f"not built: {exc}"
-    if nativelib.cross_compiler_available():
-        try:
-            arm = nativelib.build_spill_library("aarch64")
-            (stage / "aarch64").mkdir()
-            shutil.copy2(arm, stage / "aarch64" / "libpoet_spill.so")
-            out["aarch64"] = "aarch64/libpoet_spill.so"
-        except Exception as exc:
-            out["aarch64"] = f"not built: {exc}"
-    else:
-        out["aarch64"] = "not built: aarch64-linux-gnu-gcc not installed"
-    return out
 
 
 def _write_json(path: Path, doc) -> None:

@@ -5,13 +5,8 @@ Nothing here prints or exits; errors are `poetc.errors` types.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import json
 import logging
-import os
-import re
 import shutil
 import tempfile
 import time
@@ -23,7 +18,7 @@ import numpy as np
 import onnx
 
 from . import output
-from .errors import InfeasibleError, InputFileError, OutputError, RuntimeFailure
+from .errors import InfeasibleError
 from .importer import ImportOptions, import_model
 from .ir.graph import Role, TensorKind, TrainGraph
 from .ir.lower import load_artifacts
@@ -329,157 +324,13 @@ def _json_default(x):
 
 
 # ---------------------------------------------------------------------------------------------------
-# running compiled artifacts
+# running compiled artifacts: poetc.run (re-exported here for existing callers)
+
+from .output import file_hashes  # noqa: E402
+from .run import VerifyReport, load_report, make_feeds, measure_artifacts, train, verify  # noqa: E402
+
+VerifyResult = VerifyReport
 
 
-def make_feeds(report: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs for the training model's user inputs, from report.json."""
-    rng = np.random.default_rng(seed)
-    classes = report.get("label_classes") or 2
-    feeds = {}
-    for name, spec in sorted(report["inputs"].items()):
-        shape, dtype = tuple(spec["shape"]), spec["dtype"]
-        if dtype in ("float", "double", "float16"):
-            feeds[name] = rng.standard_normal(shape).astype({"float": np.float32, "double": np.float64,
-                                                             "float16": np.float16}[dtype])
-        elif dtype == "bool":
-            feeds[name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            feeds[name] = rng.integers(0, classes, shape).astype(np.int64 if dtype == "int64" else np.int32)
-    return feeds
-
-
-def load_report(out_dir: Path) -> dict:
-    path = Path(out_dir) / "report.json"
-    if not path.exists():
-        raise InputFileError(f"{out_dir} is not a poetc output directory (no report.json)",
-                             hint="pass the directory written by `poetc compile -o DIR`")
-    return json.loads(path.read_text())
-
-
-def measure_artifacts(artifacts: Path, graph: TrainGraph | None = None, steps: int = 2, feeds=None,
-                      spill_library: Path | None = None, spill_dir: Path | None = None,
-                      intra_op_threads: int | None = None):
-    from .runtime.measure import MeasurementError, measure_training
-    if feeds is None:
-        report = {"inputs": {n: {"shape": list(graph.tensors[n].shape), "dtype": graph.tensors[n].dtype_name}
-                             for n in graph.user_inputs if n != "lazy_reset_grad"},
-                  "label_classes": _label_classes(graph)}
-        feeds = make_feeds(report)
-    try:
-        return measure_training(artifacts, feeds, steps=steps, spill_library=spill_library, spill_dir=spill_dir,
-                                intra_op_threads=intra_op_threads)
-    except MeasurementError as exc:
-        raise _runtime_failure(exc) from exc
-
-
-def _runtime_failure(exc) -> RuntimeFailure:
-    """One paragraph from a MeasurementError: the custom op's or ONNX Runtime's own message without
-    the C++ source locations, the Python traceback and the worker's stderr (kept in its log file)."""
-    text = " ".join(str(exc).split("\n--- worker stderr", 1)[0].split())
-    if "Status Message: " in text:
-        text = text.rsplit("Status Message: ", 1)[1]
-    elif "[ONNXRuntimeError] : " in text:
-        text = re.sub(r"^\d+ : [A-Z_]+ : ", "", text.rsplit("[ONNXRuntimeError] : ", 1)[1])
-    log_file = Path(exc.workdir) / "worker.stderr" if getattr(exc, "workdir", None) else None
-    return RuntimeFailure(f"the training step failed in ONNX Runtime: {text[:600]}",
-                          hint="the run stopped there: no parameters were saved and the checkpoint is unchanged"
-                          + (f"; full log: {log_file}" if log_file else ""))
-
-
-@dataclass
-class VerifyResult:
-    ok: bool
-    doc: dict
-
-
-def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: float = 1e-6,
-           spill_dir: Path | None = None) -> VerifyResult:
-    """Train the reference and the compiled artifacts side by side and compare.
-
-    Numerics come from a run of each with one ORT thread, which is bitwise reproducible (with several
-    threads some kernels' reductions depend on thread timing: two runs of the same transformer graph
-    differed in the 8th digit of the loss). Memory and step time come from a run of each with ORT's
-    default threads, as deployed."""
-    out_dir = Path(out_dir)
-    report = load_report(out_dir)
-    feeds = dict(np.load(data)) if data else make_feeds(report)
-    with tempfile.TemporaryDirectory(prefix="poetc-verify-") as work:
-        ref_dir = Path(work) / "reference"
-        ref_dir.mkdir()
-        for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
-            os.symlink((out_dir / name).resolve(), ref_dir / name)
-        os.symlink((out_dir / "reference" / "training_model.onnx").resolve(), ref_dir / "training_model.onnx")
-        library = out_dir / "libpoet_spill.so"
-        library = library if library.exists() else None
-        ref = measure_artifacts(ref_dir, steps=steps, feeds=feeds)
-        comp = measure_artifacts(out_dir, steps=steps, feeds=feeds, spill_library=library, spill_dir=spill_dir)
-        ref_1 = measure_artifacts(ref_dir, steps=steps, feeds=feeds, intra_op_threads=1)
-        comp_1 = measure_artifacts(out_dir, steps=steps, feeds=feeds, spill_library=library, spill_dir=spill_dir,
-                                   intra_op_threads=1)
-        ref_params, comp_params = dict(np.load(ref_1.params_npz)), dict(np.load(comp_1.params_npz))
-    loss_diffs = [abs(a.loss - b.loss) for a, b in zip(ref_1.steps, comp_1.steps)]
-    loss_rel = max(d / max(abs(a.loss), 1e-30) for d, a in zip(loss_diffs, ref_1.steps))
-    param_diff, param_rel, bitwise = 0.0, 0.0, True
-    for name, a in ref_params.items():
-        b = comp_params[name]
-        diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
-        param_diff = max(param_diff, diff)
-        param_rel = max(param_rel, diff / max(float(np.max(np.abs(a))), 1e-30))
-        bitwise &= a.tobytes() == b.tobytes()
-    fixed = report["fixed_total_bytes"]
-    predicted = report["result"]["activation_peak_bytes"]
-    steady = comp.steps[1:] or comp.steps  # step 1 also allocates the optimizer state
-    measured = [s.peak_heap_bytes for s in comp.steps]
-    budget = report["ram_budget_bytes"]
-    peak_ok = fixed + max(s.peak_heap_bytes for s in steady) <= budget
-    close = all(abs(s.peak_heap_bytes - predicted) <= max(0.03 * predicted, 2**20) for s in steady)
-    same = loss_rel <= rtol and param_rel <= rtol
-    doc = {
-        "steps": steps,
-        "numerics_intra_op_threads": 1,
-        "losses_reference": [s.loss for s in ref_1.steps],
-        "losses_compiled": [s.loss for s in comp_1.steps],
-        "max_abs_loss_diff_default_threads": max(abs(a.loss - b.loss) for a, b in zip(ref.steps, comp.steps)),
-        "max_abs_loss_diff": max(loss_diffs),
-        "max_rel_loss_diff": loss_rel,
-        "max_abs_param_diff": param_diff,
-        "max_rel_param_diff": param_rel,
-        "bitwise_identical_params": bitwise,
-        "ram_budget_bytes": budget,
-        "fixed_total_bytes": fixed,
-        "predicted_step_peak_bytes": predicted,
-        "measured_step_peak_bytes": measured,
-        "steady_state_from_step": 1 if len(comp.steps) > 1 else 0,
-        "reference_step_peak_bytes": [s.peak_heap_bytes for s in ref.steps],
-        "measured_total_peak_bytes": fixed + max(s.peak_heap_bytes for s in steady),
-        "within_budget": peak_ok,
-        "prediction_within_3pct_or_1MiB": close,
-        "step_seconds_reference": [s.step_seconds for s in ref.steps],
-        "step_seconds_compiled": [s.step_seconds for s in comp.steps],
-        "identical_results": same,
-    }
-    return VerifyResult(ok=same and peak_ok, doc=doc)
-
-
-def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
-          spill_dir: Path | None = None) -> dict:
-    out_dir = Path(out_dir)
-    report = load_report(out_dir)
-    feeds = dict(np.load(data)) if data else make_feeds(report, seed)
-    library = out_dir / "libpoet_spill.so"
-    run = measure_artifacts(out_dir, steps=steps, feeds=feeds,
-                            spill_library=library if library.exists() else None, spill_dir=spill_dir)
-    return {"losses": [s.loss for s in run.steps], "step_peak_bytes": [s.peak_heap_bytes for s in run.steps],
-            "step_seconds": [s.step_seconds for s in run.steps]}
-
-
-def file_hashes(out_dir: Path) -> dict[str, str]:
-    out = {}
-    for path in sorted(Path(out_dir).rglob("*")):
-        if path.is_file():
-            out[str(path.relative_to(out_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
-
-
-__all__ = ["CompileOptions", "CompileResult", "Timelines", "compile_model", "inspect_model", "verify", "train"]
+__all__ = ["CompileOptions", "CompileResult", "Timelines", "compile_model", "inspect_model", "verify", "train",
+           "VerifyReport", "file_hashes", "load_report", "make_feeds", "measure_artifacts"]

@@ -138,17 +138,23 @@ def load_data(path: Path, report: dict) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise InputFileError(f"{what} does not exist" if not path.exists() else f"{what} is not a file",
                              hint="pass an .npz written by numpy.savez with one array per training input")
+    hint = "write it with numpy.savez(path, name=array, ...), one numeric array per training input"
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if not magic.startswith(b"PK\x03\x04"):
+        kind = "a single .npy array" if magic == b"\x93NUMPY" else "not a NumPy .npz archive"
+        raise InputFileError(f"cannot read {what}: it is {kind}", hint=hint)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise ValueError("a single array, not an .npz archive")
             data = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        reason = "it holds Python objects (pickled), which poetc does not load" \
-            if "pickle" in str(exc).lower() or "object" in str(exc).lower() else \
-            f"it is not a NumPy .npz archive ({' '.join(str(exc).split())[:120]})"
-        raise InputFileError(f"cannot read {what}: {reason}",
-                             hint="write it with numpy.savez(path, name=array, ...) using numeric arrays") from None
+    except ValueError as exc:
+        if "pickle" not in str(exc).lower() and "object" not in str(exc).lower():
+            raise InputFileError(f"cannot read {what}: {' '.join(str(exc).split())[:160]}", hint=hint) from None
+        raise InputFileError(f"cannot read {what}: it holds an array of Python objects, which poetc does not "
+                             f"load (unpickling can run code)", hint=hint) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputFileError(f"cannot read {what}: a damaged .npz archive ({' '.join(str(exc).split())[:120]})",
+                             hint=hint) from None
     expected = report["inputs"]
     missing = sorted(set(expected) - set(data))
     if missing:

@@ -128,8 +128,7 @@ def _tail(path: Path, limit: int = _STDERR_TAIL_CHARS) -> str:
 def _remove_orphan_spills(spill_dir, env: Mapping[str, str], pid: int, keep_named_in: str) -> None:
     """A failed step leaves the spill files its Restores never read: remove the worker's (poet-<pid>-*)
     except any the error names (a damaged file is kept for inspection)."""
-    d = Path(spill_dir) if spill_dir is not None else \
-        Path(env.get("POETC_SPILL_DIR") or Path(env.get("TMPDIR") or "/tmp") / "poetc-spill")
+    d = Path(spill_dir) if spill_dir is not None else nativelib.default_spill_dir(env)
     if not d.is_dir():
         return
     for path in d.glob(f"poet-{pid}-*.spill"):

@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +135,13 @@ def make_restore_node_spec(dtype: int, key: str | None = None, keep_file: bool =
     return RESTORE_OP_TYPES[d], attrs
 
 
-def default_spill_dir() -> Path:
-    """The directory the native ops use when ``POETC_SPILL_DIR`` is unset
-    (same rule as ``spill_ops.c``): ``${TMPDIR:-/tmp}/poetc-spill``."""
-    env = os.environ.get("POETC_SPILL_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("TMPDIR") or "/tmp") / "poetc-spill"
+def default_spill_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The directory the native ops use (same rule as ``spill_ops.c``): ``POETC_SPILL_DIR``, else
+    ``${TMPDIR:-/tmp}/poetc-spill-<uid>``, private to the user (the ops refuse any other)."""
+    env = os.environ if env is None else env
+    if env.get("POETC_SPILL_DIR"):
+        return Path(env["POETC_SPILL_DIR"])
+    return Path(env.get("TMPDIR") or "/tmp") / f"poetc-spill-{os.geteuid()}"
 
 
 # --------------------------------------------------------------------------- #
@@ -439,9 +439,12 @@ def build_spill_library(arch: str = "host", cache_dir: str | os.PathLike | None 
     inc = ensure_headers(cache_dir)
     sources = [NATIVE_DIR / "spill_ops.c", NATIVE_DIR / "io_core.c"]
     deps = sources + [NATIVE_DIR / "io_core.h"]
-    flags = [*_CFLAGS, "-I", str(inc), "-I", str(NATIVE_DIR)]
+    # nodelete: ORT unloads a custom-op library with the last session options that registered it;
+    # staying loaded keeps the per-process MAC key, so one session may restore what another spilled
+    link = ["-Wl,-z,nodelete"]
+    flags = [*_CFLAGS, *link, "-I", str(inc), "-I", str(NATIVE_DIR)]
     header_hash = hashlib.sha256((inc / "onnxruntime_c_api.h").read_bytes()).hexdigest()
-    key = _build_key(cc, _CFLAGS, deps, extra=arch + header_hash)
+    key = _build_key(cc, [*_CFLAGS, *link], deps, extra=arch + header_hash)
     out = cache_root(cache_dir) / "build" / arch / f"libpoetc_spill-{key}.so"
     return _compile_cached(cc, flags, sources, out, f"spill ops ({arch})")
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from poetc.runtime.nativelib import SPILL_DOMAIN, make_restore_node_spec, make_spill_node_spec
+from poetc.runtime.contract import SPILL_DOMAIN, make_restore_node_spec, make_spill_node_spec
 from poetc.schedule import StepKind
 
 from .manager import PassContext, PassResult

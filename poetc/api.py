@@ -5,13 +5,9 @@ Nothing here prints or exits; errors are `poetc.errors` types.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
+import dataclasses
 import json
 import logging
-import os
-import re
 import shutil
 import tempfile
 import time
@@ -22,29 +18,20 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .errors import InfeasibleError, InputFileError, OutputError, RuntimeFailure
+from . import output
+from .errors import InfeasibleError
 from .importer import ImportOptions, import_model
 from .ir.graph import Role, TensorKind, TrainGraph
 from .ir.lower import load_artifacts
 from .plan import BASELINES
-from .report import CompileReport, InputSpec, KeepAllSummary, StrategySummary
+from .report import CompileReport, KeepAllSummary, StrategySummary
+from .run import input_specs, label_classes, measure_artifacts
+from .runtime.contract import RUNTIME_CONTRACT
 from .schedule import Decision, SimResult, Step, StepCosts, fixed_state_bytes, simulate
 from .units import Deadline
 
 log = logging.getLogger(__name__)
 
-RUNTIME_CONTRACT = {
-    "graph_optimization_level": "ORT_DISABLE_ALL",
-    "execution_order": "PRIORITY_BASED",
-    "enable_cpu_mem_arena": False,
-    "enable_mem_pattern": False,
-    "enable_mem_reuse": False,
-    "custom_op_library": "libpoet_spill.so (host) / aarch64/libpoet_spill.so",
-    "spill_dir_env": "POETC_SPILL_DIR",
-    "why": "ONNX Runtime executes graph.node in file order only with PRIORITY_BASED at ORT_DISABLE_ALL; "
-           "higher levels fuse nodes, reorder them and merge recompute duplicates; the arena hides frees; the "
-           "memory pattern and buffer reuse keep dead buffers reserved for later tensors of the same size",
-}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,70 +161,6 @@ def step_costs_for(graph: TrainGraph, target, costs_path: Path | None) -> StepCo
     return StepCosts([c.time_s for c in table.ops], [c.energy_j for c in table.ops], table.page_out, table.page_in)
 
 
-def _check_output_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() or out_dir.is_symlink():
-        if not force:
-            raise OutputError(f"output directory {out_dir} already exists", hint="choose another -o or pass --force")
-        if out_dir.is_symlink() or not out_dir.is_dir():
-            raise OutputError(f"{out_dir} exists and is not a directory; --force replaces only a directory "
-                              f"that poetc wrote", hint="remove it yourself or choose another -o")
-        if any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
-            raise OutputError(f"{out_dir} is not empty and holds no report.json; --force replaces only an "
-                              f"empty directory or one that poetc wrote", hint="remove it yourself or choose another -o")
-    parent = out_dir.resolve().parent
-    if not parent.exists():
-        try:  # like `mkdir -p`: a pipeline's fresh `-o build/model` should just work
-            parent.mkdir(parents=True)
-        except OSError as exc:
-            raise OutputError(f"cannot write {out_dir}: cannot create its parent directory {parent}: "
-                              f"{exc.strerror}") from None
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {out_dir}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {out_dir}: {parent} is not writable")
-
-
-_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
-@contextlib.contextmanager
-def _staging(out_dir: Path):
-    """A hidden staging directory beside out_dir (same file system, so the final rename is atomic),
-    created first so an unwritable destination fails before any work. Always removed on exit. A
-    failure to write there (disk full, read-only file system, permissions) becomes an OutputError."""
-    parent = out_dir.resolve().parent
-    try:
-        root = Path(tempfile.mkdtemp(prefix=".poetc-", dir=parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write {out_dir}: cannot create a staging directory in {parent}: "
-                          f"{exc.strerror or exc}", hint="choose a writable -o") from None
-    try:
-        (root / "out").mkdir()
-        yield root / "out"
-    except OSError as exc:
-        inside = exc.filename and str(exc.filename).startswith((str(root), str(out_dir)))
-        if not inside and exc.errno not in _OUTPUT_ERRNOS:
-            raise
-        raise OutputError(f"cannot write {out_dir}: {exc.strerror or exc}; nothing was written there",
-                          hint="free space on that file system or choose another -o") from exc
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _install(stage: Path, out_dir: Path) -> None:
-    """Rename the finished stage into place. An old output (--force) is moved aside first and deleted
-    only after the new one is in place, so out_dir holds one complete output or the old one."""
-    old = stage.parent / "replaced"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    try:
-        os.replace(stage, out_dir)
-    except OSError:
-        if old.exists():
-            os.replace(old, out_dir)
-        raise
-
-
 def compile_model(model_path: Path, options: CompileOptions, *,
                   progress: Callable[[str], None] | None = None) -> CompileResult:
     """Import, plan, rewrite and export. `progress`, if given, is called with the name of each phase
@@ -247,9 +170,10 @@ def compile_model(model_path: Path, options: CompileOptions, *,
     from .targets import load_target
 
     out_dir = Path(options.out_dir)
-    _check_output_dir(out_dir, options.force)
-    target = load_target(options.target)
-    with _staging(out_dir) as stage, tempfile.TemporaryDirectory(prefix="poetc-compile-") as work:
+    with output.OutputTransaction(out_dir, force=options.force, inputs=[Path(model_path)]) as tx, \
+            tempfile.TemporaryDirectory(prefix="poetc-compile-") as work:
+        target = load_target(options.target)
+        stage = tx.stage
         work = Path(work)
         say = progress or (lambda phase: None)
         t0 = time.perf_counter()
@@ -273,7 +197,7 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         shutil.copy2(artifacts / "training_model.onnx", stage / "reference" / "training_model.onnx")
         onnx.save(model, str(stage / "training_model.onnx"))
         uses_paging = any(d is Decision.PAGE for d in main.schedule.decisions.values())
-        libraries = _copy_native_libraries(stage, required=uses_paging)
+        libraries = output.copy_native_libraries(stage, required=uses_paging)
         _write_json(stage / "schedule.json", main.schedule.to_json())
         encoding = main.schedule.compact_encoding(graph)
         (stage / "schedule.bin").write_bytes(encoding)
@@ -289,14 +213,15 @@ def compile_model(model_path: Path, options: CompileOptions, *,
             granularity="op (every saved activation of the ONNX Runtime training graph)",
             schedule_encoding_bytes=len(encoding),
             passes=[{k: v for k, v in r.items() if k != "seconds"} for r in pass_records],
-            native_libraries=libraries, runtime_contract=RUNTIME_CONTRACT, label_classes=_label_classes(graph),
+            native_libraries=libraries, runtime_contract=RUNTIME_CONTRACT, label_classes=label_classes(graph),
             inputs=input_specs(graph))
         timings = {"compile_s": round(time.perf_counter() - t0, 3), "solve_s": round(main.solve_time_s, 3),
                    "passes": {r["name"]: r.get("seconds") for r in pass_records}}
         timelines = Timelines(keep, main.sim, main.schedule.steps, problem.backward_start, budget.ram_bytes)
-        _write_json(stage / "report.json", report.to_json())
         _write_json(stage / "runtime.json", RUNTIME_CONTRACT)
-        _install(stage, out_dir)
+        report = dataclasses.replace(report, artifacts=output.artifact_hashes(stage))
+        _write_json(stage / "report.json", report.to_json())
+        tx.commit()
     return CompileResult(out_dir, report, timings, timelines)
 
 
@@ -311,20 +236,6 @@ def _infeasible_message(chosen) -> str:
             f"activation budget and {RESERVE_BYTES // 1024} KiB spare for allocations the simulator does not model")
 
 
-def input_specs(graph: TrainGraph) -> dict[str, InputSpec]:
-    """The training graph's user inputs (what a step is fed), without ORT's lazy_reset_grad flag."""
-    return {n: InputSpec(list(graph.tensors[n].shape), graph.tensors[n].dtype_name)
-            for n in graph.user_inputs if n != "lazy_reset_grad"}
-
-
-def _label_classes(graph: TrainGraph) -> int | None:
-    for op in graph.ops:
-        if op.role is Role.LOSS and op.op_type.startswith("SoftmaxCrossEntropyLoss"):
-            shape = graph.tensors[op.inputs[0]].shape
-            return int(shape[1]) if len(shape) > 1 else None
-    return None
-
-
 def rewrite(graph: TrainGraph, schedule, options: CompileOptions, dump_dir: Path) -> tuple[onnx.ModelProto, list]:
     import onnx_graphsurgeon as gs
 
@@ -334,31 +245,6 @@ def rewrite(graph: TrainGraph, schedule, options: CompileOptions, dump_dir: Path
     ctx = PassContext(graph, schedule, gs.import_onnx(graph.model))
     model = manager.run(ctx)
     return model, manager.records
-
-
-def _copy_native_libraries(stage: Path, *, required: bool) -> dict:
-    from .runtime import nativelib
-    out = {}
-    try:
-        host = nativelib.build_spill_library("host")
-        shutil.copy2(host, stage / "libpoet_spill.so")
-        out["host"] = "libpoet_spill.so"
-    except Exception as exc:
-        if required:
-            raise RuntimeFailure(f"the schedule pages tensors but the Spill/Restore library could not be built: {exc}",
-                                 hint="check network access to the Debian archive, or use --strategy remat-only") from exc
-        out["host"] = f"not built: {exc}"
-    if nativelib.cross_compiler_available():
-        try:
-            arm = nativelib.build_spill_library("aarch64")
-            (stage / "aarch64").mkdir()
-            shutil.copy2(arm, stage / "aarch64" / "libpoet_spill.so")
-            out["aarch64"] = "aarch64/libpoet_spill.so"
-        except Exception as exc:
-            out["aarch64"] = f"not built: {exc}"
-    else:
-        out["aarch64"] = "not built: aarch64-linux-gnu-gcc not installed"
-    return out
 
 
 def _write_json(path: Path, doc) -> None:
@@ -373,159 +259,4 @@ def _json_default(x):
     return str(x)
 
 
-# ---------------------------------------------------------------------------------------------------
-# running compiled artifacts
-
-
-def make_feeds(inputs: dict[str, InputSpec], label_classes: int | None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs for a training step: floats standard normal, integers in [0, classes)."""
-    rng = np.random.default_rng(seed)
-    classes = label_classes or 2
-    feeds = {}
-    for name, spec in sorted(inputs.items()):
-        shape, dtype = tuple(spec.shape), spec.dtype
-        if dtype in ("float", "double", "float16"):
-            feeds[name] = rng.standard_normal(shape).astype({"float": np.float32, "double": np.float64,
-                                                             "float16": np.float16}[dtype])
-        elif dtype == "bool":
-            feeds[name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            feeds[name] = rng.integers(0, classes, shape).astype(np.int64 if dtype == "int64" else np.int32)
-    return feeds
-
-
-def load_report(out_dir: Path) -> CompileReport:
-    path = Path(out_dir) / "report.json"
-    if not path.exists():
-        raise InputFileError(f"{out_dir} is not a poetc output directory (no report.json)",
-                             hint="pass the directory written by `poetc compile -o DIR`")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(f"cannot read {path}: {exc}", hint="compile the model again") from None
-    return CompileReport.from_json(doc, where=str(path))
-
-
-def measure_artifacts(artifacts: Path, graph: TrainGraph | None = None, steps: int = 2, feeds=None,
-                      spill_library: Path | None = None, spill_dir: Path | None = None,
-                      intra_op_threads: int | None = None):
-    from .runtime.measure import MeasurementError, measure_training
-    if feeds is None:
-        feeds = make_feeds(input_specs(graph), _label_classes(graph))
-    try:
-        return measure_training(artifacts, feeds, steps=steps, spill_library=spill_library, spill_dir=spill_dir,
-                                intra_op_threads=intra_op_threads)
-    except MeasurementError as exc:
-        raise _runtime_failure(exc) from exc
-
-
-def _runtime_failure(exc) -> RuntimeFailure:
-    """One paragraph from a MeasurementError: the custom op's or ONNX Runtime's own message without
-    the C++ source locations, the Python traceback and the worker's stderr (kept in its log file)."""
-    text = " ".join(str(exc).split("\n--- worker stderr", 1)[0].split())
-    if "Status Message: " in text:
-        text = text.rsplit("Status Message: ", 1)[1]
-    elif "[ONNXRuntimeError] : " in text:
-        text = re.sub(r"^\d+ : [A-Z_]+ : ", "", text.rsplit("[ONNXRuntimeError] : ", 1)[1])
-    log_file = Path(exc.workdir) / "worker.stderr" if getattr(exc, "workdir", None) else None
-    return RuntimeFailure(f"the training step failed in ONNX Runtime: {text[:600]}",
-                          hint="the run stopped there: no parameters were saved and the checkpoint is unchanged"
-                          + (f"; full log: {log_file}" if log_file else ""))
-
-
-@dataclass
-class VerifyResult:
-    ok: bool
-    doc: dict
-
-
-def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: float = 1e-6,
-           spill_dir: Path | None = None) -> VerifyResult:
-    """Train the reference and the compiled artifacts side by side and compare.
-
-    Numerics come from a run of each with one ORT thread, which is bitwise reproducible (with several
-    threads some kernels' reductions depend on thread timing: two runs of the same transformer graph
-    differed in the 8th digit of the loss). Memory and step time come from a run of each with ORT's
-    default threads, as deployed."""
-    out_dir = Path(out_dir)
-    report = load_report(out_dir)
-    feeds = dict(np.load(data)) if data else make_feeds(report.inputs, report.label_classes)
-    with tempfile.TemporaryDirectory(prefix="poetc-verify-") as work:
-        ref_dir = Path(work) / "reference"
-        ref_dir.mkdir()
-        for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
-            os.symlink((out_dir / name).resolve(), ref_dir / name)
-        os.symlink((out_dir / "reference" / "training_model.onnx").resolve(), ref_dir / "training_model.onnx")
-        library = out_dir / "libpoet_spill.so"
-        library = library if library.exists() else None
-        ref = measure_artifacts(ref_dir, steps=steps, feeds=feeds)
-        comp = measure_artifacts(out_dir, steps=steps, feeds=feeds, spill_library=library, spill_dir=spill_dir)
-        ref_1 = measure_artifacts(ref_dir, steps=steps, feeds=feeds, intra_op_threads=1)
-        comp_1 = measure_artifacts(out_dir, steps=steps, feeds=feeds, spill_library=library, spill_dir=spill_dir,
-                                   intra_op_threads=1)
-        ref_params, comp_params = dict(np.load(ref_1.params_npz)), dict(np.load(comp_1.params_npz))
-    loss_diffs = [abs(a.loss - b.loss) for a, b in zip(ref_1.steps, comp_1.steps)]
-    loss_rel = max(d / max(abs(a.loss), 1e-30) for d, a in zip(loss_diffs, ref_1.steps))
-    param_diff, param_rel, bitwise = 0.0, 0.0, True
-    for name, a in ref_params.items():
-        b = comp_params[name]
-        diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
-        param_diff = max(param_diff, diff)
-        param_rel = max(param_rel, diff / max(float(np.max(np.abs(a))), 1e-30))
-        bitwise &= a.tobytes() == b.tobytes()
-    fixed = report.budget.fixed_bytes
-    predicted = report.result.activation_peak_bytes
-    steady = comp.steps[1:] or comp.steps  # step 1 also allocates the optimizer state
-    measured = [s.peak_heap_bytes for s in comp.steps]
-    budget = report.budget.ram_bytes
-    peak_ok = fixed + max(s.peak_heap_bytes for s in steady) <= budget
-    close = all(abs(s.peak_heap_bytes - predicted) <= max(0.03 * predicted, 2**20) for s in steady)
-    same = loss_rel <= rtol and param_rel <= rtol
-    doc = {
-        "steps": steps,
-        "numerics_intra_op_threads": 1,
-        "losses_reference": [s.loss for s in ref_1.steps],
-        "losses_compiled": [s.loss for s in comp_1.steps],
-        "max_abs_loss_diff_default_threads": max(abs(a.loss - b.loss) for a, b in zip(ref.steps, comp.steps)),
-        "max_abs_loss_diff": max(loss_diffs),
-        "max_rel_loss_diff": loss_rel,
-        "max_abs_param_diff": param_diff,
-        "max_rel_param_diff": param_rel,
-        "bitwise_identical_params": bitwise,
-        "ram_budget_bytes": budget,
-        "fixed_total_bytes": fixed,
-        "predicted_step_peak_bytes": predicted,
-        "measured_step_peak_bytes": measured,
-        "steady_state_from_step": 1 if len(comp.steps) > 1 else 0,
-        "reference_step_peak_bytes": [s.peak_heap_bytes for s in ref.steps],
-        "measured_total_peak_bytes": fixed + max(s.peak_heap_bytes for s in steady),
-        "within_budget": peak_ok,
-        "prediction_within_3pct_or_1MiB": close,
-        "step_seconds_reference": [s.step_seconds for s in ref.steps],
-        "step_seconds_compiled": [s.step_seconds for s in comp.steps],
-        "identical_results": same,
-    }
-    return VerifyResult(ok=same and peak_ok, doc=doc)
-
-
-def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
-          spill_dir: Path | None = None) -> dict:
-    out_dir = Path(out_dir)
-    report = load_report(out_dir)
-    feeds = dict(np.load(data)) if data else make_feeds(report.inputs, report.label_classes, seed)
-    library = out_dir / "libpoet_spill.so"
-    run = measure_artifacts(out_dir, steps=steps, feeds=feeds,
-                            spill_library=library if library.exists() else None, spill_dir=spill_dir)
-    return {"losses": [s.loss for s in run.steps], "step_peak_bytes": [s.peak_heap_bytes for s in run.steps],
-            "step_seconds": [s.step_seconds for s in run.steps]}
-
-
-def file_hashes(out_dir: Path) -> dict[str, str]:
-    out = {}
-    for path in sorted(Path(out_dir).rglob("*")):
-        if path.is_file():
-            out[str(path.relative_to(out_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
-
-
-__all__ = ["CompileOptions", "CompileResult", "Timelines", "compile_model", "inspect_model", "verify", "train"]
+__all__ = ["CompileOptions", "CompileResult", "Timelines", "compile_model", "inspect_model", "open_graph", "rewrite"]

@@ -349,7 +349,8 @@ def _timeline(g: _LoweredModel, target_name: str, result, fraction: float):
 
 def _measure(g: _LoweredModel, fraction: float, config: BenchConfig, out: Path) -> dict:
     """Compile for the host target at `fraction` and run reference and compiled steps in ONNX Runtime."""
-    from .api import CompileOptions, compile_model, verify
+    from .api import CompileOptions, compile_model
+    from .run import verify
     from .units import Deadline
     problem, _ = _problem(g, "host")
     row = dict(_base_row("measured", g, problem, "host", fraction, config.deadline_factor), strategy="poet")
@@ -374,7 +375,7 @@ def _measure(g: _LoweredModel, fraction: float, config: BenchConfig, out: Path) 
                    gap=res.gap, solve_time_s=round(result.timings["solve_s"], 3),
                    predicted_keep_all_step_s=keep.time_s)
         row["keep_all_ort_order_activation_bytes"] = _ort_order_keep_all(g.graph, out)
-        v = verify(out, steps=config.measure_steps).doc
+        v = verify(out, steps=config.measure_steps).to_json()
     except PoetcError as exc:
         return dict(row, status=row.get("status", "error"), notes=f"{type(exc).__name__}: {exc.message}")
     finally:

@@ -9,12 +9,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_CODES, InternalError, PoetcError, UsageError
+from .errors import EXIT_CODES, InternalError, PoetcError, Terminated, UsageError, VerificationError
 from .plan import BASELINES, STRATEGIES
 from .units import format_size, format_time, parse_deadline, parse_size
 
@@ -103,11 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help=".npz with the training inputs (default: seeded random)")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("train", help="run training steps of compiled artifacts")
+    p = sub.add_parser("train", help="run training steps of compiled artifacts and save the trained checkpoint")
     p.add_argument("out", type=Path)
     p.add_argument("--steps", type=_positive_int, default=10)
-    p.add_argument("--data", type=Path)
+    p.add_argument("--data", type=Path, help=".npz with the training inputs (default: seeded random)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", type=Path, metavar="PATH",
+                   help="where to save the trained checkpoint (must not exist; default OUT/trained_checkpoint)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("profile", help="measure per-op times on this machine (for --costs)")
@@ -121,18 +124,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime logs its own (coloured) line on stderr for an error it also raises; poetc turns
+    the exception into its one paragraph, so keep ORT's logger to fatal messages."""
+    try:
+        import onnxruntime
+        onnxruntime.set_default_logger_severity(4)
+    except Exception:  # noqa: BLE001 - ORT missing or too old: its own error comes later
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level={0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG),
                         format="poetc: %(message)s", stream=sys.stderr)
+    previous = None
+    try:  # SIGTERM unwinds like Ctrl-C: context managers remove temporary and staging directories
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        pass
     try:
+        if args.command in ("inspect", "compile", "profile", "bench") and args.verbose < 2:
+            _quiet_onnxruntime()
         return COMMANDS[args.command](args)
     except PoetcError as exc:
         print(f"poetc: error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"  {exc.hint}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("poetc: terminated (SIGTERM); temporary files and worker processes were cleaned up", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("poetc: interrupted", file=sys.stderr)
         return 130
@@ -143,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  this is a poetc bug: rerun with -vv for the traceback and report it with the command line",
               file=sys.stderr)
         return InternalError.exit_code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_inspect(args) -> int:
@@ -200,21 +230,22 @@ def cmd_compile(args) -> int:
                               f"strategy {report.result.strategy}")
     verified = None
     if args.verify:
-        from .api import verify
+        from .run import verify
         verified = verify(result.out_dir)
     if args.json:
         doc = report.to_json()
         if verified is not None:
-            doc["verify"] = verified.doc
+            doc["verify"] = verified.to_json()
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
         _print_report(report, result.out_dir, result.timings)
         if args.plot:
             print(f"  wrote {args.plot}")
         if verified is not None:
-            _print_verify(verified.doc)
+            _print_verify(verified.to_json())
     if verified is not None and not verified.ok:
-        return 8
+        raise VerificationError(verified.failure(), hint=f"the artifacts are in {result.out_dir}; rerun `poetc "
+                                f"verify {result.out_dir} -v` for the worker logs")
     return 0
 
 
@@ -246,37 +277,42 @@ def _print_report(r, out_dir: Path, timings: dict) -> None:
     print(f"  wrote {out_dir}")
 
 
-def _print_verify(v: dict) -> None:
+def _print_verify(v) -> None:
+    v = v.to_json() if hasattr(v, "to_json") else v
     print(f"verify: {v['steps']} steps; max |loss diff| {v['max_abs_loss_diff']:.3g}, max |param diff| "
           f"{v['max_abs_param_diff']:.3g} (bitwise identical: {str(v['bitwise_identical_params']).lower()})")
     k = v["steady_state_from_step"]
     print(f"  measured step peak {format_size(max(v['measured_step_peak_bytes'][k:]))} (reference "
           f"{format_size(max(v['reference_step_peak_bytes'][k:]))}), predicted "
           f"{format_size(v['predicted_step_peak_bytes'])} (steps {k}+); total {format_size(v['measured_total_peak_bytes'])} "
-          f"vs budget {format_size(v['ram_budget_bytes'])}: {'ok' if v['within_budget'] else 'OVER BUDGET'}")
+          f"vs budget {format_size(v['budget']['ram_bytes'])}: {'ok' if v['within_budget'] else 'OVER BUDGET'}")
     print(f"  step time reference {format_time(min(v['step_seconds_reference']))}, compiled "
           f"{format_time(min(v['step_seconds_compiled']))}; results "
           f"{'identical' if v['identical_results'] else 'DIFFER'}")
 
 
 def cmd_verify(args) -> int:
-    from .api import verify
+    from .run import verify
     result = verify(args.out, steps=args.steps, data=args.data)
     if args.json:
-        print(json.dumps(result.doc, indent=2, sort_keys=True))
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
-        _print_verify(result.doc)
-    return 0 if result.ok else 8
+        _print_verify(result)
+    if not result.ok:
+        raise VerificationError(result.failure(), hint="the report above has the measured values; "
+                                "rerun with -v for the worker logs")
+    return 0
 
 
 def cmd_train(args) -> int:
-    from .api import train
-    doc = train(args.out, steps=args.steps, data=args.data, seed=args.seed)
+    from .run import train
+    doc = train(args.out, steps=args.steps, data=args.data, seed=args.seed, save=args.save)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         for i, (loss, peak, secs) in enumerate(zip(doc["losses"], doc["step_peak_bytes"], doc["step_seconds"])):
             print(f"step {i}: loss {loss:.6f}  peak {format_size(peak)}  {format_time(secs)}")
+        print(f"saved the trained checkpoint to {doc['checkpoint']}")
     return 0
 
 

@@ -55,7 +55,8 @@ class OutputError(PoetcError):
 
 
 class VerificationError(PoetcError):
-    """`poetc verify`: the compiled artifacts train differently or exceed the budget."""
+    """`poetc verify`: the compiled artifacts train differently or exceed the budget (message from
+    `VerifyReport.failure()`)."""
 
     exit_code = 8
 
@@ -64,6 +65,18 @@ class RuntimeFailure(PoetcError):
     """ONNX Runtime or the native Spill/Restore library failed while running a step."""
 
     exit_code = 9
+
+
+class ArtifactError(PoetcError):
+    """`poetc train` / `verify`: a compiled artifact differs from the SHA-256 report.json records
+    (modified, replaced or missing since compile); nothing was loaded or run."""
+
+    exit_code = 10
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when poetc receives SIGTERM: unwinds like Ctrl-C (temporary,
+    staging and worker processes are cleaned up) and exits 143."""
 
 
 class InternalError(PoetcError):
@@ -82,7 +95,9 @@ EXIT_CODES: dict[int, str] = {
     6: "infeasible: budget below the lower bound or deadline impossible",
     7: "output directory exists or cannot be written",
     8: "verification failed: results differ or measured peak above budget",
-    9: "runtime failure in ONNX Runtime or the Spill/Restore library",
+    9: "runtime failure in ONNX Runtime or the Spill/Restore library (a spill file not written by this run included)",
+    10: "compiled artifacts modified since compile (SHA-256 differs from report.json)",
     70: "internal error (a poetc bug)",
-    130: "interrupted",
+    130: "interrupted (SIGINT, Ctrl-C)",
+    143: "terminated (SIGTERM)",
 }

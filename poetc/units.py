@@ -20,6 +20,7 @@ _SIZE_UNITS = {
     "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
 }
+MAX_SIZE_BYTES = 2**50  # 1 PiB: far above any device poetc targets, far below int64 and float precision
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "min": 60.0}
 _NUMBER = r"(?P<num>(?:\d+(?:\.\d*)?|\.\d+))"
 
@@ -36,6 +37,12 @@ def parse_size(text: str, *, what: str = "size") -> int:
     value = float(m.group("num")) * _SIZE_UNITS[m.group("unit")]
     if value <= 0 or not math.isfinite(value):
         raise UsageError(f"{what} {text!r} must be positive")
+    if value < 1 or (_SIZE_UNITS[m.group("unit")] == 1 and value != int(value)):
+        raise UsageError(f"{what} {text!r} is not a whole number of bytes" if value >= 1 else
+                         f"{what} {text!r} is less than one byte", hint="sizes are whole bytes: e.g. 1B, 512KiB, 8MB")
+    if value > MAX_SIZE_BYTES:
+        raise UsageError(f"{what} {text!r} is larger than poetc handles (1 PiB, 2^50 bytes)",
+                         hint="a RAM or flash size of a real device, e.g. 8MB or 4GiB")
     return int(round(value))
 
 

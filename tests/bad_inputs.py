@@ -211,7 +211,7 @@ CASES: list[Case] = [
     Case("out-force-file", "`-o afile --force` (a regular file)", [C, "mlp.onnx", "--ram", "100MB", "-o", "afile",
                                                                      "--force"], 7, "not a directory", _output_fixtures),
     Case("out-force-foreign", "`-o notmine --force` (a non-empty directory poetc did not write)",
-         [C, "mlp.onnx", "--ram", "100MB", "-o", "notmine", "--force"], 7, "holds no report.json", _output_fixtures),
+         [C, "mlp.onnx", "--ram", "100MB", "-o", "notmine", "--force"], 7, "not written by poetc", _output_fixtures),
     Case("out-parent-file", "`-o afile/out` (parent is a file)", [C, "mlp.onnx", "--ram", "100MB", "-o", "afile/out"],
          7, "not a directory", _output_fixtures),
     Case("out-proc", "`-o /proc/poetc-out` (a file system that takes no directories)",

@@ -1,6 +1,6 @@
 """End to end on real architectures: compile at 50% and 30% of keep-all activation memory for the rpi4
 and host targets, then train the reference and the compiled artifacts side by side in ONNX Runtime
-(`poetc.api.verify`): identical losses and parameters after 3 AdamW steps, measured step peak within
+(`poetc.run.verify`): identical losses and parameters after 3 AdamW steps, measured step peak within
 the budget and within 3% (or 1 MiB) of the prediction. Where a budget is below the lower bound
 (poetc.plan.lower_bound), poetc must say so before solving; the cases where the MILP proves that no
 schedule meets the deadline are listed in MILP_INFEASIBLE; any other infeasible compile fails. Slow (about a minute per case): `python -m pytest -m slow tests/test_e2e.py`.
@@ -47,7 +47,8 @@ def keep_all_figures(name: str, batch: int) -> tuple[Path, int, int, int]:
 @pytest.mark.parametrize("fraction", FRACTIONS)
 @pytest.mark.parametrize("name,batch", MODELS)
 def test_compiled_training_is_identical_and_fits(name, batch, fraction, target, tmp_path):
-    from poetc.api import CompileOptions, compile_model, verify
+    from poetc.api import CompileOptions, compile_model
+    from poetc.run import verify
     from poetc.errors import InfeasibleError
 
     path, fixed, activations, bound = keep_all_figures(name, batch)
@@ -68,7 +69,7 @@ def test_compiled_training_is_identical_and_fits(name, batch, fraction, target, 
     decisions = report.result.decisions
     assert decisions["recompute"] + decisions["page"] > 0
     check = verify(tmp_path / "out", steps=3)
-    doc = check.doc
+    doc = check.to_json()
     assert doc["identical_results"], doc
     assert doc["within_budget"], doc
     assert doc["prediction_within_3pct_or_1MiB"], doc

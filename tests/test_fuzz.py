@@ -11,7 +11,8 @@ import onnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poetc.api import CompileOptions, compile_model, open_graph, verify
+from poetc.api import CompileOptions, compile_model, open_graph
+from poetc.run import verify
 from poetc.importer import ImportOptions
 from poetc.plan import STRATEGIES, Budget, Limits, lower_bound
 from poetc.schedule import StepCosts
@@ -69,5 +70,5 @@ def test_random_graphs_compile_and_train_identically(spec, position, tmp_path_fa
     report = compile_model(path, options).report
     assert report.result.fits
     result = verify(out, steps=2)
-    assert result.doc["bitwise_identical_params"], result.doc
-    assert result.ok, result.doc
+    assert result.to_json()["bitwise_identical_params"], result.to_json()
+    assert result.ok, result.to_json()

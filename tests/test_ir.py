@@ -39,7 +39,7 @@ def test_simulator_matches_measured_peak(name, request):
     simulator counts: tensors between producer and last reader, plus each kernel's workspace."""
     import onnx
 
-    from poetc.api import measure_artifacts
+    from poetc.run import measure_artifacts
     from poetc.ir.lower import ensure_unique_node_names
     artifacts, g = request.getfixturevalue(name)
     original = onnx.load(str(artifacts / "training_model.onnx"))
@@ -51,7 +51,7 @@ def test_simulator_matches_measured_peak(name, request):
 
 
 def test_lower_bound_below_measured_peak(mlp_graph):
-    from poetc.api import measure_artifacts
+    from poetc.run import measure_artifacts
     artifacts, g = mlp_graph
     from poetc.plan import lower_bound
     from poetc.solver import build_problem

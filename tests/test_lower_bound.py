@@ -8,7 +8,8 @@ from __future__ import annotations
 import onnx
 from hypothesis import HealthCheck, given, settings
 
-from poetc.api import measure_artifacts, open_graph
+from poetc.api import open_graph
+from poetc.run import measure_artifacts
 from poetc.importer import ImportOptions
 from poetc.plan import lower_bound
 from poetc.schedule import StepCosts

@@ -311,3 +311,87 @@ def test_missing_cross_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(nativelib, "cross_compiler_available", lambda: False)
     with pytest.raises(NativeBuildError, match="aarch64-linux-gnu-gcc"):
         nativelib.build_spill_library("aarch64")
+
+
+# --------------------------------------------------------------------------- #
+# issue #14: spill files authenticate only in the process that wrote them; private spill dirs
+
+
+_FORGER = r"""
+import sys, numpy as np, onnxruntime as ort
+from onnx import TensorProto, helper
+from poetc.runtime.session import contract_session_options
+g = helper.make_graph([helper.make_node("Spill", ["X"], ["H"], domain="poet")], "g",
+                      [helper.make_tensor_value_info("X", TensorProto.FLOAT, [32])],
+                      [helper.make_tensor_value_info("H", TensorProto.INT64, [2])])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("poet", 1)], ir_version=8)
+s = ort.InferenceSession(m.SerializeToString(), contract_session_options(sys.argv[1]), providers=["CPUExecutionProvider"])
+print(s.run(None, {"X": np.full(32, 2.0, np.float32)})[0].tolist())
+"""
+
+
+def test_a_well_formed_spill_file_from_another_process_fails_restore(spill_lib, spill_dir):
+    """The issue's forgery: a valid spill file with the payload doubled, written by another process (its
+    own key), put in place of ours. Before: restored silently (shape taken from the file). Now: refused."""
+    import subprocess
+    import sys
+    x = np.ones(16, np.float32)
+    (h,) = _session(_spill_only(TensorProto.FLOAT, [16]), spill_lib).run(None, {"X": x})
+    ours = _spill_path(spill_dir, h)
+    proc = subprocess.run([sys.executable, "-c", _FORGER, str(spill_lib)], capture_output=True, text=True,
+                          env=dict(os.environ, POETC_SPILL_DIR=str(spill_dir)), check=True)
+    theirs = _spill_path(spill_dir, np.array(eval(proc.stdout.strip()), dtype=np.int64))
+    assert theirs.exists() and theirs != ours
+    os.replace(theirs, ours)
+    with pytest.raises(Exception) as ei:
+        _session(_restore_only(TensorProto.FLOAT), spill_lib).run(None, {"H": h})
+    assert "not written by this process" in str(ei.value) and str(ours) in str(ei.value)
+
+
+def test_restore_checks_the_shape_the_graph_declares(spill_lib, spill_dir):
+    x = np.ones(16, np.float32)
+    (h,) = _session(_spill_only(TensorProto.FLOAT, [16]), spill_lib).run(None, {"X": x})
+    rop, _ = make_restore_node_spec(TensorProto.FLOAT)
+    declared = _model([helper.make_node(rop, ["H"], ["Y"], domain="poet", key="act7")],
+                      [helper.make_tensor_value_info("H", TensorProto.INT64, [2])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [8])])
+    with pytest.raises(Exception) as ei:
+        _session(declared, spill_lib).run(None, {"H": h})
+    assert "shape mismatch" in str(ei.value) and "[16]" in str(ei.value) and "[8]" in str(ei.value)
+    assert _spill_path(spill_dir, h).exists()  # kept for inspection
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o755, 0o1777])
+def test_a_spill_dir_other_users_can_reach_is_refused(spill_lib, tmp_path, monkeypatch, mode):
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(mode)
+    monkeypatch.setenv("POETC_SPILL_DIR", str(d))
+    with pytest.raises(Exception) as ei:
+        _session(_spill_only(TensorProto.FLOAT, [4]), spill_lib)
+    assert "unusable spill directory" in str(ei.value) and "private" in str(ei.value)
+
+
+def test_a_symlinked_spill_dir_is_refused(spill_lib, tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.setenv("POETC_SPILL_DIR", str(tmp_path / "link"))
+    with pytest.raises(Exception, match="symbolic link"):
+        _session(_spill_only(TensorProto.FLOAT, [4]), spill_lib)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_spill_dir_owned_by_another_user_is_refused(spill_lib, tmp_path, monkeypatch):
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    os.chown(d, 65534, 65534)
+    monkeypatch.setenv("POETC_SPILL_DIR", str(d))
+    with pytest.raises(Exception, match="owned by uid 65534"):
+        _session(_spill_only(TensorProto.FLOAT, [4]), spill_lib)
+
+
+def test_default_spill_dir_is_per_user(monkeypatch, tmp_path):
+    monkeypatch.delenv("POETC_SPILL_DIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert nativelib.default_spill_dir() == tmp_path / f"poetc-spill-{os.geteuid()}"

@@ -38,7 +38,7 @@ from poetc.ir.graph import TrainGraph
 from poetc.ir.lower import load_artifacts
 from poetc.passes import (Cleanup, InsertRecompute, InsertSpillRestore, OrderNodes, PassContext, PassError,
                           PassManager, default_pipeline)
-from poetc.runtime.nativelib import SPILL_DOMAIN, make_restore_node_spec, make_spill_node_spec
+from poetc.runtime.contract import SPILL_DOMAIN, make_restore_node_spec, make_spill_node_spec
 from poetc.schedule import Decision, Schedule, ScheduleError, StepKind, fixed_state_bytes, simulate, simulate_keep_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,6 +321,7 @@ def spill_library() -> Path:
 def spill_dir(tmp_path, monkeypatch) -> Path:
     d = tmp_path / "spill"
     d.mkdir()
+    d.chmod(0o700)  # the ops refuse a spill directory other users can reach
     monkeypatch.setenv("POETC_SPILL_DIR", str(d))  # read when the Spill kernels are created
     return d
 

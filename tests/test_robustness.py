@@ -79,10 +79,11 @@ def test_force_replaces_a_previous_output(mlp_onnx, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["compile", str(mlp_onnx), "--ram", "100MB", "--baselines", "", "-o", str(out)]
     assert main(args) == 0
-    (out / "stale.txt").write_text("from an older run")
     assert main(args + ["--force"]) == 0
-    assert (out / "report.json").exists() and not (out / "stale.txt").exists()
     assert not list(tmp_path.glob(".poetc-*"))
+    (out / "stale.txt").write_text("not written by poetc")  # issue #14: then --force must not delete it
+    assert main(args + ["--force"]) == 7
+    assert (out / "stale.txt").exists()
 
 
 def test_internal_errors_are_one_paragraph(monkeypatch, mlp_onnx, capsys):
@@ -113,7 +114,7 @@ def _compile_in_fresh_process(model: Path, out: Path, hash_seed: str, *extra: st
     ("cnn", ["--ram", "6.2MB", "--deadline", "3x"]),  # recomputes two
 ], ids=["mlp-paging", "cnn-recompute"])
 def test_compile_is_byte_identical_across_hash_seeds(model, options, tmp_path, request):
-    from poetc.api import file_hashes
+    from poetc.output import file_hashes
     path = ROOT / "examples" / "mlp.onnx" if model == "mlp" else request.getfixturevalue("cnn_onnx")
     _compile_in_fresh_process(path, tmp_path / "a", "1", *options)
     _compile_in_fresh_process(path, tmp_path / "b", "4242", *options)

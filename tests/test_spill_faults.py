@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bad_inputs import ROOT, tmpfs
-from poetc.api import file_hashes
+from poetc.output import file_hashes
 
 MLP = ROOT / "examples" / "mlp.onnx"
 
@@ -95,14 +95,14 @@ def test_spill_dir_not_creatable(paged_out, tmp_path):
 
 
 def test_spill_dir_read_only(paged_out, tmp_path):
-    with tmpfs(tmp_path / "ro", "ro,size=1m") as mounted:
+    with tmpfs(tmp_path / "ro", "ro,size=1m,mode=0700") as mounted:
         if not mounted:
             pytest.skip("mounting a read-only tmpfs needs root (as root, chmod cannot make a directory unwritable)")
         _train_fails(paged_out, "Read-only file system", POETC_SPILL_DIR=str(tmp_path / "ro"))
 
 
 def test_spill_dir_full(paged_out, tmp_path):
-    with tmpfs(tmp_path / "small", "size=64k") as mounted:
+    with tmpfs(tmp_path / "small", "size=64k,mode=0700") as mounted:
         if not mounted:
             pytest.skip("mounting a 64 KiB tmpfs needs root")
         _train_fails(paged_out, "No space left on device", POETC_SPILL_DIR=str(tmp_path / "small"))

@@ -4,7 +4,7 @@ Started by :func:`poetc.runtime.measure.measure_training` as
 
     python -m poetc.runtime._worker --artifacts DIR --feeds FEEDS.npz \
         --steps N --result RESULT.json --params-out PARAMS.npz \
-        [--spill-library LIB.so] [--threads N]
+        [--spill-library LIB.so] [--threads N] [--checkpoint-out PATH]
 
 with ``LD_PRELOAD`` set to poetc's heap counter and
 ``MALLOC_MMAP_THRESHOLD_=65536``.  For every step it records the loss, the
@@ -148,6 +148,9 @@ def run(args: argparse.Namespace) -> dict:
             "rss_before_bytes": None if rss_before_kib is None else rss_before_kib * 1024,
         })
 
+    if args.checkpoint_out:
+        from onnxruntime.training.api import CheckpointState
+        CheckpointState.save_checkpoint(sess.state, args.checkpoint_out)
     params = sess.parameters()
     tmp = args.params_out + ".tmp.npz"
     np.savez(tmp, **params)
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params-out", required=True)
     ap.add_argument("--spill-library", default=None)
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
+    ap.add_argument("--checkpoint-out", default=None, help="save the trained state (ORT checkpoint) here")
     args = ap.parse_args(argv)
     try:
         result = run(args)

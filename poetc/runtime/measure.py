@@ -128,8 +128,7 @@ def _tail(path: Path, limit: int = _STDERR_TAIL_CHARS) -> str:
 def _remove_orphan_spills(spill_dir, env: Mapping[str, str], pid: int, keep_named_in: str) -> None:
     """A failed step leaves the spill files its Restores never read: remove the worker's (poet-<pid>-*)
     except any the error names (a damaged file is kept for inspection)."""
-    d = Path(spill_dir) if spill_dir is not None else \
-        Path(env.get("POETC_SPILL_DIR") or Path(env.get("TMPDIR") or "/tmp") / "poetc-spill")
+    d = Path(spill_dir) if spill_dir is not None else nativelib.default_spill_dir(env)
     if not d.is_dir():
         return
     for path in d.glob(f"poet-{pid}-*.spill"):
@@ -137,6 +136,21 @@ def _remove_orphan_spills(spill_dir, env: Mapping[str, str], pid: int, keep_name
             with contextlib.suppress(OSError):
                 path.unlink()
                 logger.info("removed %s, left by the failed run", path)
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
+    """SIGTERM the worker's process group, SIGKILL it if still there after grace_s, and reap it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        try:
+            proc.wait(timeout=grace_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
 
 
 def _repo_root() -> Path:
@@ -166,7 +180,8 @@ def measure_training(artifacts_dir: str | os.PathLike,
                      workdir: str | os.PathLike | None = None,
                      heap_counter: str | os.PathLike | None = None,
                      extra_env: Mapping[str, str] | None = None,
-                     intra_op_threads: int | None = None) -> MeasuredRun:
+                     intra_op_threads: int | None = None,
+                     checkpoint_out: str | os.PathLike | None = None) -> MeasuredRun:
     """Run ``steps`` training steps of ``artifacts_dir`` in a fresh process.
 
     ``feeds_npz``: ``.npz`` whose keys are the training model's user input
@@ -179,7 +194,11 @@ def measure_training(artifacts_dir: str | os.PathLike,
     (default: built/cached by :func:`nativelib.build_heap_counter`).
     ``intra_op_threads``: ORT intra-op threads (default ORT's; 1 gives
     bitwise-reproducible numerics, see ``contract_session_options``).
-    Raises :class:`MeasurementError` if the worker fails or times out.
+    ``checkpoint_out``: the worker also saves the trained state there (an
+    ONNX Runtime checkpoint, parameters only).
+    Raises :class:`MeasurementError` if the worker fails or times out.  An
+    interrupt (KeyboardInterrupt, poetc's SIGTERM handler) stops the worker's
+    whole process group before it propagates: no orphan keeps training.
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -208,6 +227,8 @@ def measure_training(artifacts_dir: str | os.PathLike,
         cmd += ["--spill-library", str(Path(spill_library).resolve())]
     if intra_op_threads is not None:
         cmd += ["--threads", str(int(intra_op_threads))]
+    if checkpoint_out is not None:
+        cmd += ["--checkpoint-out", str(Path(checkpoint_out).resolve())]
 
     env = heap_counter_env(counter, extra_env)
     root = str(_repo_root())
@@ -223,13 +244,13 @@ def measure_training(artifacts_dir: str | os.PathLike,
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            _stop_group(proc)
             raise MeasurementError(f"measurement worker timed out after {timeout_s:.0f} s",
                                    stderr_tail=_tail(stderr_path), returncode=None, workdir=wd)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): stop the worker, then unwind
+            _stop_group(proc)
+            _remove_orphan_spills(spill_dir, env, proc.pid, keep_named_in="")
+            raise
     wall = time.perf_counter() - t0
     tail = _tail(stderr_path)
 

@@ -36,32 +36,18 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
+
+from .contract import (RESTORE_OP_TYPES, SPILL_DOMAIN, SPILL_OP_TYPE, SPILL_OPSET_VERSION,  # noqa: F401 (the
+                       SUPPORTED_DTYPES, make_restore_node_spec, make_spill_node_spec)  # ops it builds)
 
 logger = logging.getLogger(__name__)
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 
-#: Custom-op domain of Spill/Restore and the opset version to import it with.
-SPILL_DOMAIN = "poet"
-SPILL_OPSET_VERSION = 1
 #: C API version requested from ONNX Runtime (== ORT 1.19).
 ORT_C_API_VERSION = 19
 
-#: ONNX TensorProto element types accepted by Spill / produced by Restore*.
-#: FLOAT=1, UINT8=2, INT8=3, INT32=6, INT64=7, BOOL=9, FLOAT16=10, DOUBLE=11.
-RESTORE_OP_TYPES: dict[int, str] = {
-    1: "Restore",
-    11: "Restore_double",
-    10: "Restore_float16",
-    7: "Restore_int64",
-    6: "Restore_int32",
-    3: "Restore_int8",
-    2: "Restore_uint8",
-    9: "Restore_bool",
-}
-SUPPORTED_DTYPES: frozenset[int] = frozenset(RESTORE_OP_TYPES)
-SPILL_OP_TYPE = "Spill"
 
 _CFLAGS = ["-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-std=gnu11", "-fvisibility=hidden"]
 _TEST_CFLAGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
@@ -92,56 +78,13 @@ class NativeBuildError(RuntimeError):
         super().__init__(full)
 
 
-# --------------------------------------------------------------------------- #
-# node specs for the graph rewriter
-
-
-def _check_dtype(dtype: int) -> int:
-    d = int(dtype)
-    if d not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"poet Spill/Restore do not support ONNX element type {dtype}; supported: "
-            f"{sorted(SUPPORTED_DTYPES)} (float, uint8, int8, int32, int64, bool, float16, double)")
-    return d
-
-
-def make_spill_node_spec(dtype: int, key: str | None = None) -> tuple[str, dict]:
-    """``(op_type, attrs)`` of the node that spills a tensor of ``dtype``.
-
-    One ``Spill`` op accepts every supported dtype; its output is an int64
-    handle of shape ``[2]``.  The node goes in domain :data:`SPILL_DOMAIN`.
-    ``key`` (optional) is echoed in error messages only.
-    """
-    _check_dtype(dtype)
-    attrs = {"key": str(key)} if key else {}
-    return SPILL_OP_TYPE, attrs
-
-
-def make_restore_node_spec(dtype: int, key: str | None = None, keep_file: bool = False) -> tuple[str, dict]:
-    """``(op_type, attrs)`` of the node that restores a tensor of ``dtype``.
-
-    ONNX Runtime 1.19 custom ops need a static output element type (an
-    UNDEFINED output type is only accepted together with exactly one
-    UNDEFINED input, from which ORT copies the type), so there is one op type
-    per dtype: ``Restore`` (float) and ``Restore_<dtype>`` for the others.
-    Input: the int64[2] handle from ``Spill``; output: the tensor with its
-    original shape.  Domain :data:`SPILL_DOMAIN`.  ``keep_file``: leave the
-    spill file for a later Restore of the same handle (the last one deletes it).
-    """
-    d = _check_dtype(dtype)
-    attrs = {"key": str(key)} if key else {}
-    if keep_file:
-        attrs["keep_file"] = 1
-    return RESTORE_OP_TYPES[d], attrs
-
-
-def default_spill_dir() -> Path:
-    """The directory the native ops use when ``POETC_SPILL_DIR`` is unset
-    (same rule as ``spill_ops.c``): ``${TMPDIR:-/tmp}/poetc-spill``."""
-    env = os.environ.get("POETC_SPILL_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("TMPDIR") or "/tmp") / "poetc-spill"
+def default_spill_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The directory the native ops use (same rule as ``spill_ops.c``): ``POETC_SPILL_DIR``, else
+    ``${TMPDIR:-/tmp}/poetc-spill-<uid>``, private to the user (the ops refuse any other)."""
+    env = os.environ if env is None else env
+    if env.get("POETC_SPILL_DIR"):
+        return Path(env["POETC_SPILL_DIR"])
+    return Path(env.get("TMPDIR") or "/tmp") / f"poetc-spill-{os.geteuid()}"
 
 
 # --------------------------------------------------------------------------- #
@@ -439,9 +382,12 @@ def build_spill_library(arch: str = "host", cache_dir: str | os.PathLike | None 
     inc = ensure_headers(cache_dir)
     sources = [NATIVE_DIR / "spill_ops.c", NATIVE_DIR / "io_core.c"]
     deps = sources + [NATIVE_DIR / "io_core.h"]
-    flags = [*_CFLAGS, "-I", str(inc), "-I", str(NATIVE_DIR)]
+    # nodelete: ORT unloads a custom-op library with the last session options that registered it;
+    # staying loaded keeps the per-process MAC key, so one session may restore what another spilled
+    link = ["-Wl,-z,nodelete"]
+    flags = [*_CFLAGS, *link, "-I", str(inc), "-I", str(NATIVE_DIR)]
     header_hash = hashlib.sha256((inc / "onnxruntime_c_api.h").read_bytes()).hexdigest()
-    key = _build_key(cc, _CFLAGS, deps, extra=arch + header_hash)
+    key = _build_key(cc, [*_CFLAGS, *link], deps, extra=arch + header_hash)
     out = cache_root(cache_dir) / "build" / arch / f"libpoetc_spill-{key}.so"
     return _compile_cached(cc, flags, sources, out, f"spill ops ({arch})")
 

@@ -7,10 +7,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -187,6 +189,119 @@ uint64_t poet_hash64(const void *data, size_t len, uint64_t seed) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* keyed MAC: SipHash-2-4 (Aumasson & Bernstein), per-process random key     */
+
+#define SIPROUND                                                  \
+  do {                                                            \
+    v0 += v1; v1 = rotl64(v1, 13); v1 ^= v0; v0 = rotl64(v0, 32); \
+    v2 += v3; v3 = rotl64(v3, 16); v3 ^= v2;                      \
+    v0 += v3; v3 = rotl64(v3, 21); v3 ^= v0;                      \
+    v2 += v1; v1 = rotl64(v1, 17); v1 ^= v2; v2 = rotl64(v2, 32); \
+  } while (0)
+
+uint64_t poet_siphash24(const unsigned char key[16], const void *data, size_t len) {
+  const unsigned char *p = (const unsigned char *)data;
+  const unsigned char *end = p + (len & ~(size_t)7);
+  uint64_t k0 = load_le64(key), k1 = load_le64(key + 8);
+  uint64_t v0 = 0x736f6d6570736575ULL ^ k0;
+  uint64_t v1 = 0x646f72616e646f6dULL ^ k1;
+  uint64_t v2 = 0x6c7967656e657261ULL ^ k0;
+  uint64_t v3 = 0x7465646279746573ULL ^ k1;
+  uint64_t b = ((uint64_t)len) << 56, m;
+  size_t left = len & 7;
+  for (; p != end; p += 8) {
+    m = load_le64(p);
+    v3 ^= m;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= m;
+  }
+  switch (left) {
+    case 7: b |= ((uint64_t)p[6]) << 48; /* fall through */
+    case 6: b |= ((uint64_t)p[5]) << 40; /* fall through */
+    case 5: b |= ((uint64_t)p[4]) << 32; /* fall through */
+    case 4: b |= ((uint64_t)p[3]) << 24; /* fall through */
+    case 3: b |= ((uint64_t)p[2]) << 16; /* fall through */
+    case 2: b |= ((uint64_t)p[1]) << 8;  /* fall through */
+    case 1: b |= ((uint64_t)p[0]); break;
+    default: break;
+  }
+  v3 ^= b;
+  SIPROUND;
+  SIPROUND;
+  v0 ^= b;
+  v2 ^= 0xff;
+  SIPROUND;
+  SIPROUND;
+  SIPROUND;
+  SIPROUND;
+  return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static unsigned char g_key[16];
+static int g_key_state = 0; /* 0 unset, 1 set, -1 no randomness */
+static pthread_mutex_t g_key_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int draw_random(unsigned char *buf, size_t n) {
+  size_t got = 0;
+  while (got < n) {
+#ifdef SYS_getrandom
+    long r = syscall(SYS_getrandom, buf + got, n - got, 0);
+#else
+    long r = -1;
+    errno = ENOSYS;
+#endif
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    got += (size_t)r;
+  }
+  if (got < n) { /* old kernel: /dev/urandom */
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) return -1;
+    while (got < n) {
+      ssize_t r = read(fd, buf + got, n - got);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) {
+        close(fd);
+        return -1;
+      }
+      got += (size_t)r;
+    }
+    close(fd);
+  }
+  return 0;
+}
+
+int poet_mac_key(unsigned char out[16]) {
+  int rc;
+  pthread_mutex_lock(&g_key_mu);
+  if (g_key_state == 0) g_key_state = draw_random(g_key, sizeof g_key) == 0 ? 1 : -1;
+  rc = g_key_state == 1 ? 0 : -1;
+  if (rc == 0) memcpy(out, g_key, sizeof g_key);
+  pthread_mutex_unlock(&g_key_mu);
+  return rc;
+}
+
+void poet_mac_set_key(const unsigned char key[16]) {
+  pthread_mutex_lock(&g_key_mu);
+  if (key) {
+    memcpy(g_key, key, sizeof g_key);
+    g_key_state = 1;
+  } else {
+    g_key_state = draw_random(g_key, sizeof g_key) == 0 ? 1 : -1;
+  }
+  pthread_mutex_unlock(&g_key_mu);
+}
+
+uint64_t poet_mac64(const void *data, size_t len) {
+  unsigned char key[16];
+  if (poet_mac_key(key) != 0) return 0; /* callers check poet_mac_key first */
+  return poet_siphash24(key, data, len);
+}
+
+/* ------------------------------------------------------------------------ */
 /* header                                                                   */
 
 int poet_payload_bytes(int32_t dtype, uint32_t rank, const int64_t *dims,
@@ -230,7 +345,7 @@ void poet_header_encode(const poet_spill_header *hdr,
     int64_t d = (uint32_t)i < hdr->rank ? hdr->dims[i] : 0;
     store_le64(out + 48 + 8 * i, (uint64_t)d);
   }
-  store_le64(out + 176, poet_hash64(out, 176, 0));
+  store_le64(out + 176, poet_mac64(out, 176));
 }
 
 int poet_header_decode(const unsigned char in[POET_SPILL_HEADER_BYTES],
@@ -248,12 +363,12 @@ int poet_header_decode(const unsigned char in[POET_SPILL_HEADER_BYTES],
                    "spill file '%s' has format version %u, this build reads version %u",
                    show_path(path), hdr->version, POET_SPILL_VERSION);
   stored_hsum = load_le64(in + 176);
-  hsum = poet_hash64(in, 176, 0);
+  hsum = poet_mac64(in, 176);
   if (stored_hsum != hsum)
     return set_err(err, POET_E_HEADER, 0,
-                   "spill file '%s' has a corrupted header (header checksum stored "
-                   "%016llx, computed %016llx)", show_path(path),
-                   (unsigned long long)stored_hsum, (unsigned long long)hsum);
+                   "spill file '%s' has a corrupted header or was not written by this process "
+                   "(its keyed header MAC does not authenticate: stored %016llx, computed %016llx)",
+                   show_path(path), (unsigned long long)stored_hsum, (unsigned long long)hsum);
   hdr->dtype = (int32_t)load_le32(in + 12);
   hdr->rank = load_le32(in + 16);
   if (load_le32(in + 20) != 0)
@@ -375,13 +490,26 @@ int poet_ensure_dir(const char *dir, poet_err *err) {
       buf[i] = saved;
     }
   }
-  if (stat(dir, &st) != 0) {
+  if (lstat(dir, &st) != 0) {
     int e = errno;
     return set_err(err, POET_E_IO, e, "cannot access spill directory '%s': %s (errno %d)",
                    dir, errno_text(e, eb, sizeof eb), e);
   }
+  if (S_ISLNK(st.st_mode))
+    return set_err(err, POET_E_UNSAFE, 0, "spill directory '%s' is a symbolic link; poetc spills only "
+                   "into a private directory of the user running it (remove the link, or set "
+                   "POETC_SPILL_DIR to a directory of yours with mode 0700)", dir);
   if (!S_ISDIR(st.st_mode))
     return set_err(err, POET_E_IO, ENOTDIR, "spill directory '%s' is not a directory", dir);
+  if (st.st_uid != geteuid())
+    return set_err(err, POET_E_UNSAFE, 0, "spill directory '%s' is owned by uid %u, not by this user "
+                   "(uid %u): another user could replace the spill files; set POETC_SPILL_DIR to a "
+                   "directory of yours with mode 0700", dir, (unsigned)st.st_uid, (unsigned)geteuid());
+  if (st.st_mode & 077)
+    return set_err(err, POET_E_UNSAFE, 0, "spill directory '%s' has mode 0%03o: other users can "
+                   "reach the spill files; poetc needs it private (chmod 700 '%s', or set "
+                   "POETC_SPILL_DIR to a directory of yours with mode 0700)", dir,
+                   (unsigned)(st.st_mode & 0777), dir);
   if (access(dir, W_OK | X_OK) != 0) {
     int e = errno;
     return set_err(err, POET_E_IO, e, "spill directory '%s' is not writable: %s (errno %d)",
@@ -436,10 +564,16 @@ int poet_spill_write(const char *path, poet_spill_header *hdr, const void *paylo
     return set_err(err, POET_E_ARG, 0, "NULL payload for %llu bytes", (unsigned long long)nbytes);
   hdr->version = POET_SPILL_VERSION;
   hdr->payload_bytes = nbytes;
-  hdr->checksum = poet_hash64(payload, (size_t)nbytes, 0);
+  {
+    unsigned char key[16];
+    if (poet_mac_key(key) != 0)
+      return set_err(err, POET_E_IO, ENOSYS, "cannot create spill file '%s': no random bytes for the "
+                     "per-process MAC key (getrandom and /dev/urandom failed)", show_path(path));
+  }
+  hdr->checksum = poet_mac64(payload, (size_t)nbytes);
   poet_header_encode(hdr, hbuf);
 
-  fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) {
     int e = errno;
     return set_err(err, POET_E_IO, e, "cannot create spill file '%s': %s (errno %d)",
@@ -476,12 +610,15 @@ int poet_spill_open(const char *path, poet_spill_reader *rd, poet_err *err) {
   if (plen >= sizeof(rd->path))
     return set_err(err, POET_E_ARG, 0, "spill file path too long");
   memcpy(rd->path, path, plen + 1);
-  rd->fd = open(path, O_RDONLY | O_CLOEXEC);
+  rd->fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (rd->fd < 0) {
     int e = errno;
     if (e == ENOENT)
       return set_err(err, POET_E_IO, e, "spill file '%s' is missing: %s (errno %d); it was "
                      "deleted or never written", path, errno_text(e, eb, sizeof eb), e);
+    if (e == ELOOP)
+      return set_err(err, POET_E_UNSAFE, e, "spill file '%s' is a symbolic link; poetc does not "
+                     "follow links in its spill directory (someone else replaced the file)", path);
     return set_err(err, POET_E_IO, e, "cannot open spill file '%s': %s (errno %d)", path,
                    errno_text(e, eb, sizeof eb), e);
   }
@@ -489,6 +626,12 @@ int poet_spill_open(const char *path, poet_spill_reader *rd, poet_err *err) {
     int e = errno;
     rc = set_err(err, POET_E_IO, e, "cannot stat spill file '%s': %s (errno %d)", path,
                  errno_text(e, eb, sizeof eb), e);
+    goto fail;
+  }
+  if (!S_ISREG(st.st_mode) || st.st_uid != geteuid()) {
+    rc = set_err(err, POET_E_UNSAFE, 0, "spill file '%s' is %s; poetc restores only regular files "
+                 "it wrote itself", path, !S_ISREG(st.st_mode) ? "not a regular file" :
+                 "owned by another user");
     goto fail;
   }
   if ((uint64_t)st.st_size < POET_SPILL_HEADER_BYTES) {
@@ -531,10 +674,11 @@ int poet_spill_read_payload(poet_spill_reader *rd, void *dst, poet_err *err) {
     return set_err(err, POET_E_ARG, 0, "NULL destination buffer");
   rc = poet_read_all(rd->fd, dst, (size_t)rd->hdr.payload_bytes, rd->path, err);
   if (rc != POET_OK) return rc;
-  sum = poet_hash64(dst, (size_t)rd->hdr.payload_bytes, 0);
+  sum = poet_mac64(dst, (size_t)rd->hdr.payload_bytes);
   if (sum != rd->hdr.checksum)
     return set_err(err, POET_E_CHECKSUM, 0, "checksum mismatch in spill file '%s': stored "
-                   "%016llx, computed %016llx over %llu bytes (data corrupted on storage)",
+                   "%016llx, computed %016llx over %llu bytes (keyed MAC: the data was corrupted "
+                   "on storage, or the file was replaced by a writer other than this process)",
                    rd->path, (unsigned long long)rd->hdr.checksum, (unsigned long long)sum,
                    (unsigned long long)rd->hdr.payload_bytes);
   return POET_OK;

@@ -13,11 +13,18 @@
  *       16     4  u32 rank (<= POET_SPILL_MAX_RANK)
  *       20     4  u32 reserved, must be 0
  *       24     8  u64 payload byte count
- *       32     8  u64 payload checksum (poet_hash64, seed 0)
+ *       32     8  u64 payload MAC: poet_mac64 (SipHash-2-4) over the payload
  *       40     8  u64 token (the id that also names the file)
  *       48   128  i64 dims[16] (unused entries are 0)
- *      176     8  u64 header checksum: poet_hash64 over bytes [0, 176)
+ *      176     8  u64 header MAC: poet_mac64 over bytes [0, 176)
  *      184     .  payload (raw tensor bytes, host layout)
+ *
+ * Both MACs are keyed with a 128-bit key drawn from getrandom(2) once per
+ * process (poet_mac_key), never written anywhere: a spill file authenticates
+ * only in the process that wrote it.  A file replaced, forged or corrupted
+ * by anyone else fails Restore.  Spill directories must be private: owned
+ * by the effective user, not a symlink, no group/other permissions
+ * (poet_ensure_dir); files are opened with O_NOFOLLOW.
  *
  * Every function reports failure through a poet_err (errno-style code plus a
  * human readable message naming the file and the problem) and never aborts.
@@ -34,7 +41,7 @@ extern "C" {
 #endif
 
 #define POET_SPILL_MAGIC "POETSPL"      /* 7 chars + NUL = 8 bytes on disk */
-#define POET_SPILL_VERSION 1u
+#define POET_SPILL_VERSION 2u
 #define POET_SPILL_MAX_RANK 16
 #define POET_SPILL_HEADER_BYTES 184
 #define POET_ERR_MSG_BYTES 1024
@@ -63,7 +70,8 @@ typedef enum {
   POET_E_HEADER = 5,      /* header checksum or field validation failed */
   POET_E_MISMATCH = 6,    /* dtype / shape / token differs from the expected */
   POET_E_CHECKSUM = 7,    /* payload checksum mismatch */
-  POET_E_ARG = 8          /* invalid argument (unsupported dtype, rank, ...) */
+  POET_E_ARG = 8,         /* invalid argument (unsupported dtype, rank, ...) */
+  POET_E_UNSAFE = 9       /* spill directory or file not private to this user */
 } poet_err_kind;
 
 typedef struct {
@@ -99,6 +107,18 @@ const char *poet_dtype_name(int32_t dtype);
  * every host; equal to the reference XXH64).  Runs at memory speed. */
 uint64_t poet_hash64(const void *data, size_t len, uint64_t seed);
 
+/* Keyed 64-bit MAC: SipHash-2-4 with the per-process key (see poet_mac_key). */
+uint64_t poet_mac64(const void *data, size_t len);
+/* SipHash-2-4 with an explicit 16-byte key (reference test vectors). */
+uint64_t poet_siphash24(const unsigned char key[16], const void *data, size_t len);
+/* The per-process key: 16 random bytes from getrandom(2) on first use.
+ * Returns 0 on success, -1 if no randomness is available (then nothing can
+ * be spilled).  Thread-safe. */
+int poet_mac_key(unsigned char out[16]);
+/* Test hook: use `key` instead of a random one (NULL: draw a fresh random
+ * key).  Only meant for test_io_core.c. */
+void poet_mac_set_key(const unsigned char key[16]);
+
 /* Element count and byte size for a dtype/shape; POET_E_ARG on overflow,
  * negative dims, rank too large or unsupported dtype. */
 int poet_payload_bytes(int32_t dtype, uint32_t rank, const int64_t *dims,
@@ -125,7 +145,9 @@ typedef ssize_t (*poet_write_fn)(int, const void *, size_t);
 typedef ssize_t (*poet_read_fn)(int, void *, size_t);
 void poet_io_set_hooks(poet_write_fn w, poet_read_fn r);
 
-/* mkdir -p with mode 0700 for missing components. */
+/* mkdir -p with mode 0700 for missing components, then checks the last one
+ * is private: a directory (not a symlink) owned by the effective user with
+ * no group/other permission bits; POET_E_UNSAFE otherwise. */
 int poet_ensure_dir(const char *dir, poet_err *err);
 
 /* "<dir>/poet-<pid>-<token as 16 hex digits>.spill" */

@@ -39,8 +39,16 @@
  *     last Restore of a handle has keep_file 0 and deletes it.
  *
  * Environment, read when a kernel is created (i.e. at session creation):
- *   POETC_SPILL_DIR         spill directory (default ${TMPDIR:-/tmp}/poetc-spill,
- *                           created with mode 0700 if missing)
+ *   POETC_SPILL_DIR         spill directory (default ${TMPDIR:-/tmp}/poetc-spill-<uid>,
+ *                           created with mode 0700 if missing; refused unless it
+ *                           is a directory owned by this user with mode 0700)
+ *
+ * Trust: every file is authenticated with a keyed MAC whose key exists only in
+ * this process (io_core.h), so Restore fails on any file this process did not
+ * write.  Restore's output shape and dtype come from the graph (the output's
+ * declared static shape, which poetc's rewrite always writes) and the file
+ * must match them; only a graph without a static shape for Y (hand-built test
+ * graphs) takes the (authenticated) shape from the file.
  *   POETC_SPILL_DROP_CACHE  "1": fdatasync each spill file and advise
  *                           POSIX_FADV_DONTNEED so it leaves the page cache.
  */
@@ -76,6 +84,9 @@ typedef struct {
   char key[256];
   int drop_cache;
   int keep_file; /* Restore: leave the spill file for a later Restore of the same handle */
+  int has_shape; /* Restore: the graph declares Y's static shape (exp_rank, exp_dims) */
+  uint32_t exp_rank;
+  int64_t exp_dims[POET_SPILL_MAX_RANK];
 } PoetKernel;
 
 /* ------------------------------------------------------------------------ */
@@ -130,7 +141,7 @@ static void default_spill_dir(char *out, size_t n) {
   }
   tmp = getenv("TMPDIR");
   if (!tmp || !*tmp) tmp = "/tmp";
-  snprintf(out, n, "%s/poetc-spill", tmp);
+  snprintf(out, n, "%s/poetc-spill-%u", tmp, (unsigned)geteuid()); /* one private dir per user */
 }
 
 /* ------------------------------------------------------------------------ */
@@ -243,6 +254,27 @@ static OrtStatusPtr ORT_API_CALL op_create_kernel(const OrtCustomOp *op, const O
         snprintf(k->key, sizeof k->key, "%s", buf);
       free(buf);
     }
+  }
+
+  if (p->kind == POET_KIND_RESTORE) {
+    OrtTypeInfo *ti = NULL;
+    const OrtTensorTypeAndShapeInfo *tsi = NULL;
+    size_t n = 0, d;
+    st = g_ort->KernelInfo_GetOutputTypeInfo(info, 0, &ti);
+    if (!st) st = g_ort->CastTypeInfoToTensorInfo(ti, &tsi);
+    if (!st && tsi) st = g_ort->GetDimensionsCount(tsi, &n);
+    /* rank 0 is also what ORT reports for an output without a declared shape: not a check */
+    if (!st && tsi && n > 0 && n <= POET_SPILL_MAX_RANK) {
+      st = g_ort->GetDimensions(tsi, k->exp_dims, n);
+      if (!st) {
+        k->has_shape = 1;
+        k->exp_rank = (uint32_t)n;
+        for (d = 0; d < n; d++)
+          if (k->exp_dims[d] < 0) k->has_shape = 0; /* symbolic: not declared statically */
+      }
+    }
+    if (st) g_ort->ReleaseStatus(st); /* no type info: the shape is not declared */
+    if (ti) g_ort->ReleaseTypeInfo(ti);
   }
 
   if (p->kind == POET_KIND_RESTORE) {
@@ -396,6 +428,24 @@ static OrtStatus *restore_compute(PoetKernel *k, OrtKernelContext *ctx) {
                        "data but this op produces %s (use the Restore op for %s)", pre, path,
                        poet_dtype_name(rd.hdr.dtype), poet_dtype_name(k->op->dtype),
                        poet_dtype_name(rd.hdr.dtype));
+  }
+  if (k->has_shape) {
+    uint32_t d;
+    int same = rd.hdr.rank == k->exp_rank;
+    for (d = 0; same && d < k->exp_rank; d++) same = rd.hdr.dims[d] == k->exp_dims[d];
+    if (!same) {
+      char got[256], want[256];
+      size_t g = 0, w = 0;
+      got[0] = want[0] = '\0';
+      for (d = 0; d < rd.hdr.rank && g < sizeof got - 24; d++)
+        g += (size_t)snprintf(got + g, sizeof got - g, d ? ",%lld" : "%lld", (long long)rd.hdr.dims[d]);
+      for (d = 0; d < k->exp_rank && w < sizeof want - 24; d++)
+        w += (size_t)snprintf(want + w, sizeof want - w, d ? ",%lld" : "%lld", (long long)k->exp_dims[d]);
+      poet_spill_reader_close(&rd, 0);
+      return make_status(ORT_RUNTIME_EXCEPTION, "%s: shape mismatch: spill file '%s' holds a [%s] "
+                         "tensor but the graph restores a [%s] one; the file was kept for inspection",
+                         pre, path, got, want);
+    }
   }
   st = g_ort->KernelContext_GetOutput(ctx, 0, rd.hdr.dims, rd.hdr.rank, &y);
   if (!st && rd.hdr.payload_bytes > 0) st = g_ort->GetTensorMutableData(y, &ydata);

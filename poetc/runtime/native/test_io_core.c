@@ -442,6 +442,86 @@ static void test_path_format(void) {
   CHECK(poet_spill_path(p, 10, "/d", 42, 1, &err) == POET_E_ARG);
 }
 
+/* ---- keyed MAC and private directories (issue #14) --------------------- */
+
+static void test_siphash_reference_vectors(void) {
+  /* SipHash paper, appendix A: key 00..0f, message 00..0e -> a129ca6149be45e5; and the
+   * reference implementation's vectors for the empty message and 00..07. */
+  unsigned char key[16], msg[16];
+  int i;
+  for (i = 0; i < 16; i++) key[i] = (unsigned char)i, msg[i] = (unsigned char)i;
+  CHECK(poet_siphash24(key, msg, 15) == 0xa129ca6149be45e5ULL);
+  CHECK(poet_siphash24(key, msg, 0) == 0x726fdb47dd0e0e31ULL);
+  CHECK(poet_siphash24(key, msg, 8) == 0x93f5f5799a932462ULL);
+}
+
+static void test_file_from_another_key_fails(void) {
+  /* A well-formed file written under another process's key (simulated by switching keys)
+   * fails to authenticate: header first, and with the header forged too, the payload. */
+  unsigned char k1[16], k2[16];
+  float src[64], dst[64];
+  char path[2048];
+  poet_spill_header h;
+  poet_spill_reader rd;
+  poet_err err;
+  int64_t dims[1] = {64};
+  int i;
+  for (i = 0; i < 16; i++) k1[i] = (unsigned char)(i * 7 + 1), k2[i] = (unsigned char)(i * 7 + 2);
+  for (i = 0; i < 64; i++) src[i] = (float)i;
+  tmp_path(path, sizeof path, "poet-t-forged.spill");
+  unlink(path);
+  poet_mac_set_key(k1);
+  make_hdr(&h, POET_DT_FLOAT, 1, dims);
+  CHECK(poet_spill_write(path, &h, src, 0, &err) == POET_OK);
+  poet_mac_set_key(k2);
+  CHECK(poet_spill_open(path, &rd, &err) == POET_E_HEADER);
+  CHECK_MSG(err, "not written by this process");
+  poet_mac_set_key(k1);
+  CHECK(poet_spill_open(path, &rd, &err) == POET_OK);
+  CHECK(poet_spill_read_payload(&rd, dst, &err) == POET_OK);
+  poet_spill_reader_close(&rd, 1);
+  CHECK(memcmp(src, dst, sizeof src) == 0);
+  poet_mac_set_key(NULL); /* back to a random key */
+}
+
+static void test_symlinked_spill_file_refused(void) {
+  char path[2048], target[2048];
+  poet_spill_reader rd;
+  poet_err err;
+  int fd;
+  tmp_path(target, sizeof target, "poet-t-target");
+  tmp_path(path, sizeof path, "poet-t-link.spill");
+  fd = open(target, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  CHECK(fd >= 0);
+  close(fd);
+  unlink(path);
+  CHECK(symlink(target, path) == 0);
+  CHECK(poet_spill_open(path, &rd, &err) == POET_E_UNSAFE);
+  CHECK_MSG(err, "symbolic link");
+  unlink(path);
+  unlink(target);
+}
+
+static void test_ensure_dir_refuses_shared_dirs(void) {
+  char d[2048], l[2048];
+  poet_err err;
+  snprintf(d, sizeof d, "%s/poet-shared-%d", g_dir, (int)getpid());
+  CHECK(mkdir(d, 0700) == 0);
+  CHECK(chmod(d, 0777) == 0);
+  CHECK(poet_ensure_dir(d, &err) == POET_E_UNSAFE);
+  CHECK_MSG(err, "mode 0777");
+  CHECK(chmod(d, 0750) == 0);
+  CHECK(poet_ensure_dir(d, &err) == POET_E_UNSAFE);
+  CHECK(chmod(d, 0700) == 0);
+  CHECK(poet_ensure_dir(d, &err) == POET_OK);
+  snprintf(l, sizeof l, "%s/poet-link-%d", g_dir, (int)getpid());
+  CHECK(symlink(d, l) == 0);
+  CHECK(poet_ensure_dir(l, &err) == POET_E_UNSAFE);
+  CHECK_MSG(err, "symbolic link");
+  unlink(l);
+  rmdir(d);
+}
+
 int main(int argc, char **argv) {
   const char *base = argc > 1 ? argv[1] : getenv("TMPDIR");
   poet_err err;
@@ -473,6 +553,10 @@ int main(int argc, char **argv) {
   run("ensure_dir", test_ensure_dir);
   run("tokens_unique", test_tokens_unique);
   run("path_format", test_path_format);
+  run("siphash_reference_vectors", test_siphash_reference_vectors);
+  run("file_from_another_key_fails", test_file_from_another_key_fails);
+  run("symlinked_spill_file_refused", test_symlinked_spill_file_refused);
+  run("ensure_dir_refuses_shared_dirs", test_ensure_dir_refuses_shared_dirs);
   rmdir(g_dir);
   printf("io_core: %d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;

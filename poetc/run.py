@@ -1,0 +1,384 @@
+"""Running compiled artifacts: `poetc verify` and `poetc train`, and the pieces they share.
+
+Before anything runs, the output directory is checked against report.json: every artifact's SHA-256
+must match what compile recorded (`ArtifactError` otherwise), and the Spill/Restore library is copied
+into a private directory and checked there, so the file that is loaded is the file that was checked.
+Training inputs come from one seeded generator (`training_feeds`) or a user's `.npz` (`load_data`,
+checked against the model's inputs). Measurements run in a worker process (poetc.runtime.measure)
+whose files live in a temporary directory removed afterwards.
+
+Nothing here prints or exits; errors are `poetc.errors` types.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from . import output
+from .errors import ArtifactError, InputFileError, OutputError, RuntimeFailure
+from .plan import Budget
+from .report import CompileReport, InputSpec
+
+log = logging.getLogger(__name__)
+
+LIBRARY = "libpoet_spill.so"
+TRAINED_CHECKPOINT = "trained_checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report and the artifacts
+
+
+def load_report(out_dir: Path) -> CompileReport:
+    path = Path(out_dir) / "report.json"
+    if not path.is_file():
+        raise InputFileError(f"{out_dir} is not a poetc output directory (no report.json)",
+                             hint="pass the directory written by `poetc compile -o DIR`")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} cannot be read as JSON ({exc}); it was damaged after compile",
+                            hint="recompile with `poetc compile ... -o DIR --force`") from None
+    try:
+        return CompileReport.from_json(doc, where=str(path))
+    except InputFileError as exc:
+        raise ArtifactError(exc.message, hint="recompile with `poetc compile ... -o DIR --force`") from None
+
+
+def check_artifacts(out_dir: Path, report: CompileReport) -> None:
+    """Every file compile recorded in report.json's `artifacts` still has its SHA-256."""
+    out_dir = Path(out_dir)
+    recorded = report.artifacts
+    if not recorded:
+        raise ArtifactError(f"{out_dir}/report.json records no artifact hashes (written by a poetc before "
+                            f"artifact checks), so its files cannot be checked",
+                            hint="recompile with `poetc compile ... -o DIR --force`")
+    for rel, digest in sorted(recorded.items()):
+        path = out_dir / rel
+        if path.is_symlink() or not path.is_file():
+            raise ArtifactError(f"{path} is missing (or not a regular file); compile wrote it and report.json "
+                                f"records it", hint="recompile with `poetc compile ... -o DIR --force`")
+        actual = output.sha256_file(path)
+        if actual != digest:
+            raise ArtifactError(f"{path} was modified after compile: its SHA-256 is {actual[:16]}..., "
+                                f"report.json records {str(digest)[:16]}...; poetc runs only the artifacts it "
+                                f"wrote", hint="recompile with `poetc compile ... -o DIR --force`")
+
+
+def private_library(out_dir: Path, report: CompileReport, into: Path) -> Path | None:
+    """Copy the output's Spill/Restore library into the private directory `into` and check the copy's
+    SHA-256 against report.json (so the checked file is the loaded file). None if there is none."""
+    src = Path(out_dir) / LIBRARY
+    digest = report.artifacts.get(LIBRARY)
+    if digest is None:
+        return None
+    dst = Path(into) / LIBRARY
+    shutil.copyfile(src, dst)
+    if output.sha256_file(dst) != digest:
+        raise ArtifactError(f"{src} was modified after compile (SHA-256 differs from report.json); it was "
+                            f"not loaded", hint="recompile with `poetc compile ... -o DIR --force`")
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------
+# training inputs
+
+
+def input_specs(graph) -> dict[str, InputSpec]:
+    """The training graph's user inputs (what a step is fed), without ORT's lazy_reset_grad flag."""
+    return {n: InputSpec(list(graph.tensors[n].shape), graph.tensors[n].dtype_name)
+            for n in graph.user_inputs if n != "lazy_reset_grad"}
+
+
+def label_classes(graph) -> int | None:
+    """Classes of a cross-entropy loss (the range of generated labels), else None."""
+    from .ir.graph import Role
+    for op in graph.ops:
+        if op.role is Role.LOSS and op.op_type.startswith("SoftmaxCrossEntropyLoss"):
+            shape = graph.tensors[op.inputs[0]].shape
+            return int(shape[1]) if len(shape) > 1 else None
+    return None
+
+
+_NP_DTYPES = {"float": np.float32, "double": np.float64, "float16": np.float16, "bool": np.bool_,
+              "int64": np.int64, "int32": np.int32, "int8": np.int8, "uint8": np.uint8}
+
+
+def training_feeds(inputs: dict[str, InputSpec], classes: int | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """The one seeded input generator for running artifacts: floats ~ N(0, 1), integers (labels) in
+    [0, classes), bools 0/1, in name order."""
+    rng = np.random.default_rng(seed)
+    classes = classes or 2
+    feeds = {}
+    for name, spec in sorted(inputs.items()):
+        shape, dtype = tuple(spec.shape), spec.dtype
+        if dtype in ("float", "double", "float16"):
+            feeds[name] = rng.standard_normal(shape).astype(_NP_DTYPES[dtype])
+        elif dtype == "bool":
+            feeds[name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[name] = rng.integers(0, classes, shape).astype(_NP_DTYPES.get(dtype, np.int64))
+    return feeds
+
+
+
+
+def load_data(path: Path, expected: dict[str, InputSpec]) -> dict[str, np.ndarray]:
+    """A user's `--data` file: an .npz (no pickled objects) holding every training input with the
+    compiled shape and dtype."""
+    path = Path(path)
+    what = f"--data file {path}"
+    if not path.is_file():
+        raise InputFileError(f"{what} does not exist" if not path.exists() else f"{what} is not a file",
+                             hint="pass an .npz written by numpy.savez with one array per training input")
+    hint = "write it with numpy.savez(path, name=array, ...), one numeric array per training input"
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if not magic.startswith(b"PK\x03\x04"):
+        kind = "a single .npy array" if magic == b"\x93NUMPY" else "not a NumPy .npz archive"
+        raise InputFileError(f"cannot read {what}: it is {kind}", hint=hint)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        if "pickle" not in str(exc).lower() and "object" not in str(exc).lower():
+            raise InputFileError(f"cannot read {what}: {' '.join(str(exc).split())[:160]}", hint=hint) from None
+        raise InputFileError(f"cannot read {what}: it holds an array of Python objects, which poetc does not "
+                             f"load (unpickling can run code)", hint=hint) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputFileError(f"cannot read {what}: a damaged .npz archive ({' '.join(str(exc).split())[:120]})",
+                             hint=hint) from None
+    missing = sorted(set(expected) - set(data))
+    if missing:
+        raise InputFileError(f"{what} lacks the training input(s) {missing}; it holds {sorted(data)}",
+                             hint=f"save one array per input: {', '.join(sorted(expected))}")
+    for name, spec in sorted(expected.items()):
+        a, shape, dtype = data[name], tuple(spec.shape), spec.dtype
+        want = _NP_DTYPES.get(dtype)
+        if a.shape != shape or (want is not None and a.dtype != np.dtype(want)):
+            raise InputFileError(f"{what}: input '{name}' is {a.dtype}{list(a.shape)}, the compiled model "
+                                 f"takes {np.dtype(want).name if want else dtype}{list(shape)}",
+                                 hint="compile for that shape (--batch, --input-shape) or convert the array")
+    return {k: data[k] for k in expected}
+
+
+# ---------------------------------------------------------------------------------------------------
+# measuring
+
+
+def measure_artifacts(artifacts: Path, graph=None, steps: int = 2, feeds=None,
+                      spill_library: Path | None = None, spill_dir: Path | None = None,
+                      intra_op_threads: int | None = None, workdir: Path | None = None,
+                      checkpoint_out: Path | None = None):
+    """Run `steps` training steps in a worker. Without `workdir` its files go to a temporary directory
+    that is removed before returning (then the returned run's params_npz no longer exists)."""
+    from .runtime.measure import MeasurementError, measure_training
+    if feeds is None:
+        feeds = training_feeds(input_specs(graph), label_classes(graph))
+    with tempfile.TemporaryDirectory(prefix="poetc-measure-") as tmp:
+        try:
+            return measure_training(artifacts, feeds, steps=steps, spill_library=spill_library,
+                                    spill_dir=spill_dir, intra_op_threads=intra_op_threads,
+                                    workdir=workdir if workdir is not None else tmp, checkpoint_out=checkpoint_out)
+        except MeasurementError as exc:
+            raise _runtime_failure(exc) from exc
+
+
+def _runtime_failure(exc) -> RuntimeFailure:
+    """One paragraph from a MeasurementError: the custom op's or ONNX Runtime's own message without
+    the C++ source locations, the Python traceback and the worker's stderr (logged at -v)."""
+    text = " ".join(str(exc).split("\n--- worker stderr", 1)[0].split())
+    if "Status Message: " in text:
+        text = text.rsplit("Status Message: ", 1)[1]
+    elif "[ONNXRuntimeError] : " in text:
+        text = re.sub(r"^\d+ : [A-Z_]+ : ", "", text.rsplit("[ONNXRuntimeError] : ", 1)[1])
+    if getattr(exc, "stderr_tail", ""):
+        log.info("worker stderr:\n%s", exc.stderr_tail)
+    return RuntimeFailure(f"the training step failed in ONNX Runtime: {text[:600]}",
+                          hint="the run stopped there: no parameters were saved and the checkpoint is unchanged")
+
+
+# ---------------------------------------------------------------------------------------------------
+# verify
+
+
+@dataclass
+class VerifyReport:
+    """What `poetc verify` measured: reference and compiled artifacts trained side by side."""
+
+    steps: int
+    numerics_intra_op_threads: int
+    losses_reference: list[float]
+    losses_compiled: list[float]
+    max_abs_loss_diff_default_threads: float
+    max_abs_loss_diff: float
+    max_rel_loss_diff: float
+    max_abs_param_diff: float
+    max_rel_param_diff: float
+    bitwise_identical_params: bool
+    budget: Budget  # the compile's, from report.json
+    predicted_step_peak_bytes: int
+    measured_step_peak_bytes: list[int]
+    steady_state_from_step: int
+    reference_step_peak_bytes: list[int]
+    measured_total_peak_bytes: int
+    within_budget: bool
+    prediction_within_3pct_or_1MiB: bool
+    step_seconds_reference: list[float]
+    step_seconds_compiled: list[float]
+    identical_results: bool
+    rtol: float = 1e-6
+
+    @property
+    def ok(self) -> bool:
+        return self.identical_results and self.within_budget
+
+    def to_json(self) -> dict:
+        doc = asdict(self)
+        doc["budget"] = self.budget.to_json()
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict) -> VerifyReport:
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in doc.items() if k in names}
+        d["budget"] = Budget.from_json(d["budget"])
+        return cls(**d)
+
+    def failure(self) -> str | None:
+        """One paragraph saying what failed, or None."""
+        from .units import format_size
+        problems = []
+        if not self.identical_results:
+            problems.append(f"the compiled artifacts train differently from the reference: max relative loss "
+                            f"difference {self.max_rel_loss_diff:.3g}, max relative parameter difference "
+                            f"{self.max_rel_param_diff:.3g} after {self.steps} steps (tolerance {self.rtol:g})")
+        if not self.within_budget:
+            problems.append(f"the measured peak {format_size(self.measured_total_peak_bytes)} (fixed state plus "
+                            f"the largest steady-state step peak) is above the budget "
+                            f"{format_size(self.budget.ram_bytes)}")
+        return "verification failed: " + "; and ".join(problems) if problems else None
+
+
+def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: float = 1e-6,
+           spill_dir: Path | None = None) -> VerifyReport:
+    """Train the reference and the compiled artifacts side by side and compare.
+
+    Numerics come from a run of each with one ORT thread, which is bitwise reproducible (with several
+    threads some kernels' reductions depend on thread timing: two runs of the same transformer graph
+    differed in the 8th digit of the loss). Memory and step time come from a run of each with ORT's
+    default threads, as deployed."""
+    out_dir = Path(out_dir)
+    report = load_report(out_dir)
+    check_artifacts(out_dir, report)
+    feeds = load_data(data, report.inputs) if data else training_feeds(report.inputs, report.label_classes)
+    with tempfile.TemporaryDirectory(prefix="poetc-verify-") as work:
+        work = Path(work)
+        library = private_library(out_dir, report, work)
+        ref_dir = work / "reference"
+        ref_dir.mkdir()
+        for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
+            os.symlink((out_dir / name).resolve(), ref_dir / name)
+        os.symlink((out_dir / "reference" / "training_model.onnx").resolve(), ref_dir / "training_model.onnx")
+        runs = {}
+        for key, artifacts, lib, threads in (("ref", ref_dir, None, None), ("comp", out_dir, library, None),
+                                             ("ref_1", ref_dir, None, 1), ("comp_1", out_dir, library, 1)):
+            wd = work / key
+            runs[key] = measure_artifacts(artifacts, steps=steps, feeds=feeds, spill_library=lib,
+                                          spill_dir=spill_dir if lib else None, intra_op_threads=threads, workdir=wd)
+        ref, comp, ref_1, comp_1 = runs["ref"], runs["comp"], runs["ref_1"], runs["comp_1"]
+        ref_params, comp_params = dict(np.load(ref_1.params_npz)), dict(np.load(comp_1.params_npz))
+    loss_diffs = [abs(a.loss - b.loss) for a, b in zip(ref_1.steps, comp_1.steps)]
+    loss_rel = max(d / max(abs(a.loss), 1e-30) for d, a in zip(loss_diffs, ref_1.steps))
+    param_diff, param_rel, bitwise = 0.0, 0.0, True
+    for name, a in ref_params.items():
+        b = comp_params[name]
+        diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+        param_diff = max(param_diff, diff)
+        param_rel = max(param_rel, diff / max(float(np.max(np.abs(a))), 1e-30))
+        bitwise &= a.tobytes() == b.tobytes()
+    budget = report.budget
+    fixed, predicted = budget.fixed_bytes, report.result.activation_peak_bytes
+    steady = comp.steps[1:] or comp.steps  # step 1 also allocates the optimizer state
+    return VerifyReport(
+        steps=steps, numerics_intra_op_threads=1,
+        losses_reference=[s.loss for s in ref_1.steps], losses_compiled=[s.loss for s in comp_1.steps],
+        max_abs_loss_diff_default_threads=max(abs(a.loss - b.loss) for a, b in zip(ref.steps, comp.steps)),
+        max_abs_loss_diff=max(loss_diffs), max_rel_loss_diff=loss_rel,
+        max_abs_param_diff=param_diff, max_rel_param_diff=param_rel, bitwise_identical_params=bitwise,
+        budget=budget, predicted_step_peak_bytes=predicted,
+        measured_step_peak_bytes=[s.peak_heap_bytes for s in comp.steps],
+        steady_state_from_step=1 if len(comp.steps) > 1 else 0,
+        reference_step_peak_bytes=[s.peak_heap_bytes for s in ref.steps],
+        measured_total_peak_bytes=fixed + max(s.peak_heap_bytes for s in steady),
+        within_budget=fixed + max(s.peak_heap_bytes for s in steady) <= budget.ram_bytes,
+        prediction_within_3pct_or_1MiB=all(abs(s.peak_heap_bytes - predicted) <= max(0.03 * predicted, 2**20)
+                                           for s in steady),
+        step_seconds_reference=[s.step_seconds for s in ref.steps],
+        step_seconds_compiled=[s.step_seconds for s in comp.steps],
+        identical_results=loss_rel <= rtol and param_rel <= rtol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------------
+# train
+
+
+def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
+          spill_dir: Path | None = None, save: Path | None = None) -> dict:
+    """Run `steps` training steps of the compiled artifacts and save the trained parameters as an ONNX
+    Runtime checkpoint: at `save`, which must not exist yet, or by default at
+    DIR/trained_checkpoint (replaced only if poetc wrote it, and recorded in DIR's manifest)."""
+    out_dir = Path(out_dir)
+    report = load_report(out_dir)
+    check_artifacts(out_dir, report)
+    feeds = load_data(data, report.inputs) if data else training_feeds(report.inputs, report.label_classes, seed)
+    target = Path(save) if save is not None else out_dir / TRAINED_CHECKPOINT
+    _check_checkpoint_target(target, out_dir, explicit=save is not None)
+    with tempfile.TemporaryDirectory(prefix="poetc-train-") as work:
+        work = Path(work)
+        library = private_library(out_dir, report, work)
+        produced = work / "trained_checkpoint"
+        run = measure_artifacts(out_dir, steps=steps, feeds=feeds, spill_library=library,
+                                spill_dir=spill_dir if library else None, workdir=work / "run",
+                                checkpoint_out=produced)
+        try:
+            tmp = target.with_name(f".{target.name}.poetc-tmp")
+            shutil.copyfile(produced, tmp)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise OutputError(f"cannot save the trained checkpoint to {target}: {exc.strerror or exc}",
+                              hint="choose a writable --save path") from None
+    if save is None:
+        output.add_to_manifest(out_dir, [target])
+    return {"losses": [s.loss for s in run.steps], "step_peak_bytes": [s.peak_heap_bytes for s in run.steps],
+            "step_seconds": [s.step_seconds for s in run.steps], "checkpoint": str(target)}
+
+
+def _check_checkpoint_target(target: Path, out_dir: Path, *, explicit: bool) -> None:
+    if not os.path.lexists(target):
+        if not target.parent.is_dir():
+            raise OutputError(f"cannot save the trained checkpoint to {target}: {target.parent} is not a directory",
+                              hint="create the directory or choose another --save path")
+        return
+    if explicit:
+        raise OutputError(f"{target} already exists; poetc train does not overwrite a file it did not write",
+                          hint="choose another --save path or remove that file")
+    manifest = output.read_manifest(out_dir) or {}
+    rel = target.relative_to(out_dir).as_posix()
+    if target.is_symlink() or not target.is_file() or manifest.get(rel) != output.sha256_file(target):
+        raise OutputError(f"{target} exists and was not written by poetc train (or was changed since); "
+                          f"it was left untouched", hint="pass --save PATH, or remove that file")
+
+
+__all__ = ["VerifyReport", "check_artifacts", "input_specs", "label_classes", "load_data", "load_report", "measure_artifacts",
+           "training_feeds", "train", "verify"]

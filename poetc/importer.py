@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 
 from .errors import InputFileError, UnsupportedModelError, UsageError
-from .ir.canonicalize import Canonicalization, _attr, _Names, expose_optional_outputs, rewrite_without_gradients
+from .ir.canonicalize import (Canonicalization, _attr, _Names, check_cpu_gradients, expose_optional_outputs,
+                              rewrite_without_gradients)
 from .ir.lower import ARTIFACT_FILES
 
 log = logging.getLogger(__name__)
@@ -426,6 +427,7 @@ def generate_training_artifacts(model: onnx.ModelProto, out_dir: Path, options: 
     trainable, frozen = trainable_parameters(model, options.freeze)
     if not trainable:
         raise UnsupportedModelError("the model has no trainable float initializers (or --freeze matched all)")
+    check_cpu_gradients(model, set(trainable))
     _check_output_dtypes(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -151,7 +151,7 @@ def _sum_to_add(b: _Builder, model) -> bool:
 
 
 def _lrn(b: _Builder, model) -> bool:
-    """y = x / (bias + alpha/size * sum of x^2 over the `size` neighbouring channels)^beta, the
+    """y = x * (bias + alpha/size * sum of x^2 over the `size` neighbouring channels)^-beta, the
     channel sum as a convolution with a fixed all-ones (1, 1, size, 1, ...) kernel over x^2 with the
     channel axis moved to a spatial position (Unsqueeze at axis 1)."""
     x = b.node.input[0]
@@ -171,8 +171,10 @@ def _lrn(b: _Builder, model) -> bool:
     total = b.op("Squeeze", [summed, b.const(np.array([1], np.int64), "axis1b")], "drop")
     scaled = b.op("Mul", [total, b.scalar(alpha / size, dtype, "alpha_over_size")], "scaled")
     base = b.op("Add", [scaled, b.scalar(bias, dtype, "bias")], "base")
-    denom = b.op("Pow", [base, b.scalar(beta, dtype, "beta")], "denominator")
-    b.op("Div", [x, denom], "div", output=b.node.output[0])
+    # x * base^-beta rather than x / base^beta: DivGrad is an ORT function whose nodes never run under
+    # their own name, so the probe could not time it
+    factor = b.op("Pow", [base, b.scalar(-beta, dtype, "minus_beta")], "factor")
+    b.op("Mul", [x, factor], "mul", output=b.node.output[0])
     return True
 
 
@@ -246,6 +248,78 @@ def _global_max_pool(b: _Builder, model) -> bool:
     return True
 
 
+_FOLDABLE = {"Concat", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Mul", "Div", "Add", "Sub", "Floor", "Gather",
+             "Slice", "Identity"}
+
+
+def _constant_value(model: onnx.ModelProto, name: str, depth: int = 0) -> np.ndarray | None:
+    """The value of a tensor computed from initializers and Constant nodes only (exporters build
+    Resize scales with Concat and Cast), or None."""
+    for t in model.graph.initializer:
+        if t.name == name:
+            return onnx.numpy_helper.to_array(t)
+    for n in model.graph.node:
+        if name not in n.output:
+            continue
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            return onnx.numpy_helper.to_array(n.attribute[0].t)
+        if n.op_type not in _FOLDABLE or n.domain not in ("", "ai.onnx") or depth > 8:
+            return None
+        values = [_constant_value(model, x, depth + 1) if x else None for x in n.input]
+        if any(v is None for v, x in zip(values, n.input) if x):
+            return None
+        from onnx.reference import ReferenceEvaluator
+        try:
+            outputs = ReferenceEvaluator(n).run(None, {x: v for x, v in zip(n.input, values) if x})
+        except Exception:  # noqa: BLE001 - anything the reference cannot fold is simply not constant
+            return None
+        return np.asarray(outputs[list(n.output).index(name)])
+    return None
+
+
+def _nearest_resize(b: _Builder, model) -> bool:
+    """Resize/Upsample in nearest mode by whole-number factors: each element repeated s_i times
+    along axis i, i.e. Unsqueeze + Expand + Reshape (Expand's gradient is a ReduceSum). Output index
+    o reads input o // s exactly for 'asymmetric' + 'floor' (torch's export) and for half_pixel with
+    any rounding (no ties at whole-number factors)."""
+    node = b.node
+    if _attr(node, "mode", b"nearest") not in (b"nearest", "nearest"):
+        return False
+    ctm = _attr(node, "coordinate_transformation_mode", b"half_pixel")
+    rounding = _attr(node, "nearest_mode", b"round_prefer_floor")
+    ctm, rounding = (v.decode() if isinstance(v, bytes) else v for v in (ctm, rounding))
+    if not (ctm in ("half_pixel", "pytorch_half_pixel") or (ctm == "asymmetric" and rounding == "floor")):
+        return False
+    x = node.input[0]
+    shape = _shape_of(model, x)
+    if shape is None:
+        return False
+    if node.op_type == "Upsample":
+        scales = _constant_value(model, node.input[1]) if len(node.input) > 1 else None
+    else:
+        scales = _constant_value(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if (scales is None or scales.size == 0) and len(node.input) > 3 and node.input[3]:
+            sizes = _constant_value(model, node.input[3])
+            scales = None if sizes is None or len(sizes) != len(shape) else \
+                np.array([o / i for o, i in zip(sizes, shape)], dtype=np.float64)
+    if scales is None or len(scales) != len(shape) or any(float(v) != int(v) or v < 1 for v in scales):
+        return False
+    factors = [int(v) for v in scales]
+    if all(f == 1 for f in factors):
+        b.op("Identity", [x], "identity", output=node.output[0])
+        return True
+    lifted_axes = [axis + 1 + sum(f > 1 for f in factors[:axis]) for axis, f in enumerate(factors) if f > 1]
+    lifted = b.op("Unsqueeze", [x, b.const(np.array(lifted_axes, np.int64), "axes")], "lift")
+    expanded_shape = []
+    for d, f in zip(shape, factors):
+        expanded_shape += [d, f] if f > 1 else [d]
+    expanded = b.op("Expand", [lifted, b.const(np.array(expanded_shape, np.int64), "expanded_shape")], "repeat")
+    out_shape = [d * f for d, f in zip(shape, factors)]
+    b.op("Reshape", [expanded, b.const(np.array(out_shape, np.int64), "out_shape")], "merge",
+         output=node.output[0])
+    return True
+
+
 # op type -> (rewrite name, why, function). The function appends replacement nodes to the builder
 # and returns False when it cannot rewrite this instance (the node is then kept unchanged).
 _NO_GRADIENT_REWRITES = {
@@ -253,8 +327,8 @@ _NO_GRADIENT_REWRITES = {
             _sum_to_add),
     "Mean": ("mean-to-add-div", "Mean has no gradient in onnxruntime-training 1.19; n-1 Adds and a Div by n",
              _sum_to_add),
-    "LRN": ("lrn-decompose", "LRN has no gradient in onnxruntime-training 1.19; x / (bias + alpha/size * "
-            "channel-window sum of x^2)^beta with the window sum as a fixed all-ones convolution", _lrn),
+    "LRN": ("lrn-decompose", "LRN has no gradient in onnxruntime-training 1.19; x * (bias + alpha/size * "
+            "channel-window sum of x^2)^-beta with the window sum as a fixed all-ones convolution", _lrn),
     "HardSigmoid": ("hardsigmoid-to-clip", "HardSigmoid has no gradient in onnxruntime-training 1.19; "
                     "Clip(alpha*x + beta, 0, 1)", _hardsigmoid),
     "HardSwish": ("hardswish-to-clip", "HardSwish has no gradient in onnxruntime-training 1.19; "
@@ -268,6 +342,10 @@ _NO_GRADIENT_REWRITES = {
     "Softplus": ("softplus-decompose", "Softplus has no gradient in onnxruntime-training 1.19; "
                  "Relu(x) + log(1 + exp(-|x|))", _softplus),
     "Mish": ("mish-decompose", "Mish has no gradient in onnxruntime-training 1.19; x * tanh(softplus(x))", _mish),
+    "Resize": ("nearest-resize-to-expand", "Resize has no CPU gradient kernel in onnxruntime-training 1.19; "
+               "nearest upsampling by whole factors is Unsqueeze + Expand + Reshape", _nearest_resize),
+    "Upsample": ("nearest-resize-to-expand", "Upsample has no gradient in onnxruntime-training 1.19; nearest "
+                 "upsampling by whole factors is Unsqueeze + Expand + Reshape", _nearest_resize),
     "GlobalMaxPool": ("globalmaxpool-to-maxpool", "GlobalMaxPool has no gradient in onnxruntime-training 1.19; "
                       "a MaxPool whose kernel is the whole spatial extent", _global_max_pool),
 }
@@ -296,6 +374,32 @@ def rewrite_without_gradients(model: onnx.ModelProto) -> list[Canonicalization]:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return list(done.values())
+
+
+# ops left after the rewrites whose gradient onnxruntime-training 1.19 cannot run on CPU, with what to do
+_NO_CPU_GRADIENT = {
+    "Resize": "ResizeGrad has only a CUDA kernel in onnxruntime-training 1.19; poetc rewrites nearest upsampling "
+              "by whole factors exactly, so export with mode='nearest' and an integer scale",
+    "ConvTranspose": "ConvTransposeGrad has only a CUDA kernel in onnxruntime-training 1.19; upsample with a "
+                     "nearest Resize (integer scale) followed by a Conv instead",
+}
+
+
+def check_cpu_gradients(model: onnx.ModelProto, trainable: set[str]) -> None:
+    """Raise for a node from `_NO_CPU_GRADIENT` that reads a tensor computed from a trainable
+    parameter, or the parameter itself (its gradient would have to run)."""
+    from ..errors import UnsupportedModelError
+    reached = set(trainable)
+    for node in model.graph.node:
+        if any(x in reached for x in node.input):
+            if node.op_type in _NO_CPU_GRADIENT and node.domain in ("", "ai.onnx"):
+                mode = _attr(node, "mode", b"nearest")
+                mode = mode.decode() if isinstance(mode, bytes) else mode
+                raise UnsupportedModelError(
+                    f"op {node.op_type} (node {node.name!r}, mode {mode!r}) lies between a trainable parameter "
+                    f"and the loss, and onnxruntime-training 1.19 cannot compute its gradient on CPU",
+                    hint=_NO_CPU_GRADIENT[node.op_type])
+            reached.update(o for o in node.output if o)
 
 
 def expose_optional_outputs(model: onnx.ModelProto) -> list[Canonicalization]:

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from .errors import InputFileError, UnsupportedModelError, UsageError
-from .ir.canonicalize import (Canonicalization, _attr, _Names, check_cpu_gradients, expose_optional_outputs,
+from .ir.canonicalize import (Canonicalization, _attr, _Names, check_cpu_gradients, constant_value, expose_optional_outputs,
                               rewrite_without_gradients)
 from .ir.lower import ARTIFACT_FILES
 
@@ -147,6 +147,13 @@ def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> tuple[onnx.M
     model = onnx.shape_inference.infer_shapes(model)
     notes += expose_optional_outputs(model)
     notes += rewrite_without_gradients(model)
+    rebatched = next((n for n in notes if n.name == "rebatch-check"), None)
+    if rebatched is not None:
+        out = model.graph.output[0]
+        value = _run_forward(model, out.name, rebatched.why.split(":")[0])
+        out.type.tensor_type.ClearField("shape")
+        for d in value.shape:
+            out.type.tensor_type.shape.dim.add().dim_value = int(d)
     notes += _fix_outputs(model, options)
     return model, notes
 
@@ -231,11 +238,13 @@ def _fix_input_shapes(model: onnx.ModelProto, options: ImportOptions) -> list[Ca
     _check_input_sizes(inputs, options)
     notes = []
     if old_batch is not None:
-        changed = _rebatch_reshapes(model, old_batch)
+        changed = _rebatch_reshapes(model, old_batch, options.batch)
         if changed:
-            notes.append(Canonicalization("rebatch-reshapes", f"Reshape targets that baked in the export batch "
-                                          f"{old_batch} copy the input's batch (0) instead, for --batch "
-                                          f"{options.batch}", changed))
+            notes.append(Canonicalization("rebatch-shapes", f"Reshape/Expand target shapes that baked in the export "
+                                          f"batch {old_batch} use --batch {options.batch} instead (Reshape copies the "
+                                          f"input's dim 0)", changed))
+        notes.append(Canonicalization("rebatch-check", f"exported at batch {old_batch}: ran once in ONNX Runtime at "
+                                      f"--batch {options.batch} to check nothing else bakes it in"))
     # outputs and intermediates follow from the (now concrete) inputs
     for vi in model.graph.output:
         vi.type.tensor_type.ClearField("shape")
@@ -270,13 +279,12 @@ def _check_input_sizes(inputs, options: ImportOptions) -> None:
                 hint="choose a smaller --batch (the schedule's memory grows with it)")
 
 
-def _rebatch_reshapes(model: onnx.ModelProto, old_batch: int) -> list[str]:
-    """Reshape targets that bake in the export batch size (an initializer or a Constant node): write
-    0 (copy the input's dim 0) instead. Exact when the reshape keeps the batch axis first, which is
-    what exporters emit. Returns the Reshape nodes changed."""
-    inits = {t.name: t for t in model.graph.initializer}
-    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.attribute
-                 and n.attribute[0].name == "value"}
+def _rebatch_reshapes(model: onnx.ModelProto, old_batch: int, new_batch: int) -> list[str]:
+    """Shapes that bake in the export batch size: a Reshape or Expand whose target shape is constant
+    (an initializer, a Constant node, or computed from them, as torch's tracer writes
+    Concat(Unsqueeze(Constant))) and starts with the export batch. A Reshape then copies the input's
+    dim 0 (0), an Expand expands to the new batch. Exact when that axis is the batch axis, which is
+    what exporters emit; `_check_rebatched` runs the model to confirm. Returns the nodes changed."""
     uses: dict[str, int] = {}
     for node in model.graph.node:
         for x in node.input:
@@ -284,27 +292,20 @@ def _rebatch_reshapes(model: onnx.ModelProto, old_batch: int) -> list[str]:
     names = _Names(model.graph)
     changed = []
     for node in model.graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2:
+        if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2 or node.domain not in ("", "ai.onnx"):
             continue
-        source = node.input[1]
-        if source in inits:
-            shape = onnx.numpy_helper.to_array(inits[source])
-        elif source in constants:
-            shape = onnx.numpy_helper.to_array(constants[source].attribute[0].t)
-        else:
+        shape = constant_value(model, node.input[1])
+        if shape is None or shape.ndim != 1 or not shape.size or shape[0] != old_batch:
             continue
-        if shape.ndim != 1 or not shape.size or shape[0] != old_batch or _attr(node, "allowzero", 0):
+        if node.op_type == "Reshape" and _attr(node, "allowzero", 0):
             continue
-        new = shape.copy().astype(np.int64)
-        new[0] = 0
-        if uses[source] > 1 or source in constants:
-            name = names(f"{source}__poetc_rebatched")
-            model.graph.initializer.append(onnx.numpy_helper.from_array(new, name))
-            node.input[1] = name
-        else:
-            inits[source].CopyFrom(onnx.numpy_helper.from_array(new, source))
-        changed.append(node.name or source)
-        log.info("Reshape %s: batch %d in its target shape replaced by 0 (copy input dim)", node.name, old_batch)
+        new = shape.astype(np.int64).copy()
+        new[0] = 0 if node.op_type == "Reshape" else new_batch
+        name = names(f"{node.input[1]}__poetc_rebatched")
+        model.graph.initializer.append(onnx.numpy_helper.from_array(new, name))
+        node.input[1] = name
+        changed.append(node.name or node.output[0])
+        log.info("%s %s: batch %d in its target shape replaced", node.op_type, node.name, old_batch)
     return changed
 
 
@@ -353,6 +354,11 @@ def _resolve_output_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...]:
             dims = vi.type.tensor_type.shape.dim
             if all(d.HasField("dim_value") for d in dims):
                 return tuple(int(d.dim_value) for d in dims)
+    return tuple(int(d) for d in _run_forward(model, name).shape)
+
+
+def _run_forward(model: onnx.ModelProto, name: str, rebatched: str | None = None) -> np.ndarray:
+    """Run the forward model once on probe data in ONNX Runtime and return output `name`."""
     import onnxruntime as ort
 
     from .runtime.profiling import probe_array
@@ -365,19 +371,28 @@ def _resolve_output_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...]:
         if vi.name not in inits:
             feeds[vi.name] = probe_array(tuple(d.dim_value for d in vi.type.tensor_type.shape.dim),
                                          vi.type.tensor_type.elem_type, rng)
+    so = contract_session_options()
+    so.log_severity_level = 4  # the error comes back as the exception; nothing on stderr
     try:
-        session = ort.InferenceSession(model.SerializeToString(), contract_session_options(),
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         value = session.run([name], feeds)[0]
     except MemoryError as exc:
         raise UsageError(f"this machine has not enough memory to run the model once at these input sizes "
                          f"({exc})", hint="choose a smaller --batch") from exc
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        text = _one_line(str(exc), 400)
+        node = re.search(r"[Nn]ode\.? \(?Name: ?'?([^' )]+)", str(exc)) or re.search(r"Node \(([^)]+)\)", str(exc))
+        where = f" (node {node.group(1)!r})" if node else ""
+        if rebatched:
+            raise UnsupportedModelError(
+                f"the model was {rebatched} and still fails at the new batch{where}: it bakes the export batch "
+                f"into a shape poetc cannot rewrite: {text}",
+                hint="export the model with a dynamic batch axis (torch.onnx.export(..., dynamic_axes={'input': "
+                "{0: 'batch'}})) or compile it at its export batch (omit --batch)") from exc
         raise UnsupportedModelError(
-            f"ONNX Runtime could not run the forward model at the given input sizes: {_one_line(str(exc), 400)}",
-            hint="if the model bakes in its export batch size, export it with a dynamic batch axis or "
-            "compile it at that batch") from exc
-    return tuple(int(d) for d in value.shape)
+            f"ONNX Runtime could not run the forward model at the given input sizes{where}: {text}",
+            hint="check the input sizes (--batch, --input-shape) against what the model expects") from exc
+    return value
 
 
 def trainable_parameters(model: onnx.ModelProto, freeze: list[str]) -> tuple[list[str], list[str]]:

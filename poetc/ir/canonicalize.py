@@ -249,10 +249,10 @@ def _global_max_pool(b: _Builder, model) -> bool:
 
 
 _FOLDABLE = {"Concat", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Mul", "Div", "Add", "Sub", "Floor", "Gather",
-             "Slice", "Identity"}
+             "Slice", "Identity", "Equal", "Where", "ConstantOfShape"}
 
 
-def _constant_value(model: onnx.ModelProto, name: str, depth: int = 0) -> np.ndarray | None:
+def constant_value(model: onnx.ModelProto, name: str, depth: int = 0) -> np.ndarray | None:
     """The value of a tensor computed from initializers and Constant nodes only (exporters build
     Resize scales with Concat and Cast), or None."""
     for t in model.graph.initializer:
@@ -265,7 +265,7 @@ def _constant_value(model: onnx.ModelProto, name: str, depth: int = 0) -> np.nda
             return onnx.numpy_helper.to_array(n.attribute[0].t)
         if n.op_type not in _FOLDABLE or n.domain not in ("", "ai.onnx") or depth > 8:
             return None
-        values = [_constant_value(model, x, depth + 1) if x else None for x in n.input]
+        values = [constant_value(model, x, depth + 1) if x else None for x in n.input]
         if any(v is None for v, x in zip(values, n.input) if x):
             return None
         from onnx.reference import ReferenceEvaluator
@@ -295,11 +295,11 @@ def _nearest_resize(b: _Builder, model) -> bool:
     if shape is None:
         return False
     if node.op_type == "Upsample":
-        scales = _constant_value(model, node.input[1]) if len(node.input) > 1 else None
+        scales = constant_value(model, node.input[1]) if len(node.input) > 1 else None
     else:
-        scales = _constant_value(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        scales = constant_value(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if (scales is None or scales.size == 0) and len(node.input) > 3 and node.input[3]:
-            sizes = _constant_value(model, node.input[3])
+            sizes = constant_value(model, node.input[3])
             scales = None if sizes is None or len(sizes) != len(shape) else \
                 np.array([o / i for o, i in zip(sizes, shape)], dtype=np.float64)
     if scales is None or len(scales) != len(shape) or any(float(v) != int(v) or v < 1 for v in scales):

@@ -147,6 +147,7 @@ def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> tuple[onnx.M
     model = onnx.shape_inference.infer_shapes(model)
     notes += expose_optional_outputs(model)
     notes += rewrite_without_gradients(model)
+    _drop_unused_initializers(model)
     rebatched = next((n for n in notes if n.name == "rebatch-check"), None)
     if rebatched is not None:
         out = model.graph.output[0]
@@ -156,6 +157,20 @@ def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> tuple[onnx.M
             out.type.tensor_type.shape.dim.add().dim_value = int(d)
     notes += _fix_outputs(model, options)
     return model, notes
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Initializers no node reads any more (a rewritten Resize's scales): onnxruntime-training would
+    take a float one for a parameter and fail to find its consumer."""
+    used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    dropped = {t.name for t in model.graph.initializer} - {t.name for t in keep}
+    if dropped:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        inputs = [vi for vi in model.graph.input if vi.name not in dropped]
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
 
 
 def _opset_of(model: onnx.ModelProto) -> int | None:

@@ -1,7 +1,7 @@
 """The corpus of architectures poetc was not designed for (models/corpus.py), end to end: each model
 exported as its users would export it goes through inspect -> compile (rpi4, 50% of keep-all
-activations) -> compile (host, same budget) + verify, at batch 1 and batch 8 (where 50% is below the lower bound, halfway from the
-bound to keep-all): identical parameters
+activations) -> compile (host, same budget) + verify, at batch 1 and batch 8 (where no schedule fits 50% within the default 1.3x deadline, 70%, then
+90%: small models at batch 1 hold a few KB of activations): identical parameters
 (bitwise), measured step peak within the budget and within 1% of the prediction.
 
 Slow (tens of seconds per case on 2 cores): `python -m pytest -m slow tests/test_corpus.py`.
@@ -12,6 +12,7 @@ table of docs/corpus.md.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ if str(ROOT) not in sys.path:
 from models.corpus import CORPUS, export_corpus  # noqa: E402
 
 BATCHES = (1, 8)
-FRACTION = 0.5
+FRACTIONS = (0.5, 0.7, 0.9)
 PREDICTION_TOLERANCE = 0.01
 
 
@@ -33,30 +34,36 @@ def run_case(name: str, batch: int, work: Path) -> dict:
     """inspect, compile for rpi4 and for host at 50% of the keep-all activations, verify the host
     output; the figures of one corpus row."""
     from poetc.api import CompileOptions, compile_model, inspect_model, verify
+    from poetc.errors import InfeasibleError
     from poetc.importer import ImportOptions, canonicalize, load_onnx
 
     entry = CORPUS[name]
     path = export_corpus(name, work / f"{name}.onnx", batch)
     options = ImportOptions(loss=entry.loss)
     doc = inspect_model(path, options)
-    ram = int(doc["fixed_total_bytes"] + FRACTION * doc["keep_all_activation_peak_bytes"])
-    floor = doc["lower_bound_bytes"]
-    if ram < floor * 1.02:
-        # 50% is below what any schedule needs (small models at batch 1): halfway from
-        # the lower bound to keep-all instead
-        ram = int(floor + 0.5 * (doc["keep_all_peak_bytes"] - floor))
     _, notes = canonicalize(load_onnx(path), options)
     row = {"name": name, "batch": batch, "ops": doc["ops"], "canonicalizations": [n.to_json() for n in notes],
-           "fixed_bytes": doc["fixed_total_bytes"], "keep_all_activation_bytes": doc["keep_all_activation_peak_bytes"],
-           "ram_budget_bytes": ram,
-           "budget_fraction": (ram - doc["fixed_total_bytes"]) / doc["keep_all_activation_peak_bytes"]}
-    for target in ("rpi4", "host"):
-        out = work / f"{name}-b{batch}-{target}"
-        result = compile_model(path, CompileOptions(ram_bytes=ram, out_dir=out, target=target, time_limit_s=60,
-                                                    import_options=options, baselines=()))
-        summary = result.report["result"]
-        row[target] = {"status": summary["status"], "fits": summary["fits"], "decisions": summary["decisions"],
-                       "predicted_activation_peak_bytes": summary["activation_peak_bytes"]}
+           "fixed_bytes": doc["fixed_total_bytes"], "keep_all_activation_bytes": doc["keep_all_activation_peak_bytes"]}
+    for fraction in FRACTIONS:
+        # 50% first; small models at batch 1 (activations a fraction of the fixed state) may have no
+        # schedule there within the 1.3x deadline: the next fraction then
+        ram = int(doc["fixed_total_bytes"] + fraction * doc["keep_all_activation_peak_bytes"])
+        try:
+            for target in ("rpi4", "host"):
+                out = work / f"{name}-b{batch}-{target}"
+                shutil.rmtree(out, ignore_errors=True)
+                result = compile_model(path, CompileOptions(ram_bytes=ram, out_dir=out, target=target,
+                                                            time_limit_s=60, import_options=options, baselines=()))
+                summary = result.report["result"]
+                row[target] = {"status": summary["status"], "fits": summary["fits"],
+                               "decisions": summary["decisions"],
+                               "predicted_activation_peak_bytes": summary["activation_peak_bytes"]}
+        except InfeasibleError:
+            if fraction == FRACTIONS[-1]:
+                raise
+            continue
+        row["ram_budget_bytes"], row["budget_fraction"] = ram, fraction
+        break
     check = verify(work / f"{name}-b{batch}-host", steps=3).doc
     predicted = check["predicted_step_peak_bytes"]
     steady = check["measured_step_peak_bytes"][check["steady_state_from_step"]:]

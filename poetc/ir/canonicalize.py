@@ -408,6 +408,22 @@ def expose_optional_outputs(model: onnx.ModelProto) -> list[Canonicalization]:
     (gradient_builder_base.h: i < node_->OutputDefs().size()). Naming them changes no value."""
     names = _Names(model.graph)
     done: dict[str, Canonicalization] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and len([x for x in node.input if x]) == 2:
+            # torch's LayerNorm(bias=False) exports no B; the gradient builder reads input 2
+            scale = constant_value(model, node.input[1])
+            if scale is not None:
+                b = _Builder(names, node, 0)
+                del node.input[2:]
+                node.input.append(b.const(np.zeros_like(scale), "zero_bias"))
+                nodes.extend(b.nodes)
+                done.setdefault("layernormalization-zero-bias", Canonicalization(
+                    "layernormalization-zero-bias", "LayerNormalization without a bias input: ORT 1.19's gradient "
+                    "reads input B; added a constant zero B (not trained), values unchanged")).nodes.append(b.stem)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     for node in model.graph.node:
         want = _OPTIONAL_OUTPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if want is None or len([o for o in node.output]) >= want:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import logging
 import os
 import re
@@ -22,6 +23,8 @@ import numpy as np
 import onnx
 
 from .errors import InputFileError, UnsupportedModelError, UsageError
+from .ir.canonicalize import (Canonicalization, _attr, _Names, check_cpu_gradients, constant_value, expose_optional_outputs,
+                              rewrite_without_gradients)
 from .ir.lower import ARTIFACT_FILES
 
 log = logging.getLogger(__name__)
@@ -74,10 +77,21 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     if not model.graph.node or not model.graph.output:
         raise InputFileError(f"{path} does not contain an ONNX graph with nodes and outputs",
                              hint="is it really an ONNX model? (it parsed, but holds no graph)")
+    checked = model
+    if model.ir_version > onnx.IR_VERSION:
+        # newer than this onnx's checker (and ONNX Runtime 1.19.2, which loads IR <= 10): check a copy at
+        # the highest IR both know; canonicalize lowers the model itself and reports it
+        checked = onnx.ModelProto()
+        checked.CopyFrom(model)
+        checked.ir_version = min(onnx.IR_VERSION, MAX_IR_VERSION)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(checked)
     except Exception as exc:
-        raise InputFileError(f"{path} is not a valid ONNX model: {_one_line(str(exc), 300)}") from exc
+        where = f" (it declares IR version {model.ir_version}; ONNX Runtime 1.19.2 loads IR 3..{MAX_IR_VERSION}, " \
+            f"poetc lowers newer ones when they use nothing newer)" if model.ir_version > MAX_IR_VERSION else ""
+        raise InputFileError(f"{path} is not a valid ONNX model{where}: {_one_line(str(exc), 300)}",
+                             hint=f"export it again with IR version <= {MAX_IR_VERSION} (onnx < 1.16 or "
+                             f"model.ir_version = {MAX_IR_VERSION} before saving)" if where else None) from exc
     _check_initializer_sizes(model, path)
     return model
 
@@ -111,26 +125,104 @@ def _check_initializer_sizes(model: onnx.ModelProto, path: Path) -> None:
                 hint="export the model again, e.g. with torch.onnx.export")
 
 
-def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> onnx.ModelProto:
+def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> tuple[onnx.ModelProto, list[Canonicalization]]:
+    """The forward model in a form onnxruntime-training 1.19.2 can load and differentiate, and the
+    list of rewrites applied (each exact; `Canonicalization.to_json` for reports)."""
+    notes: list[Canonicalization] = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise UnsupportedModelError("the model has no ai.onnx opset import")
+    if model.ir_version > MAX_IR_VERSION:
+        notes.append(Canonicalization("ir-version", f"IR version {model.ir_version} lowered to {MAX_IR_VERSION}: "
+                                      f"ONNX Runtime 1.19.2 loads IR 3..{MAX_IR_VERSION}"))
+        model.ir_version = MAX_IR_VERSION
     if opset > MAX_OPSET or opset < MIN_OPSET:
-        target = min(max(opset, MIN_OPSET), 17 if opset < MIN_OPSET else MAX_OPSET)
-        try:
-            model = onnx.version_converter.convert_version(model, target)
-        except Exception as exc:
-            raise UnsupportedModelError(
-                f"the model uses opset {opset}; onnxruntime-training 1.19 needs {MIN_OPSET}..{MAX_OPSET} and "
-                f"converting to {target} failed: {_one_line(str(exc), 200)}",
-                hint=f"re-export the model with opset between {MIN_OPSET} and {MAX_OPSET}") from exc
-        log.info("converted opset %d -> %d", opset, target)
+        model = _convert_opset(model, opset)
+        notes.append(Canonicalization("opset-conversion", f"ai.onnx opset {opset} converted to "
+                                      f"{_opset_of(model)} (onnx.version_converter): onnxruntime-training 1.19 "
+                                      f"needs {MIN_OPSET}..{MAX_OPSET}"))
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    _fix_input_shapes(model, options)
-    return model
+    notes += _clean_node_names(model)
+    notes += _fix_input_shapes(model, options)
+    model = onnx.shape_inference.infer_shapes(model)
+    notes += expose_optional_outputs(model)
+    notes += rewrite_without_gradients(model)
+    _drop_unused_initializers(model)
+    rebatched = next((n for n in notes if n.name == "rebatch-check"), None)
+    if rebatched is not None:
+        out = model.graph.output[0]
+        value = _run_forward(model, out.name, rebatched.why.split(":")[0])
+        out.type.tensor_type.ClearField("shape")
+        for d in value.shape:
+            out.type.tensor_type.shape.dim.add().dim_value = int(d)
+    notes += _fix_outputs(model, options)
+    return model, notes
 
 
-def _fix_input_shapes(model: onnx.ModelProto, options: ImportOptions) -> None:
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Initializers no node reads any more (a rewritten Resize's scales): onnxruntime-training would
+    take a float one for a parameter and fail to find its consumer."""
+    used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    dropped = {t.name for t in model.graph.initializer} - {t.name for t in keep}
+    if dropped:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        inputs = [vi for vi in model.graph.input if vi.name not in dropped]
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+
+
+def _opset_of(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    target = min(max(opset, MIN_OPSET), 17 if opset < MIN_OPSET else MAX_OPSET)
+    if model.ir_version < 4:
+        # IR < 4 lists every initializer as a graph input too; the converter then treats them as
+        # inputs without shapes. Drop those entries (IR >= 4 does not need them).
+        inits = {t.name for t in model.graph.initializer}
+        keep = [vi for vi in model.graph.input if vi.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        model.ir_version = 4
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"the model uses ai.onnx opset {opset}; onnxruntime-training 1.19 needs {MIN_OPSET}..{MAX_OPSET} and "
+            f"converting it to {target} with onnx.version_converter failed: {_one_line(str(exc), 200)}",
+            hint=f"re-export the model with an opset between {MIN_OPSET} and {MAX_OPSET} "
+            f"(torch.onnx.export(..., opset_version=17))") from exc
+    log.info("converted opset %d -> %d", opset, target)
+    return converted
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _clean_node_names(model: onnx.ModelProto) -> list[Canonicalization]:
+    """Node names with control characters break ONNX Runtime's JSON profile (and terminals): write
+    each as '_' (names carry no meaning in ONNX; tensor names are unchanged)."""
+    taken = {n.name for n in model.graph.node}
+    changed = []
+    for node in model.graph.node:
+        if not _CONTROL.search(node.name):
+            continue
+        name = base = _CONTROL.sub("_", node.name)
+        k = 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        node.name = name
+        changed.append(name)
+    return [Canonicalization("node-names", "node names with control characters rewritten with '_' (ONNX Runtime's "
+                             "profile, which poetc reads, cannot carry them)", changed)] if changed else []
+
+
+def _fix_input_shapes(model: onnx.ModelProto, options: ImportOptions) -> list[Canonicalization]:
     initializers = {t.name for t in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in initializers]
     unknown = set(options.input_shapes) - {vi.name for vi in inputs}
@@ -158,43 +250,164 @@ def _fix_input_shapes(model: onnx.ModelProto, options: ImportOptions) -> None:
                 raise UnsupportedModelError(
                     f"input {vi.name!r} has a dynamic dimension {d.dim_param or '?'!r} at axis {axis}",
                     hint=(f"give concrete sizes with --batch N (axis 0) or --input-shape {vi.name}=d0,d1,..."))
+    _check_input_sizes(inputs, options)
+    notes = []
     if old_batch is not None:
-        _rebatch_reshapes(model, old_batch)
-    # outputs follow from the (now concrete) inputs; the loss's label input takes its shape from them
+        changed = _rebatch_reshapes(model, old_batch, options.batch)
+        if changed:
+            notes.append(Canonicalization("rebatch-shapes", f"Reshape/Expand target shapes that baked in the export "
+                                          f"batch {old_batch} use --batch {options.batch} instead (Reshape copies the "
+                                          f"input's dim 0)", changed))
+        notes.append(Canonicalization("rebatch-check", f"exported at batch {old_batch}: ran once in ONNX Runtime at "
+                                      f"--batch {options.batch} to check nothing else bakes it in"))
+    # outputs and intermediates follow from the (now concrete) inputs
     for vi in model.graph.output:
         vi.type.tensor_type.ClearField("shape")
     del model.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(model)
-    for vi, new in zip(model.graph.output, inferred.graph.output):
-        vi.CopyFrom(new)
+    return notes
 
 
-def _rebatch_reshapes(model: onnx.ModelProto, old_batch: int) -> None:
-    """Reshape targets that bake in the export batch size: write 0 (copy the input's dim 0) instead.
-    Exact when the reshape keeps the batch axis first, which is what exporters emit."""
-    inits = {t.name: t for t in model.graph.initializer}
+def _check_input_sizes(inputs, options: ImportOptions) -> None:
+    """Zero-sized inputs crash ONNX Runtime's kernels (SIGFPE in the probe run); inputs larger than
+    this machine's memory cannot be probed. Both are the user's sizes: say so before ORT sees them."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = None
+    total = 0
+    for vi in inputs:
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if any(d == 0 for d in dims):
+            raise UnsupportedModelError(
+                f"input {vi.name!r} has a zero-sized dimension (shape {dims}): a training step needs at least "
+                f"one element", hint=f"give its sizes with --batch N or --input-shape {vi.name}=d0,d1,...")
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize
+        except Exception:  # noqa: BLE001 - strings and unknown types: sized elsewhere
+            itemsize = 1
+        total += int(np.prod(dims, dtype=object)) * itemsize
+        if ram is not None and total > ram:
+            flag = f"--batch {options.batch}" if options.batch is not None else "the input shapes"
+            raise UsageError(
+                f"{flag} makes the inputs alone {total:,} bytes (input {vi.name!r}: {dims}), more than this "
+                f"machine's {ram:,} bytes of RAM; poetc runs a training step of the model here to measure it",
+                hint="choose a smaller --batch (the schedule's memory grows with it)")
+
+
+def _rebatch_reshapes(model: onnx.ModelProto, old_batch: int, new_batch: int) -> list[str]:
+    """Shapes that bake in the export batch size: a Reshape or Expand whose target shape is constant
+    (an initializer, a Constant node, or computed from them, as torch's tracer writes
+    Concat(Unsqueeze(Constant))) and starts with the export batch. A Reshape then copies the input's
+    dim 0 (0), an Expand expands to the new batch. Exact when that axis is the batch axis, which is
+    what exporters emit; `_check_rebatched` runs the model to confirm. Returns the nodes changed."""
     uses: dict[str, int] = {}
     for node in model.graph.node:
         for x in node.input:
             uses[x] = uses.get(x, 0) + 1
+    names = _Names(model.graph)
+    changed = []
     for node in model.graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in inits:
+        if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2 or node.domain not in ("", "ai.onnx"):
             continue
-        shape = onnx.numpy_helper.to_array(inits[node.input[1]])
-        if shape.ndim == 1 and shape.size and shape[0] == old_batch:
-            allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
-            if allowzero:
-                continue
-            new = shape.copy()
-            new[0] = 0
-            tensor = onnx.numpy_helper.from_array(new.astype(np.int64), node.input[1])
-            if uses[node.input[1]] > 1:
-                tensor.name = f"{node.input[1]}__poetc_rebatched_{node.name}"
-                model.graph.initializer.append(tensor)
-                node.input[1] = tensor.name
-            else:
-                inits[node.input[1]].CopyFrom(tensor)
-            log.info("Reshape %s: batch %d in its target shape replaced by 0 (copy input dim)", node.name, old_batch)
+        shape = constant_value(model, node.input[1])
+        if shape is None or shape.ndim != 1 or not shape.size or shape[0] != old_batch:
+            continue
+        if node.op_type == "Reshape" and _attr(node, "allowzero", 0):
+            continue
+        new = shape.astype(np.int64).copy()
+        new[0] = 0 if node.op_type == "Reshape" else new_batch
+        name = names(f"{node.input[1]}__poetc_rebatched")
+        model.graph.initializer.append(onnx.numpy_helper.from_array(new, name))
+        node.input[1] = name
+        changed.append(node.name or node.output[0])
+        log.info("%s %s: batch %d in its target shape replaced", node.op_type, node.name, old_batch)
+    return changed
+
+
+def _fix_outputs(model: onnx.ModelProto, options: ImportOptions) -> list[Canonicalization]:
+    """Concrete output shapes (onnxruntime-training gives the labels input the first output's shape
+    minus the class axis), one trained output, and classification logits as [N, classes]."""
+    notes = []
+    g = model.graph
+    if len(g.output) > 1:
+        dropped = [vi.name for vi in g.output[1:]]
+        del g.output[1:]
+        notes.append(Canonicalization(
+            "extra-outputs-dropped", f"the loss is computed on the first output {g.output[0].name!r}; the other "
+            f"output(s) {dropped} are not trained (export a model whose first output is the one to train)", dropped))
+    out = g.output[0]
+    shape = _resolve_output_shape(model, out.name)
+    if options.loss == "cross_entropy":
+        if len(shape) < 2:
+            raise UnsupportedModelError(
+                f"the model's output {out.name!r} has shape {list(shape)}; --loss cross_entropy needs class "
+                f"scores of shape [N, classes] (or [N, ..., classes])",
+                hint="use --loss mse (or bce / l1) for a regression output, or export the classifier's logits")
+        if len(shape) > 2 and all(d == 1 for d in shape[2:]):
+            # a global-pool head without Flatten: [N, C, 1, 1]
+            inner = _Names(g)(f"{out.name}/unflattened")
+            for node in g.node:
+                node.output[:] = [inner if o == out.name else o for o in node.output]
+                node.input[:] = [inner if x == out.name else x for x in node.input]
+            g.node.append(onnx.helper.make_node("Flatten", [inner], [out.name], name=f"{out.name}/flatten", axis=1))
+            notes.append(Canonicalization(
+                "flatten-logits", f"output {out.name!r} of shape {list(shape)} flattened to [{shape[0]}, {shape[1]}]: "
+                f"cross_entropy needs [N, classes] and the trailing axes have size 1", [f"{out.name}/flatten"]))
+            shape = (shape[0], shape[1])
+    out.type.tensor_type.ClearField("shape")
+    for d in shape:
+        out.type.tensor_type.shape.dim.add().dim_value = d
+    return notes
+
+
+def _resolve_output_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...]:
+    """The output's shape from ONNX shape inference, or, where inference leaves a dimension open
+    (exporters' Shape/Gather/Concat chains, e.g. torch's attention), from one forward run in ONNX
+    Runtime on probe data."""
+    for vi in model.graph.output:
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            dims = vi.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                return tuple(int(d.dim_value) for d in dims)
+    return tuple(int(d) for d in _run_forward(model, name).shape)
+
+
+def _run_forward(model: onnx.ModelProto, name: str, rebatched: str | None = None) -> np.ndarray:
+    """Run the forward model once on probe data in ONNX Runtime and return output `name`."""
+    import onnxruntime as ort
+
+    from .runtime.profiling import probe_array
+    from .runtime.session import contract_session_options
+    ort.set_default_logger_severity(3)
+    rng = np.random.default_rng(0)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name not in inits:
+            feeds[vi.name] = probe_array(tuple(d.dim_value for d in vi.type.tensor_type.shape.dim),
+                                         vi.type.tensor_type.elem_type, rng)
+    so = contract_session_options()
+    so.log_severity_level = 4  # the error comes back as the exception; nothing on stderr
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        value = session.run([name], feeds)[0]
+    except MemoryError as exc:
+        raise UsageError(f"this machine has not enough memory to run the model once at these input sizes "
+                         f"({exc})", hint="choose a smaller --batch") from exc
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        text = _one_line(str(exc), 400)
+        node = re.search(r"[Nn]ode\.? \(?Name: ?'?([^' )]+)", str(exc)) or re.search(r"Node \(([^)]+)\)", str(exc))
+        where = f" (node {node.group(1)!r})" if node else ""
+        if rebatched:
+            raise UnsupportedModelError(
+                f"the model was {rebatched} and still fails at the new batch{where}: it bakes the export batch "
+                f"into a shape poetc cannot rewrite: {text}",
+                hint="export the model with a dynamic batch axis (torch.onnx.export(..., dynamic_axes={'input': "
+                "{0: 'batch'}})) or compile it at its export batch (omit --batch)") from exc
+        raise UnsupportedModelError(
+            f"ONNX Runtime could not run the forward model at the given input sizes{where}: {text}",
+            hint="check the input sizes (--batch, --input-shape) against what the model expects") from exc
+    return value
 
 
 def trainable_parameters(model: onnx.ModelProto, freeze: list[str]) -> tuple[list[str], list[str]]:
@@ -244,6 +457,7 @@ def generate_training_artifacts(model: onnx.ModelProto, out_dir: Path, options: 
     trainable, frozen = trainable_parameters(model, options.freeze)
     if not trainable:
         raise UnsupportedModelError("the model has no trainable float initializers (or --freeze matched all)")
+    check_cpu_gradients(model, set(trainable))
     _check_output_dtypes(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -352,5 +566,18 @@ def import_model(path: Path, work_dir: Path, options: ImportOptions) -> Path:
         shutil.copytree(path, dest)
         _fix_artifacts(dest)
         return dest
-    model = canonicalize(load_onnx(path), options)
-    return generate_training_artifacts(model, work_dir / "imported", options)
+    model, notes = canonicalize(load_onnx(path), options)
+    out = generate_training_artifacts(model, work_dir / "imported", options)
+    (out / IMPORT_NOTES).write_text(json.dumps({"canonicalizations": [n.to_json() for n in notes]},
+                                               indent=2, sort_keys=True) + "\n")
+    return out
+
+
+IMPORT_NOTES = "poetc_import.json"
+
+
+def canonicalizations(artifacts: Path) -> list[dict]:
+    """The rewrites import applied to the user's model (name, count, nodes, why), for the inspect and
+    compile reports; [] for an artifacts directory given as input."""
+    path = Path(artifacts) / IMPORT_NOTES
+    return json.loads(path.read_text())["canonicalizations"] if path.exists() else []

@@ -1,4 +1,6 @@
-"""Exact, schedule-independent rewrites of a training model before lowering.
+"""Exact, schedule-independent rewrites: of the user's forward model before onnxruntime-training
+builds the training graph (ops it cannot differentiate, optional outputs it needs), and of the
+training model before lowering.
 
 `hoist_accumulators`: onnxruntime-training appends every InPlaceAccumulator (gradient -> persistent
 buffer) at the very end of the graph, so each parameter gradient stays alive until the end of the
@@ -9,6 +11,9 @@ computation is unchanged (each accumulator reads the same values), only the node
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import onnx
 
 ACCUMULATOR_OPS = {"InPlaceAccumulator", "InPlaceAccumulatorV2"}
@@ -35,3 +40,399 @@ def hoist_accumulators(model: onnx.ModelProto) -> int:
     del model.graph.node[:]
     model.graph.node.extend(ordered)
     return moved
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward-model rewrites (before onnxruntime-training builds the training graph)
+#
+# onnxruntime-training 1.19.2 has no gradient builder for some common ops, and asserts on optional
+# outputs that exporters leave out. Each rewrite below replaces such a node by an exactly equivalent
+# sub-graph of ops that do have gradients (equal in exact arithmetic; in float32 the results agree to
+# rounding, tested in tests/test_canonicalize_forward.py), and reports the nodes it changed.
+
+
+@dataclass
+class Canonicalization:
+    """One rewrite applied to the user's model: its name, the nodes it changed, why."""
+
+    name: str
+    why: str
+    nodes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "count": len(self.nodes), "nodes": self.nodes[:20], "why": self.why}
+
+
+class _Names:
+    """Fresh tensor and node names that collide with nothing in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.taken = {x for n in graph.node for x in list(n.input) + list(n.output)} | \
+            {n.name for n in graph.node} | {t.name for t in graph.initializer} | \
+            {v.name for v in list(graph.input) + list(graph.output)}
+
+    def __call__(self, stem: str) -> str:
+        name, k = stem, 1
+        while name in self.taken:
+            name, k = f"{stem}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class _Builder:
+    """Emits replacement nodes for one original node, named after it."""
+
+    def __init__(self, names: _Names, node: onnx.NodeProto, opset: int):
+        self.names, self.node, self.opset, self.nodes = names, node, opset, []
+        self.stem = node.name or node.op_type
+
+    def const(self, value: np.ndarray, tag: str) -> str:
+        out = self.names(f"{self.stem}/{tag}")
+        self.nodes.append(onnx.helper.make_node(
+            "Constant", [], [out], name=self.names(f"{self.stem}/{tag}_const"),
+            value=onnx.numpy_helper.from_array(np.asarray(value), out)))
+        return out
+
+    def op(self, op_type: str, inputs: list[str], tag: str, output: str | None = None, **attrs) -> str:
+        out = output or self.names(f"{self.stem}/{tag}")
+        self.nodes.append(onnx.helper.make_node(op_type, inputs, [out], name=self.names(f"{self.stem}/{tag}"),
+                                                **attrs))
+        return out
+
+    def scalar(self, value: float, dtype: np.dtype, tag: str) -> str:
+        return self.const(np.array(value, dtype=dtype), tag)
+
+
+def _elem_dtype(model: onnx.ModelProto, name: str) -> np.dtype:
+    """numpy dtype of a tensor (from shape inference); float32 when unknown."""
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == name and vi.type.tensor_type.elem_type:
+            return onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    for t in model.graph.initializer:
+        if t.name == name:
+            return onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.dtype(np.float32)
+
+
+def _shape_of(model: onnx.ModelProto, name: str) -> tuple[int, ...] | None:
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            dims = vi.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                return tuple(int(d.dim_value) for d in dims)
+    return None
+
+
+def _neg_part(b: _Builder, x: str) -> str:
+    """min(x, 0) as -Relu(-x): exact, and Relu and Neg have gradients."""
+    return b.op("Neg", [b.op("Relu", [b.op("Neg", [x], "neg_x")], "relu_neg_x")], "min_x_0")
+
+
+def _sum_to_add(b: _Builder, model) -> bool:
+    xs = [x for x in b.node.input if x]
+    if len(xs) == 1:
+        b.op("Identity", xs, "identity", output=b.node.output[0])
+        return True
+    acc = xs[0]
+    for i, x in enumerate(xs[1:], 1):
+        last = i == len(xs) - 1 and b.node.op_type == "Sum"
+        acc = b.op("Add", [acc, x], f"add{i}", output=b.node.output[0] if last else None)
+    if b.node.op_type == "Mean":
+        n = b.scalar(len(xs), _elem_dtype(model, xs[0]), "count")
+        b.op("Div", [acc, n], "div", output=b.node.output[0])
+    return True
+
+
+def _lrn(b: _Builder, model) -> bool:
+    """y = x * (bias + alpha/size * sum of x^2 over the `size` neighbouring channels)^-beta, the
+    channel sum as a convolution with a fixed all-ones (1, 1, size, 1, ...) kernel over x^2 with the
+    channel axis moved to a spatial position (Unsqueeze at axis 1)."""
+    x = b.node.input[0]
+    shape = _shape_of(model, x)
+    if shape is None or len(shape) < 3:
+        return False
+    dtype = _elem_dtype(model, x)
+    size = int(_attr(b.node, "size", 0))
+    alpha, beta, bias = _attr(b.node, "alpha", 1e-4), _attr(b.node, "beta", 0.75), _attr(b.node, "bias", 1.0)
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    spatial = len(shape) - 1  # channels + the original spatial axes
+    square = b.op("Mul", [x, x], "square")
+    lifted = b.op("Unsqueeze", [square, b.const(np.array([1], np.int64), "axis1")], "lift")
+    kernel = b.const(np.ones((1, 1, size) + (1,) * (spatial - 1), dtype=dtype), "ones_kernel")
+    summed = b.op("Conv", [lifted, kernel], "channel_sum", kernel_shape=[size] + [1] * (spatial - 1),
+                  pads=[lo] + [0] * (spatial - 1) + [hi] + [0] * (spatial - 1))
+    total = b.op("Squeeze", [summed, b.const(np.array([1], np.int64), "axis1b")], "drop")
+    scaled = b.op("Mul", [total, b.scalar(alpha / size, dtype, "alpha_over_size")], "scaled")
+    base = b.op("Add", [scaled, b.scalar(bias, dtype, "bias")], "base")
+    # x * base^-beta rather than x / base^beta: DivGrad is an ORT function whose nodes never run under
+    # their own name, so the probe could not time it
+    factor = b.op("Pow", [base, b.scalar(-beta, dtype, "minus_beta")], "factor")
+    b.op("Mul", [x, factor], "mul", output=b.node.output[0])
+    return True
+
+
+def _hard_sigmoid(b: _Builder, model, x: str, alpha: float, beta: float, output: str | None) -> str:
+    dtype = _elem_dtype(model, x)
+    lin = b.op("Add", [b.op("Mul", [x, b.scalar(alpha, dtype, "alpha")], "ax"), b.scalar(beta, dtype, "beta")],
+               "ax_plus_b")
+    return b.op("Clip", [lin, b.scalar(0.0, dtype, "zero"), b.scalar(1.0, dtype, "one")], "clip", output=output)
+
+
+def _hardsigmoid(b: _Builder, model) -> bool:
+    _hard_sigmoid(b, model, b.node.input[0], _attr(b.node, "alpha", 0.2), _attr(b.node, "beta", 0.5),
+                  b.node.output[0])
+    return True
+
+
+def _hardswish(b: _Builder, model) -> bool:
+    x = b.node.input[0]
+    gate = _hard_sigmoid(b, model, x, 1.0 / 6.0, 0.5, None)
+    b.op("Mul", [x, gate], "mul", output=b.node.output[0])
+    return True
+
+
+def _prelu(b: _Builder, model) -> bool:
+    """PRelu(x, slope) = Relu(x) + slope * min(x, 0)."""
+    x, slope = b.node.input[0], b.node.input[1]
+    negative = b.op("Mul", [slope, _neg_part(b, x)], "slope_times_neg")
+    b.op("Add", [b.op("Relu", [x], "relu"), negative], "add", output=b.node.output[0])
+    return True
+
+
+def _elu_like(b: _Builder, model) -> bool:
+    """Elu(x) = Relu(x) + alpha * (exp(min(x, 0)) - 1); Selu = gamma * Elu(alpha)."""
+    x = b.node.input[0]
+    dtype = _elem_dtype(model, x)
+    selu = b.node.op_type == "Selu"
+    alpha = _attr(b.node, "alpha", 1.67326319217681884765625 if selu else 1.0)
+    expm1 = b.op("Sub", [b.op("Exp", [_neg_part(b, x)], "exp"), b.scalar(1.0, dtype, "one")], "expm1")
+    elu = b.op("Add", [b.op("Relu", [x], "relu"), b.op("Mul", [expm1, b.scalar(alpha, dtype, "alpha")], "neg")],
+               "elu", output=None if selu else b.node.output[0])
+    if selu:
+        gamma = _attr(b.node, "gamma", 1.05070102214813232421875)
+        b.op("Mul", [elu, b.scalar(gamma, dtype, "gamma")], "scale", output=b.node.output[0])
+    return True
+
+
+def _softplus_of(b: _Builder, model, x: str, output: str | None) -> str:
+    """Softplus(x) = Relu(x) + log(1 + exp(-|x|)), the overflow-free form."""
+    dtype = _elem_dtype(model, x)
+    tail = b.op("Exp", [b.op("Neg", [b.op("Abs", [x], "abs")], "neg_abs")], "exp")
+    log1p = b.op("Log", [b.op("Add", [tail, b.scalar(1.0, dtype, "one")], "one_plus")], "log")
+    return b.op("Add", [b.op("Relu", [x], "relu"), log1p], "softplus", output=output)
+
+
+def _softplus(b: _Builder, model) -> bool:
+    _softplus_of(b, model, b.node.input[0], b.node.output[0])
+    return True
+
+
+def _mish(b: _Builder, model) -> bool:
+    x = b.node.input[0]
+    b.op("Mul", [x, b.op("Tanh", [_softplus_of(b, model, x, None)], "tanh")], "mul", output=b.node.output[0])
+    return True
+
+
+def _global_max_pool(b: _Builder, model) -> bool:
+    shape = _shape_of(model, b.node.input[0])
+    if shape is None or len(shape) < 3:
+        return False
+    b.op("MaxPool", [b.node.input[0]], "maxpool", output=b.node.output[0], kernel_shape=list(shape[2:]))
+    return True
+
+
+_FOLDABLE = {"Concat", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Mul", "Div", "Add", "Sub", "Floor", "Gather",
+             "Slice", "Identity", "Equal", "Where", "ConstantOfShape"}
+
+
+def constant_value(model: onnx.ModelProto, name: str, depth: int = 0) -> np.ndarray | None:
+    """The value of a tensor computed from initializers and Constant nodes only (exporters build
+    Resize scales with Concat and Cast), or None."""
+    for t in model.graph.initializer:
+        if t.name == name:
+            return onnx.numpy_helper.to_array(t)
+    for n in model.graph.node:
+        if name not in n.output:
+            continue
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            return onnx.numpy_helper.to_array(n.attribute[0].t)
+        if n.op_type not in _FOLDABLE or n.domain not in ("", "ai.onnx") or depth > 8:
+            return None
+        values = [constant_value(model, x, depth + 1) if x else None for x in n.input]
+        if any(v is None for v, x in zip(values, n.input) if x):
+            return None
+        from onnx.reference import ReferenceEvaluator
+        try:
+            outputs = ReferenceEvaluator(n).run(None, {x: v for x, v in zip(n.input, values) if x})
+        except Exception:  # noqa: BLE001 - anything the reference cannot fold is simply not constant
+            return None
+        return np.asarray(outputs[list(n.output).index(name)])
+    return None
+
+
+def _nearest_resize(b: _Builder, model) -> bool:
+    """Resize/Upsample in nearest mode by whole-number factors: each element repeated s_i times
+    along axis i, i.e. Unsqueeze + Expand + Reshape (Expand's gradient is a ReduceSum). Output index
+    o reads input o // s exactly for 'asymmetric' + 'floor' (torch's export) and for half_pixel with
+    any rounding (no ties at whole-number factors)."""
+    node = b.node
+    if _attr(node, "mode", b"nearest") not in (b"nearest", "nearest"):
+        return False
+    ctm = _attr(node, "coordinate_transformation_mode", b"half_pixel")
+    rounding = _attr(node, "nearest_mode", b"round_prefer_floor")
+    ctm, rounding = (v.decode() if isinstance(v, bytes) else v for v in (ctm, rounding))
+    if not (ctm in ("half_pixel", "pytorch_half_pixel") or (ctm == "asymmetric" and rounding == "floor")):
+        return False
+    x = node.input[0]
+    shape = _shape_of(model, x)
+    if shape is None:
+        return False
+    if node.op_type == "Upsample":
+        scales = constant_value(model, node.input[1]) if len(node.input) > 1 else None
+    else:
+        scales = constant_value(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if (scales is None or scales.size == 0) and len(node.input) > 3 and node.input[3]:
+            sizes = constant_value(model, node.input[3])
+            scales = None if sizes is None or len(sizes) != len(shape) else \
+                np.array([o / i for o, i in zip(sizes, shape)], dtype=np.float64)
+    if scales is None or len(scales) != len(shape) or any(float(v) != int(v) or v < 1 for v in scales):
+        return False
+    factors = [int(v) for v in scales]
+    if all(f == 1 for f in factors):
+        b.op("Identity", [x], "identity", output=node.output[0])
+        return True
+    lifted_axes = [axis + 1 + sum(f > 1 for f in factors[:axis]) for axis, f in enumerate(factors) if f > 1]
+    lifted = b.op("Unsqueeze", [x, b.const(np.array(lifted_axes, np.int64), "axes")], "lift")
+    expanded_shape = []
+    for d, f in zip(shape, factors):
+        expanded_shape += [d, f] if f > 1 else [d]
+    expanded = b.op("Expand", [lifted, b.const(np.array(expanded_shape, np.int64), "expanded_shape")], "repeat")
+    out_shape = [d * f for d, f in zip(shape, factors)]
+    b.op("Reshape", [expanded, b.const(np.array(out_shape, np.int64), "out_shape")], "merge",
+         output=node.output[0])
+    return True
+
+
+# op type -> (rewrite name, why, function). The function appends replacement nodes to the builder
+# and returns False when it cannot rewrite this instance (the node is then kept unchanged).
+_NO_GRADIENT_REWRITES = {
+    "Sum": ("sum-to-add", "Sum has no gradient in onnxruntime-training 1.19; a Sum of n inputs is n-1 Adds",
+            _sum_to_add),
+    "Mean": ("mean-to-add-div", "Mean has no gradient in onnxruntime-training 1.19; n-1 Adds and a Div by n",
+             _sum_to_add),
+    "LRN": ("lrn-decompose", "LRN has no gradient in onnxruntime-training 1.19; x * (bias + alpha/size * "
+            "channel-window sum of x^2)^-beta with the window sum as a fixed all-ones convolution", _lrn),
+    "HardSigmoid": ("hardsigmoid-to-clip", "HardSigmoid has no gradient in onnxruntime-training 1.19; "
+                    "Clip(alpha*x + beta, 0, 1)", _hardsigmoid),
+    "HardSwish": ("hardswish-to-clip", "HardSwish has no gradient in onnxruntime-training 1.19; "
+                  "x * Clip(x/6 + 1/2, 0, 1)", _hardswish),
+    "PRelu": ("prelu-decompose", "PRelu has no gradient in onnxruntime-training 1.19; Relu(x) + slope * min(x, 0)",
+              _prelu),
+    "Elu": ("elu-decompose", "Elu has no gradient in onnxruntime-training 1.19; Relu(x) + alpha*(exp(min(x,0)) - 1)",
+            _elu_like),
+    "Selu": ("selu-decompose", "Selu has no gradient in onnxruntime-training 1.19; gamma * Elu(x, alpha)",
+             _elu_like),
+    "Softplus": ("softplus-decompose", "Softplus has no gradient in onnxruntime-training 1.19; "
+                 "Relu(x) + log(1 + exp(-|x|))", _softplus),
+    "Mish": ("mish-decompose", "Mish has no gradient in onnxruntime-training 1.19; x * tanh(softplus(x))", _mish),
+    "Resize": ("nearest-resize-to-expand", "Resize has no CPU gradient kernel in onnxruntime-training 1.19; "
+               "nearest upsampling by whole factors is Unsqueeze + Expand + Reshape", _nearest_resize),
+    "Upsample": ("nearest-resize-to-expand", "Upsample has no gradient in onnxruntime-training 1.19; nearest "
+                 "upsampling by whole factors is Unsqueeze + Expand + Reshape", _nearest_resize),
+    "GlobalMaxPool": ("globalmaxpool-to-maxpool", "GlobalMaxPool has no gradient in onnxruntime-training 1.19; "
+                      "a MaxPool whose kernel is the whole spatial extent", _global_max_pool),
+}
+
+# op type -> number of outputs onnxruntime-training's gradient builder reads (optional in ONNX)
+_OPTIONAL_OUTPUTS = {"LayerNormalization": 3, "Dropout": 2}
+
+
+def rewrite_without_gradients(model: onnx.ModelProto) -> list[Canonicalization]:
+    """Replace every node of an op listed in `_NO_GRADIENT_REWRITES` by its exact decomposition, in
+    place (the node's output names are kept, so nothing downstream changes). Needs shape inference
+    already applied where a rewrite reads shapes (LRN, GlobalMaxPool)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    names = _Names(model.graph)
+    done: dict[str, Canonicalization] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        rule = _NO_GRADIENT_REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is not None:
+            b = _Builder(names, node, opset)
+            if rule[2](b, model):
+                nodes.extend(b.nodes)
+                done.setdefault(rule[0], Canonicalization(rule[0], rule[1])).nodes.append(node.name or node.op_type)
+                continue
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return list(done.values())
+
+
+# ops left after the rewrites whose gradient onnxruntime-training 1.19 cannot run on CPU, with what to do
+_NO_CPU_GRADIENT = {
+    "Resize": "ResizeGrad has only a CUDA kernel in onnxruntime-training 1.19; poetc rewrites nearest upsampling "
+              "by whole factors exactly, so export with mode='nearest' and an integer scale",
+    "ConvTranspose": "ConvTransposeGrad has only a CUDA kernel in onnxruntime-training 1.19; upsample with a "
+                     "nearest Resize (integer scale) followed by a Conv instead",
+}
+
+
+def check_cpu_gradients(model: onnx.ModelProto, trainable: set[str]) -> None:
+    """Raise for a node from `_NO_CPU_GRADIENT` that reads a tensor computed from a trainable
+    parameter, or the parameter itself (its gradient would have to run)."""
+    from ..errors import UnsupportedModelError
+    reached = set(trainable)
+    for node in model.graph.node:
+        if any(x in reached for x in node.input):
+            if node.op_type in _NO_CPU_GRADIENT and node.domain in ("", "ai.onnx"):
+                mode = _attr(node, "mode", b"nearest")
+                mode = mode.decode() if isinstance(mode, bytes) else mode
+                raise UnsupportedModelError(
+                    f"op {node.op_type} (node {node.name!r}, mode {mode!r}) lies between a trainable parameter "
+                    f"and the loss, and onnxruntime-training 1.19 cannot compute its gradient on CPU",
+                    hint=_NO_CPU_GRADIENT[node.op_type])
+            reached.update(o for o in node.output if o)
+
+
+def expose_optional_outputs(model: onnx.ModelProto) -> list[Canonicalization]:
+    """LayerNormalization exported with only Y, Dropout without its mask: onnxruntime-training's
+    gradient builders read those optional outputs and assert when they are absent
+    (gradient_builder_base.h: i < node_->OutputDefs().size()). Naming them changes no value."""
+    names = _Names(model.graph)
+    done: dict[str, Canonicalization] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and len([x for x in node.input if x]) == 2:
+            # torch's LayerNorm(bias=False) exports no B; the gradient builder reads input 2
+            scale = constant_value(model, node.input[1])
+            if scale is not None:
+                b = _Builder(names, node, 0)
+                del node.input[2:]
+                node.input.append(b.const(np.zeros_like(scale), "zero_bias"))
+                nodes.extend(b.nodes)
+                done.setdefault("layernormalization-zero-bias", Canonicalization(
+                    "layernormalization-zero-bias", "LayerNormalization without a bias input: ORT 1.19's gradient "
+                    "reads input B; added a constant zero B (not trained), values unchanged")).nodes.append(b.stem)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for node in model.graph.node:
+        want = _OPTIONAL_OUTPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if want is None or len([o for o in node.output]) >= want:
+            continue
+        stem = node.name or node.op_type
+        for k in range(len(node.output), want):
+            node.output.append(names(f"{stem}/output_{k}"))
+        key = f"{node.op_type.lower()}-optional-outputs"
+        done.setdefault(key, Canonicalization(
+            key, f"{node.op_type}'s gradient in onnxruntime-training 1.19 reads its optional outputs "
+            f"(absent in the export); added them, values unchanged")).nodes.append(stem)
+    return list(done.values())

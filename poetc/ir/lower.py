@@ -9,6 +9,7 @@ cannot type ONNX Runtime's gradient ops (com.microsoft ReluGrad, ConvGrad, ...),
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,17 @@ def probe_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str,
 
     try:
         return dict(profile_kernels(model, feeds, runs=1))
+    except MemoryError as exc:
+        raise UnsupportedModelError(
+            f"this machine has not enough memory to run one training step at these input sizes ({exc})",
+            hint="choose a smaller --batch") from exc
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        missing = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']*)'", str(exc))
+        if missing:
+            raise UnsupportedModelError(
+                f"ONNX Runtime 1.19.2 has no CPU kernel for {missing.group(1)} (node {missing.group(2)!r}), which "
+                f"the training graph needs", hint="replace the forward op it differentiates by one with a CPU "
+                "gradient before export, or --freeze the parameters that feed it") from exc
         raise UnsupportedModelError(
             f"ONNX Runtime could not run the training graph: {str(exc).strip()[:600]}",
             hint="check that the model loads in onnxruntime 1.19.2 (IR <= 10, opset <= 21)",

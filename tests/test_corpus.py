@@ -1,0 +1,142 @@
+"""The corpus of architectures poetc was not designed for (models/corpus.py), end to end: each model
+exported as its users would export it goes through inspect -> compile (rpi4, 50% of keep-all
+activations) -> compile (host, same budget) + verify, at batch 1 and batch 8 (where no schedule fits 50% within the default 1.3x deadline, 70%, then
+90%: small models at batch 1 hold a few KB of activations): identical parameters
+(bitwise), measured step peak within the budget and within 1% of the prediction.
+
+Slow (tens of seconds per case on 2 cores): `python -m pytest -m slow tests/test_corpus.py`.
+`python tests/test_corpus.py [-o results.json] [NAME...]` runs the same cases and prints the
+table of docs/corpus.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from models.corpus import CORPUS, export_corpus  # noqa: E402
+
+BATCHES = (1, 8)
+FRACTIONS = (0.5, 0.7, 0.9)
+PREDICTION_TOLERANCE = 0.01
+
+
+def run_case(name: str, batch: int, work: Path) -> dict:
+    """inspect, compile for rpi4 and for host at 50% of the keep-all activations, verify the host
+    output; the figures of one corpus row."""
+    from poetc.api import CompileOptions, compile_model, inspect_model, verify
+    from poetc.errors import InfeasibleError
+    from poetc.importer import ImportOptions, canonicalize, load_onnx
+
+    entry = CORPUS[name]
+    path = export_corpus(name, work / f"{name}.onnx", batch)
+    options = ImportOptions(loss=entry.loss)
+    doc = inspect_model(path, options)
+    _, notes = canonicalize(load_onnx(path), options)
+    row = {"name": name, "batch": batch, "ops": doc["ops"], "canonicalizations": [n.to_json() for n in notes],
+           "fixed_bytes": doc["fixed_total_bytes"], "keep_all_activation_bytes": doc["keep_all_activation_peak_bytes"]}
+    for fraction in FRACTIONS:
+        # 50% first; small models at batch 1 (activations a fraction of the fixed state) may have no
+        # schedule there within the 1.3x deadline: the next fraction then
+        ram = int(doc["fixed_total_bytes"] + fraction * doc["keep_all_activation_peak_bytes"])
+        try:
+            for target in ("rpi4", "host"):
+                out = work / f"{name}-b{batch}-{target}"
+                shutil.rmtree(out, ignore_errors=True)
+                result = compile_model(path, CompileOptions(ram_bytes=ram, out_dir=out, target=target,
+                                                            time_limit_s=60, import_options=options, baselines=()))
+                summary = result.report["result"]
+                row[target] = {"status": summary["status"], "fits": summary["fits"],
+                               "decisions": summary["decisions"],
+                               "predicted_activation_peak_bytes": summary["activation_peak_bytes"]}
+        except InfeasibleError:
+            if fraction == FRACTIONS[-1]:
+                raise
+            continue
+        row["ram_budget_bytes"], row["budget_fraction"] = ram, fraction
+        break
+    check = verify(work / f"{name}-b{batch}-host", steps=3).doc
+    predicted = check["predicted_step_peak_bytes"]
+    steady = check["measured_step_peak_bytes"][check["steady_state_from_step"]:]
+    row["verify"] = {
+        "bitwise_identical_params": check["bitwise_identical_params"],
+        "identical_results": check["identical_results"],
+        "within_budget": check["within_budget"],
+        "predicted_step_peak_bytes": predicted,
+        "measured_step_peak_bytes": max(steady),
+        "prediction_error": max(abs(m - predicted) for m in steady) / predicted,
+    }
+    return row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_model_compiles_and_trains_identically_within_budget(name, batch, tmp_path):
+    row = run_case(name, batch, tmp_path)
+    for target in ("rpi4", "host"):
+        assert row[target]["fits"], row
+    v = row["verify"]
+    assert v["bitwise_identical_params"] and v["identical_results"], row
+    assert v["within_budget"], row
+    assert v["prediction_error"] <= PREDICTION_TOLERANCE, row
+
+
+def _table(rows: list[dict]) -> str:
+    def mib(x):
+        return f"{x / 2**20:.2f}"
+    lines = ["| model | batch | ops | rewrites | keep-all act. MiB | budget MiB | rpi4 r/p | host r/p | predicted MiB "
+             "| measured MiB | error | bitwise | in budget |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['batch']} | failed: {r['error']} |" + " |" * 10)
+            continue
+        rewrites = ", ".join(c["name"] for c in r["canonicalizations"] or []) or "-"
+        d = {t: r[t]["decisions"] for t in ("rpi4", "host")}
+        v = r["verify"]
+        lines.append(
+            f"| {r['name']} | {r['batch']} | {r['ops']} | {rewrites} | {mib(r['keep_all_activation_bytes'])} | "
+            f"{mib(r['ram_budget_bytes'])} ({100 * r['budget_fraction']:.0f}%) | {d['rpi4']['recompute']}/{d['rpi4']['page']} | "
+            f"{d['host']['recompute']}/{d['host']['page']} | {mib(v['predicted_step_peak_bytes'])} | "
+            f"{mib(v['measured_step_peak_bytes'])} | {100 * v['prediction_error']:+.2f}% | "
+            f"{'yes' if v['bitwise_identical_params'] else 'NO'} | {'yes' if v['within_budget'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+    import logging
+    logging.disable(logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", default=sorted(CORPUS))
+    parser.add_argument("-o", "--out", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.names:
+        for batch in args.batch or BATCHES:
+            with tempfile.TemporaryDirectory(prefix="poetc-corpus-") as work:
+                try:
+                    row = run_case(name, batch, Path(work))
+                except Exception as exc:  # noqa: BLE001 - a table row says what failed
+                    row = {"name": name, "batch": batch, "error": " ".join(str(exc).split())[:200]}
+            rows.append(row)
+            print(json.dumps(row, default=str), file=sys.stderr, flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    print(_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -20,7 +20,7 @@ import onnx
 
 from . import output
 from .errors import InfeasibleError
-from .importer import ImportOptions, import_model
+from .importer import ImportOptions, canonicalizations, import_model
 from .ir.graph import Role, TensorKind, TrainGraph
 from .ir.lower import load_artifacts
 from .plan import BASELINES
@@ -99,6 +99,7 @@ def inspect_model(model_path: Path, import_options: ImportOptions, *, measure: b
             "keep_all_peak_ort_order_bytes": ort_sim.total_peak_bytes if ort_sim else None,
             "lower_bound": bound.to_json(),
             "largest_activations": largest_activations(graph),
+            "canonicalizations": canonicalizations(artifacts),
         }
         if measure:
             run = measure_artifacts(artifacts, graph, steps=2)
@@ -214,7 +215,7 @@ def compile_model(model_path: Path, options: CompileOptions, *,
             schedule_encoding_bytes=len(encoding),
             passes=[{k: v for k, v in r.items() if k != "seconds"} for r in pass_records],
             native_libraries=libraries, runtime_contract=RUNTIME_CONTRACT, label_classes=label_classes(graph),
-            inputs=input_specs(graph))
+            inputs=input_specs(graph), canonicalizations=canonicalizations(artifacts))
         timings = {"compile_s": round(time.perf_counter() - t0, 3), "solve_s": round(main.solve_time_s, 3),
                    "passes": {r["name"]: r.get("seconds") for r in pass_records}}
         timelines = Timelines(keep, main.sim, main.schedule.steps, problem.backward_start, budget.ram_bytes)

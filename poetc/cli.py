@@ -200,6 +200,7 @@ def cmd_inspect(args) -> int:
     print(f"lower bound (no schedule fits below): {format_size(b['ram_bytes'])}, set by {b['set_by']} "
           f"(fixed state + {format_size(b['floor_activation_bytes'])} no decision can drop + planning reserve)")
     print(f"largest single-op working set:       {format_size(b['largest_op_bytes'])}, {b['largest_op']}")
+    _print_canonicalizations(doc["canonicalizations"])
     print("largest saved activations:")
     for a in doc["largest_activations"]:
         print(f"  {format_size(a['bytes']):>12}  {a['producer']:<24} {a['name']}")
@@ -274,7 +275,15 @@ def _print_report(r, out_dir: Path, timings: dict) -> None:
           f"{r.candidates} candidates, granularity {r.granularity}; schedule encoding {r.schedule_encoding_bytes} B")
     for note in res.notes:
         print(f"  note: {note}")
+    _print_canonicalizations(r.canonicalizations, indent="  ")
     print(f"  wrote {out_dir}")
+
+
+def _print_canonicalizations(rewrites: list[dict], indent: str = "") -> None:
+    """The exact rewrites import applied to the model (docs/canonicalization in the importer)."""
+    for c in rewrites:
+        print(f"{indent}import rewrote: {c.get('name')} x{c.get('count', 1)}"
+              + (f" ({c['why']})" if c.get("why") else ""))
 
 
 def _print_verify(v) -> None:

@@ -27,10 +27,12 @@ import ctypes
 import gc
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
-import traceback
+
+log = logging.getLogger("poetc.worker")
 
 
 class HeapCounter:
@@ -184,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
     ap.add_argument("--checkpoint-out", default=None, help="save the trained state (ORT checkpoint) here")
     args = ap.parse_args(argv)
+    # the worker's stderr is the parent's log of it (poetc.runtime.measure keeps its tail)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     try:
         result = run(args)
     except BaseException as exc:  # noqa: BLE001 - report everything to the parent
-        traceback.print_exc(file=sys.stderr)
         msg = f"{type(exc).__name__}: {exc}"
-        print(f"poetc worker error: {msg}", file=sys.stderr, flush=True)
+        log.exception("poetc worker error: %s", msg)
         try:
             _write_json(args.result, {"ok": False, "error": msg})
         except OSError:

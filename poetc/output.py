@@ -349,7 +349,13 @@ class OutputTransaction:
         write_manifest(self.stage)
         out = self.out_dir
         if not os.path.lexists(out):
-            if _rename2(self.stage, out, _RENAME_NOREPLACE):
+            try:
+                done = _rename2(self.stage, out, _RENAME_NOREPLACE)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise self._appeared() from None
+                raise
+            if done:
                 self.stage = None
                 return
             if os.path.lexists(out):  # fallback: the check just above the rename (os.rename replaces an empty dir)

@@ -221,3 +221,23 @@ def test_output_directory_gets_the_umask_mode_not_0700(tmp_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_directory_appearing_between_the_last_check_and_the_rename_is_kept(tmp_path, monkeypatch):
+    """RENAME_NOREPLACE closes the last window: the install fails instead of replacing the newcomer."""
+    if output._renameat2 is None:
+        pytest.skip("renameat2 is not available in this C library")
+    out = tmp_path / "out"
+    real = output._rename2
+
+    def racing(src, dst, flags):
+        if flags == output._RENAME_NOREPLACE:
+            dst.mkdir()
+            (dst / "precious.txt").write_text("data")
+        return real(src, dst, flags)
+
+    monkeypatch.setattr(output, "_rename2", racing)
+    with pytest.raises(OutputError, match="appeared while poetc was compiling"):
+        _fake_compile(out)
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    assert _no_hidden_leftovers(tmp_path) == []

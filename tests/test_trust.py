@@ -256,6 +256,28 @@ def test_sigterm_stops_train_and_its_worker_and_cleans_up(paged, tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
+
+
+def test_a_killed_train_leaves_no_orphan_worker(paged, tmp_path):
+    """SIGKILL cannot be handled; the worker asked the kernel (PR_SET_PDEATHSIG) to stop with its parent."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "poetc", "train", str(paged), "--steps", "100000",
+                             "--save", str(tmp_path / "ckpt")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    workers = _wait_for(lambda: [p for p in _processes_mentioning("poetc.runtime._worker")
+                                 if p in _processes_mentioning(str(tmp))], "the training worker")
+    proc.kill()
+    proc.wait()
+    _wait_for(lambda: not any(_alive(p) for p in workers), "the worker to stop", timeout_s=60)
+
+
 def test_sigterm_during_compile_leaves_no_staging_or_temp_dirs(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()

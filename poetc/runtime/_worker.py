@@ -175,7 +175,22 @@ def _write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the poetc process that started it dies (even by SIGKILL), so a
+    killed `poetc train` leaves no orphan training on."""
+    try:
+        import signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    expected = os.environ.get("POETC_WORKER_PARENT")
+    if expected and os.getppid() != int(expected):  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
     ap = argparse.ArgumentParser(prog="python -m poetc.runtime._worker")
     ap.add_argument("--artifacts", required=True)
     ap.add_argument("--feeds", required=True)

@@ -235,6 +235,7 @@ def measure_training(artifacts_dir: str | os.PathLike,
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if spill_dir is not None:
         env["POETC_SPILL_DIR"] = str(spill_dir)
+    env["POETC_WORKER_PARENT"] = str(os.getpid())
 
     logger.info("measuring %s (%d steps) in a worker process", artifacts_dir, steps)
     t0 = time.perf_counter()

@@ -238,12 +238,12 @@ def test_milp_rows_are_the_linear_model(fixture, request):
                 early[i] = rng.randrange(problem.stages.index(c.s0), problem.stages.index(c.fb))
         repage = _random_repage(problem, choice, rng)
         ev = evaluate_linear(problem, choice, early, repage)
-        value = {id(var): x for var, x in start_values(problem, v, choice, ev, repage)}
+        value = dict(start_values(problem, v, choice, ev, repage))
         handles = np.zeros(n)
         for i, c in enumerate(problem.candidates):
             if choice[i] is Decision.PAGE:
                 last = max([c.fb] + [c.inner[j][1] for j in repage.get(i, ())])
                 handles[c.prod + 1: last + 1] += SPILL_HANDLE_BYTES
-        got = [c0 + sum(coef * value[id(v.var(key))] for key, coef in t.items()) for c0, t in rows]
+        got = [c0 + sum(coef * value[v.var(key)] for key, coef in t.items()) for c0, t in rows]
         assert np.allclose(np.array(got[:n]) + handles, ev.op_profile, rtol=0, atol=0.5)
         assert np.allclose(np.array(got[n:]) + handles[problem.stages], ev.pre_profile, rtol=0, atol=0.5)

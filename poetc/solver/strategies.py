@@ -16,7 +16,7 @@ from ..errors import InfeasibleError, UsageError
 from ..schedule import Decision, Schedule, SimResult, simulate
 from .backend import solve_in_child
 from .formulation import Limits, build_model, read_choice, read_early, read_repage, start_values
-from .problem import Problem, chen_checkpoints, evaluate_linear
+from .problem import Problem, ProfileEvaluator, chen_checkpoints, evaluate_linear
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
             out.sort(key=lambda d: metric(c, d))
         return out
 
-    ev = evaluate_linear(problem, choice)
+    evaluate = ProfileEvaluator(problem)
+    ev = evaluate(choice)
     while ev.peak_bytes > limits.activation_budget_bytes:
         if deadline is not None and time.perf_counter() > deadline:
             return None
@@ -118,7 +119,7 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
         for rank, neg_ratio, i, d in options[:max_options]:
             trial = list(choice)
             trial[i] = d
-            ev_t = evaluate_linear(problem, trial)
+            ev_t = evaluate(trial)
             if ev_t.time_s > limits.overhead_time_s or ev_t.flash_bytes > limits.flash_bytes:
                 continue
             gain = (ev.peak_bytes - ev_t.peak_bytes, ev.profile[p] - ev_t.profile[p])
@@ -139,7 +140,7 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
             break  # what it has fits
         trial = list(choice)
         trial[i] = Decision.KEEP
-        if evaluate_linear(problem, trial).peak_bytes <= limits.activation_budget_bytes:
+        if evaluate(trial).peak_bytes <= limits.activation_budget_bytes:
             choice = trial
     return choice
 

@@ -176,8 +176,9 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
         if s is not None:
             starts.append(s)
     start = min(starts, key=lambda s: _objective(problem, s, limits)) if starts else None
+    incumbent = (([d.value for d in start], {}, {}), _objective(problem, start, limits)) if start is not None else None
     report = solve_in_child(_build_for_child(problem, limits, start), solver=solver, time_limit_s=time_limit_s,
-                            t0=t0, seed=seed, threads=threads, gap=gap)
+                            t0=t0, seed=seed, threads=threads, gap=gap, incumbent=incumbent)
     elapsed = time.perf_counter() - t0
     notes = []
     if report.num_cols:
@@ -185,7 +186,8 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
                      f"{len(problem.candidates)} candidates, built in {report.build_s:.1f} s")
     if time.perf_counter() >= greedy_deadline and len(starts) < 2:
         notes.append("the greedy warm starts ran out of their share of the time limit")
-    if report.payload is None:
+    if report.payload is None or (report.from_start and (report.status in ("ERROR", "INFEASIBLE")
+                                                          or report.bound is None)):
         if report.status == "ERROR":
             why = f"the solver failed ({report.error})"
         elif report.status == "INFEASIBLE":
@@ -206,6 +208,8 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
     status = "optimal" if report.status == "OPTIMAL" else "feasible"
     if report.killed:
         notes.append(f"the solver was stopped at the {time_limit_s:g} s limit; its best solution is kept")
+    if report.from_start:
+        notes.append("the MILP found nothing better than its warm start (the gap is against its bound)")
     result = finish(problem, strategy, choice, limits, status, early, repage, bound=bound, gap=gap_now,
                     solve_time_s=elapsed, time_to_1pct_s=report.time_to_gap(0.01), notes=notes)
     if start is not None and not result.fits:  # never worse than the start: the simulator decides

@@ -76,7 +76,7 @@ import numpy as np
 from poetc.ir.graph import Role, TrainGraph
 from poetc.plan import Budget, limits_for
 from poetc.schedule import SPILL_HANDLE_BYTES, Decision, StepCosts
-from poetc.solver.child import run_in_child
+from poetc.solver.child import run_once_in_child
 from poetc.solver.problem import RANDOM_OPS, Problem
 from poetc.solver.strategies import evaluate_choice, run_strategy
 from poetc.units import Deadline
@@ -298,12 +298,12 @@ def solve_poet(inst: PoetInstance, activation_budget_bytes: float, overhead_time
                decide_backward: bool = True) -> PoetSolution:
     """Solve POET's MILP with HiGHS (one thread, seeded) in a child process whose wall clock is
     enforced from outside (HiGHS does not interrupt presolve or the root LP)."""
-    message, elapsed = run_in_child(_worker, (inst, activation_budget_bytes, overhead_time_s, flash_bytes,
-                                              decide_backward, time_limit_s, seed), time_limit_s + 5.0 + 0.1 * time_limit_s)
+    args = (inst, activation_budget_bytes, overhead_time_s, flash_bytes, decide_backward, time_limit_s, seed)
+    message, elapsed = run_once_in_child(_worker, args, time_limit_s + 5.0 + 0.1 * time_limit_s)
     if message is None:
         return PoetSolution("no-solution-in-time", None, None, None, None, None, None, None, None, elapsed,
                             message=f"killed after {elapsed:.1f} s")
-    if message[0] == "ERROR":
+    if message[0] == "error":
         return PoetSolution("error", None, None, None, None, None, None, None, None, elapsed, 0, 0, 0,
                             message=message[1])
     name, objective, bound, mats, sizes = message

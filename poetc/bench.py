@@ -44,7 +44,7 @@ COLUMNS = (
     "budget_fraction", "ram_budget_bytes", "deadline_factor", "deadline_s",
     "strategy", "status", "fits", "peak_bytes", "activation_peak_bytes", "time_s", "energy_j",
     "overhead_energy_pct", "overhead_time_pct", "recompute", "page", "page_in_again", "bound", "gap", "solve_time_s",
-    "measured_activation_peak_bytes", "keep_all_ort_order_activation_bytes", "measured_keep_all_activation_peak_bytes",
+    "time_to_1pct_s", "measured_activation_peak_bytes", "keep_all_ort_order_activation_bytes", "measured_keep_all_activation_peak_bytes",
     "measured_step_s", "measured_keep_all_step_s", "predicted_keep_all_step_s", "measured_within_budget",
     "identical", "max_rel_param_diff", "notes",
 )
@@ -103,6 +103,23 @@ class BenchConfig:
         )
 
     @classmethod
+    def scaling(cls) -> "BenchConfig":
+        """The solver-scaling sweep alone (issue #18): every model in models/ plus the large graphs of
+        models/scaling.py, poet on rpi4 at 70/50/30%, 60 s per solve."""
+        import models
+        import models.scaling  # noqa: F401  (registers the large graphs)
+        return cls(
+            name="scaling",
+            models=tuple(models.MODELS),
+            targets=("rpi4",),
+            fractions=(0.7, 0.5, 0.3),
+            strategies=("poet",),
+            device_strategies=("poet",),
+            batches={"mlp": 512},
+            time_limit_s=60.0,
+        )
+
+    @classmethod
     def quick(cls) -> "BenchConfig":
         return cls(
             name="quick",
@@ -141,6 +158,7 @@ class _LoweredModel:
 def _check_config(config: BenchConfig) -> None:
     from .targets import load_target
     import models
+    import models.scaling  # noqa: F401  (registers the large graphs of the solver-scaling sweep)
     for name in set(config.models) | set(config.deadline_models) | set(config.scaling_models) | \
             set(config.measure_models) | ({config.timeline[0]} if config.timeline else set()):
         if name not in models.MODELS:
@@ -265,6 +283,7 @@ def run_bench(config: BenchConfig, out_dir: Path, *, figures_dir: Path | None = 
 
 def _lower(name: str, config: BenchConfig, work: Path, cache_dir: Path | None) -> _LoweredModel:
     import models
+    import models.scaling  # noqa: F401
 
     from .api import open_graph
     from .importer import ImportOptions
@@ -335,6 +354,7 @@ def _strategy_columns(problem, r) -> dict:
         "overhead_time_pct": 100.0 * r.overhead_time_s / problem.base_time_s,
         "recompute": counts["recompute"], "page": counts["page"], "page_in_again": counts["page_in_again"],
         "bound": r.bound, "gap": r.gap, "solve_time_s": round(r.solve_time_s, 3),
+        "time_to_1pct_s": None if r.time_to_1pct_s is None else round(r.time_to_1pct_s, 3),
         "notes": "; ".join(r.notes),
     }
 

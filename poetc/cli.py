@@ -405,6 +405,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--figures-dir", type=Path, help="write the PNG figures here instead of OUT/figures")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     p.add_argument("--quick", action="store_true", help="a small smoke run (well under a minute)")
+    p.add_argument("--scaling", action="store_true", help="the solver-scaling sweep only: every model plus the "
+                   "large graphs of models/scaling.py, poet on rpi4 at 70/50/30%%, 60 s a solve (about 40 min)")
     p.add_argument("--models", help="comma-separated models for the budget sweep (see `python -m models list`)")
     p.add_argument("--targets", help="comma-separated targets for the budget sweep")
     p.add_argument("--fractions", help="budgets as fractions of keep-all activation memory, e.g. 0.7,0.5,0.3")
@@ -420,7 +422,7 @@ def _add_bench_parser(sub) -> None:
 def cmd_bench(args) -> int:
     from .bench import BenchConfig, check_rows, override, parse_list, run_bench, solver_anomalies
     from .units import parse_time
-    config = BenchConfig.quick() if args.quick else BenchConfig.full()
+    config = BenchConfig.quick() if args.quick else BenchConfig.scaling() if args.scaling else BenchConfig.full()
     config = override(
         config,
         models=parse_list(args.models) if args.models else None,

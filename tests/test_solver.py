@@ -246,12 +246,35 @@ def test_milp_rows_are_the_linear_model(fixture, request):
                 early[i] = rng.randrange(problem.stages.index(c.s0), problem.stages.index(c.fb))
         repage = _random_repage(problem, choice, rng)
         ev = evaluate_linear(problem, choice, early, repage)
-        value = {id(var): x for var, x in start_values(problem, v, choice, ev, repage)}
+        value = dict(start_values(problem, v, choice, ev, repage))
         handles = np.zeros(n)
         for i, c in enumerate(problem.candidates):
             if choice[i] is Decision.PAGE:
                 last = max([c.fb] + [c.inner[j][1] for j in repage.get(i, ())])
                 handles[c.prod + 1: last + 1] += SPILL_HANDLE_BYTES
-        got = [c0 + sum(coef * value[id(v.var(key))] for key, coef in t.items()) for c0, t in rows]
+        got = [c0 + sum(coef * value[v.var(key)] for key, coef in t.items()) for c0, t in rows]
         assert np.allclose(np.array(got[:n]) + handles, ev.op_profile, rtol=0, atol=0.5)
         assert np.allclose(np.array(got[n:]) + handles[problem.stages], ev.pre_profile, rtol=0, atol=0.5)
+
+
+@pytest.mark.parametrize("fixture", ["cnn_graph", "bert_tiny_graph"])
+def test_profile_evaluator_is_the_linear_model(fixture, request):
+    """The greedy's fast evaluator gives evaluate_linear's profile, time, energy and flash."""
+    import random
+
+    from poetc.solver.problem import ProfileEvaluator
+    _, g = request.getfixturevalue(fixture)
+    problem = build_problem(g, costs_for(g, 0.3, 1.0))
+    fast = ProfileEvaluator(problem)
+    rng = random.Random(2)
+    for _ in range(40):
+        choice = [Decision.KEEP if c.fixed else rng.choice(
+            [Decision.KEEP] + [d for d, ok in ((Decision.RECOMPUTE, c.recomputable), (Decision.PAGE, c.pageable)) if ok])
+            for c in problem.candidates]
+        ev, ev_fast = evaluate_linear(problem, choice), fast(choice)
+        assert np.allclose(ev_fast.profile, ev.profile, rtol=0, atol=0.5)
+        assert np.allclose(ev_fast.pre_profile, ev.pre_profile, rtol=0, atol=0.5)
+        assert ev_fast.peak_bytes == pytest.approx(ev.peak_bytes, abs=0.5)
+        assert ev_fast.time_s == pytest.approx(ev.time_s, rel=1e-12, abs=1e-15)
+        assert ev_fast.energy_j == pytest.approx(ev.energy_j, rel=1e-12, abs=1e-15)
+        assert ev_fast.flash_bytes == ev.flash_bytes

@@ -42,67 +42,175 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import mip
+import numpy as np
 
 from ..plan import Limits
 from ..schedule import Decision
 from .problem import LinearEval, Problem
 
+INF = float("inf")
+
+
+class LinearModel:
+    """A MILP as plain arrays: columns (bounds, integrality, objective) and rows (sparse terms and
+    bounds), built without any solver so that building costs microseconds a row; `to_highs` and
+    `to_mip` hand it to a solver in one call / through python-mip."""
+
+    def __init__(self) -> None:
+        self.col_lb: list[float] = []
+        self.col_ub: list[float] = []
+        self.integer: list[bool] = []
+        self.col_names: list[str] = []
+        self.obj: dict[int, float] = {}
+        self.row_start: list[int] = [0]
+        self.row_index: list[int] = []
+        self.row_value: list[float] = []
+        self.row_lb: list[float] = []
+        self.row_ub: list[float] = []
+
+    @property
+    def num_cols(self) -> int:
+        return len(self.col_lb)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_lb)
+
+    @property
+    def num_int(self) -> int:
+        return sum(self.integer)
+
+    def add_var(self, name: str, lb: float = 0.0, ub: float = 1.0, integer: bool = False) -> int:
+        self.col_lb.append(lb)
+        self.col_ub.append(ub)
+        self.integer.append(integer)
+        self.col_names.append(name)
+        return len(self.col_lb) - 1
+
+    def add_row(self, terms: dict[int, float], lb: float = -INF, ub: float = INF) -> None:
+        """lb <= sum coef * x[col] <= ub (zero coefficients dropped)."""
+        for col, coef in terms.items():
+            if coef != 0.0:
+                self.row_index.append(col)
+                self.row_value.append(coef)
+        self.row_start.append(len(self.row_index))
+        self.row_lb.append(lb)
+        self.row_ub.append(ub)
+
+    def objective_of(self, x) -> float:
+        return float(sum(c * x[j] for j, c in self.obj.items()))
+
+    def to_highs(self):
+        """A highspy.Highs holding this model (no options set)."""
+        import highspy
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = self.num_cols, self.num_rows
+        cost = np.zeros(self.num_cols)
+        for j, c in self.obj.items():
+            cost[j] = c
+        lp.col_cost_ = cost
+        lp.col_lower_ = np.array(self.col_lb, dtype=np.float64)
+        lp.col_upper_ = np.array(self.col_ub, dtype=np.float64)
+        lp.row_lower_ = np.array(self.row_lb, dtype=np.float64)
+        lp.row_upper_ = np.array(self.row_ub, dtype=np.float64)
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+        lp.a_matrix_.start_ = np.array(self.row_start, dtype=np.int32)
+        lp.a_matrix_.index_ = np.array(self.row_index, dtype=np.int32)
+        lp.a_matrix_.value_ = np.array(self.row_value, dtype=np.float64)
+        lp.integrality_ = [highspy.HighsVarType.kInteger if b else highspy.HighsVarType.kContinuous
+                           for b in self.integer]
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        h.passModel(lp)
+        return h
+
+    def to_mip(self, solver_name: str):
+        """A python-mip model of this one, and its variables by column (for CBC)."""
+        import mip
+        m = mip.Model(name="poetc", sense=mip.MINIMIZE, solver_name=solver_name)
+        m.verbose = 0
+        xs = [m.add_var(name, lb=lb, ub=ub, var_type=mip.INTEGER if integer else mip.CONTINUOUS)
+              for name, lb, ub, integer in zip(self.col_names, self.col_lb, self.col_ub, self.integer)]
+        for r in range(self.num_rows):
+            a, b = self.row_start[r], self.row_start[r + 1]
+            expr = mip.xsum(c * xs[j] for j, c in zip(self.row_index[a:b], self.row_value[a:b]))
+            if self.row_lb[r] == self.row_ub[r]:
+                m += expr == self.row_lb[r]
+            else:
+                if self.row_lb[r] > -INF:
+                    m += expr >= self.row_lb[r]
+                if self.row_ub[r] < INF:
+                    m += expr <= self.row_ub[r]
+        m.objective = mip.minimize(mip.xsum(c * xs[j] for j, c in self.obj.items()))
+        return m, xs
+
 
 @dataclass
 class MilpVars:
-    keep: dict[int, mip.Var] = field(default_factory=dict)
-    rec: dict[int, mip.Var] = field(default_factory=dict)
-    page: dict[int, mip.Var] = field(default_factory=dict)
-    y: dict[tuple[int, int], mip.Var] = field(default_factory=dict)
-    tau: dict[tuple[int, int], mip.Var] = field(default_factory=dict)
-    ext: dict[tuple[int, int], mip.Var] = field(default_factory=dict)
-    run: dict[int, mip.Var] = field(default_factory=dict)  # group -> its producer reruns
-    z: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (group, stage) -> has rerun by then
-    gtau: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (group, stage) -> reruns there
-    w: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (member, stage) -> transient copy
-    drop: dict[tuple[int, int], mip.Var] = field(default_factory=dict)  # (candidate, inner gap) -> paged in again
+    """Column indices into the LinearModel, by role."""
+    keep: dict[int, int] = field(default_factory=dict)
+    rec: dict[int, int] = field(default_factory=dict)
+    page: dict[int, int] = field(default_factory=dict)
+    y: dict[tuple[int, int], int] = field(default_factory=dict)
+    tau: dict[tuple[int, int], int] = field(default_factory=dict)
+    ext: dict[tuple[int, int], int] = field(default_factory=dict)
+    run: dict[int, int] = field(default_factory=dict)  # group -> its producer reruns
+    z: dict[tuple[int, int], int] = field(default_factory=dict)  # (group, stage) -> has rerun by then
+    gtau: dict[tuple[int, int], int] = field(default_factory=dict)  # (group, stage) -> reruns there
+    w: dict[tuple[int, int], int] = field(default_factory=dict)  # (member, stage) -> transient copy
+    drop: dict[tuple[int, int], int] = field(default_factory=dict)  # (candidate, inner gap) -> paged in again
 
-    def var(self, key: tuple) -> mip.Var:
-        """The variable a memory-row key names: ("keep", i), ("y", i, k), ("ext", b, p), ..."""
+    def var(self, key: tuple) -> int:
+        """The column a memory-row key names: ("keep", i), ("y", i, k), ("ext", b, p), ..."""
         table = getattr(self, key[0])
         return table[key[1]] if len(key) == 2 else table[key[1:]]
 
 
-def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) -> tuple[mip.Model, MilpVars]:
+def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars]:
     """Build (not solve) the MILP. Pure: same problem and limits give the same model."""
     cands = problem.candidates
     stages = problem.stages
     stage_idx = {s: k for k, s in enumerate(stages)}
     scale = 1.0 / max(limits.activation_budget_bytes, 1.0)  # memory rows in units of the budget
-    m = mip.Model(name="poetc", sense=mip.MINIMIZE, solver_name=solver_name)
-    m.verbose = 0
+    m = LinearModel()
     v = MilpVars()
     decidable = [i for i, c in enumerate(cands) if not c.fixed]
+
+    def row(lb: float, ub: float, *parts) -> None:
+        """lb <= sum of parts <= ub; a part is (column, coef) or a float constant (moved to the bounds)."""
+        terms: dict[int, float] = {}
+        const = 0.0
+        for part in parts:
+            if isinstance(part, tuple):
+                terms[part[0]] = terms.get(part[0], 0.0) + part[1]
+            else:
+                const += part
+        m.add_row(terms, lb - const, ub - const)
+
     for i in decidable:
         c = cands[i]
-        v.keep[i] = m.add_var(f"keep_{i}", var_type=mip.BINARY)
-        v.rec[i] = m.add_var(f"rec_{i}", var_type=mip.BINARY,
-                             ub=1.0 if (c.recomputable and limits.allow_recompute) else 0.0)
-        v.page[i] = m.add_var(f"page_{i}", var_type=mip.BINARY,
-                              ub=1.0 if (c.pageable and limits.allow_page) else 0.0)
-        m += v.keep[i] + v.rec[i] + v.page[i] == 1, f"one_{i}"
+        v.keep[i] = m.add_var(f"keep_{i}", integer=True)
+        v.rec[i] = m.add_var(f"rec_{i}", ub=1.0 if (c.recomputable and limits.allow_recompute) else 0.0, integer=True)
+        v.page[i] = m.add_var(f"page_{i}", ub=1.0 if (c.pageable and limits.allow_page) else 0.0, integer=True)
+        row(1.0, 1.0, (v.keep[i], 1.0), (v.rec[i], 1.0), (v.page[i], 1.0))
         if c.pageable and limits.allow_page:
             for j in range(len(c.inner)):
-                v.drop[(i, j)] = m.add_var(f"drop_{i}_{j}", var_type=mip.BINARY)
-                m += v.drop[(i, j)] - v.page[i] <= 0, f"drop_{i}_{j}"
+                v.drop[(i, j)] = m.add_var(f"drop_{i}_{j}", integer=True)
+                row(-INF, 0.0, (v.drop[(i, j)], 1.0), (v.page[i], -1.0))
         has_events = c.recomputable and limits.allow_recompute and c.transient_bytes > 0 and c.group < 0
-        y_type = mip.BINARY if has_events else mip.CONTINUOUS
         for k in range(stage_idx[c.s0], stage_idx[c.fb]):
-            v.y[(i, k)] = m.add_var(f"y_{i}_{k}", lb=0.0, ub=1.0, var_type=y_type)
+            v.y[(i, k)] = m.add_var(f"y_{i}_{k}", integer=has_events)
         for k in range(stage_idx[c.s0], stage_idx[c.fb] - 1):
-            m += v.y[(i, k + 1)] - v.y[(i, k)] >= 0, f"mono_{i}_{k}"
+            row(0.0, INF, (v.y[(i, k + 1)], 1.0), (v.y[(i, k)], -1.0))
 
-    def Y(i: int, k: int):  # noqa: N802  (resident-by-stage-k expression, see module docstring)
+    def Y(i: int, k: int, sign: float = 1.0) -> tuple:  # noqa: N802  (resident-by-stage-k, see module docstring)
+        """sign * Y[i,k] as row parts."""
         c = cands[i]
         if k == stage_idx[c.fb]:
-            return 1 - v.keep[i]
-        return v.y.get((i, k), 0)
+            return (sign, (v.keep[i], -sign))
+        if (i, k) in v.y:
+            return ((v.y[(i, k)], sign),)
+        return ()
 
     for u in decidable:
         c = cands[u]
@@ -112,55 +220,55 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
             t = cands[b]
             for p in range(t.lb + 1, c.fb + 1):  # read after b's own last reader: b stays resident
                 if (b, p) not in v.ext:
-                    v.ext[(b, p)] = m.add_var(f"ext_{b}_{p}", lb=0.0, ub=1.0)
-                m += v.ext[(b, p)] - v.rec[u] >= 0, f"ext_{b}_{p}_{u}"
+                    v.ext[(b, p)] = m.add_var(f"ext_{b}_{p}")
+                row(0.0, INF, (v.ext[(b, p)], 1.0), (v.rec[u], -1.0))
         if c.group >= 0:
             continue  # materialization and events per group, below
         for b in c.boundary:
             t = cands[b]
             if not t.fixed:  # wherever u is materialized in b's gap, b is too
                 for k in range(max(stage_idx[c.s0], stage_idx[t.s0]), min(stage_idx[c.fb], stage_idx[t.fb] - 1) + 1):
-                    m += v.y[(b, k)] - Y(u, k) + v.page[u] + v.keep[b] >= 0, f"need_{u}_{b}_{k}"
+                    row(0.0, INF, (v.y[(b, k)], 1.0), *Y(u, k, -1.0), (v.page[u], 1.0), (v.keep[b], 1.0))
         if c.transient_bytes > 0:
             for k in range(stage_idx[c.s0], stage_idx[c.fb] + 1):
-                v.tau[(u, k)] = m.add_var(f"tau_{u}_{k}", lb=0.0, ub=1.0)
-                prev = Y(u, k - 1) if k > stage_idx[c.s0] else 0
-                m += v.tau[(u, k)] - Y(u, k) + prev + v.page[u] >= 0, f"event_{u}_{k}"
+                v.tau[(u, k)] = m.add_var(f"tau_{u}_{k}")
+                prev = Y(u, k - 1) if k > stage_idx[c.s0] else ()
+                row(0.0, INF, (v.tau[(u, k)], 1.0), *Y(u, k, -1.0), *prev, (v.page[u], 1.0))
 
     # groups (a multi-output producer): z[g,k] = the producer has rerun by stage k; one run, one cost
     if limits.allow_recompute:
         for g, members in enumerate(problem.groups):
             first_k = stage_idx[cands[members[0]].s0]  # shared by the group
             last_k = max(stage_idx[cands[i].fb] for i in members)
-            v.run[g] = m.add_var(f"run_{g}", lb=0.0, ub=1.0)
+            v.run[g] = m.add_var(f"run_{g}")
             for k in range(first_k, last_k + 1):
-                v.z[(g, k)] = m.add_var(f"z_{g}_{k}", var_type=mip.BINARY)
+                v.z[(g, k)] = m.add_var(f"z_{g}_{k}", integer=True)
                 if k > first_k:
-                    m += v.z[(g, k)] - v.z[(g, k - 1)] >= 0, f"zmono_{g}_{k}"
+                    row(0.0, INF, (v.z[(g, k)], 1.0), (v.z[(g, k - 1)], -1.0))
             for i in members:
-                m += v.run[g] - v.rec[i] >= 0, f"run_{g}_{i}"
+                row(0.0, INF, (v.run[g], 1.0), (v.rec[i], -1.0))
                 for k in range(first_k, stage_idx[cands[i].fb] + 1):
                     # any member recomputed (or pulled early as a boundary) by stage k reran the producer
-                    m += v.z[(g, k)] - Y(i, k) + v.page[i] >= 0, f"zof_{g}_{i}_{k}"
+                    row(0.0, INF, (v.z[(g, k)], 1.0), *Y(i, k, -1.0), (v.page[i], 1.0))
                     if k < stage_idx[cands[i].fb]:  # ... which materialized every recomputed member
-                        m += v.y[(i, k)] - v.z[(g, k)] - v.rec[i] >= -1, f"zmat_{g}_{i}_{k}"
+                        row(-1.0, INF, (v.y[(i, k)], 1.0), (v.z[(g, k)], -1.0), (v.rec[i], -1.0))
             for b in cands[members[0]].boundary:
                 t = cands[b]
                 if not t.fixed:
                     for k in range(max(first_k, stage_idx[t.s0]), min(last_k, stage_idx[t.fb] - 1) + 1):
-                        m += v.y[(b, k)] - v.z[(g, k)] + v.keep[b] >= 0, f"gneed_{g}_{b}_{k}"
+                        row(0.0, INF, (v.y[(b, k)], 1.0), (v.z[(g, k)], -1.0), (v.keep[b], 1.0))
             for k in range(first_k, last_k + 1):
-                v.gtau[(g, k)] = m.add_var(f"gtau_{g}_{k}", lb=0.0, ub=1.0)
-                prev = v.z[(g, k - 1)] if k > first_k else 0
-                m += v.gtau[(g, k)] - v.z[(g, k)] + prev >= 0, f"gevent_{g}_{k}"
+                v.gtau[(g, k)] = m.add_var(f"gtau_{g}_{k}")
+                prev = ((v.z[(g, k - 1)], 1.0),) if k > first_k else ()
+                row(0.0, INF, (v.gtau[(g, k)], 1.0), (v.z[(g, k)], -1.0), *prev)
                 for i in members:  # written by the run but not recomputed: transient
-                    v.w[(i, k)] = m.add_var(f"w_{i}_{k}", lb=0.0, ub=1.0)
-                    m += v.w[(i, k)] - v.gtau[(g, k)] + v.rec[i] >= 0, f"wof_{i}_{k}"
+                    v.w[(i, k)] = m.add_var(f"w_{i}_{k}")
+                    row(0.0, INF, (v.w[(i, k)], 1.0), (v.gtau[(g, k)], -1.0), (v.rec[i], 1.0))
 
-    for (i, j), var in v.drop.items():  # a recompute that may read it there
+    for (i, j), col in v.drop.items():  # a recompute that may read it there
         for u in cands[i].inner_conflicts[j]:
             if u in v.rec:
-                m += var + v.rec[u] <= 1, f"dropread_{i}_{j}_{u}"
+                row(-INF, 1.0, (col, 1.0), (v.rec[u], 1.0))
 
     # memory rows
     decidable_rows = memory_rows(problem, v)
@@ -171,29 +279,36 @@ def build_model(problem: Problem, limits: Limits, solver_name: str = mip.HIGHS) 
         if c0 + sum(b for b in row_terms.values() if b > 0) <= budget:
             continue  # cannot bind
         rows[key] = max(rows.get(key, -1.0), float(c0))
-    for r, (key, c0) in enumerate(sorted(rows.items(), key=lambda kv: kv[1])):
-        expr = mip.xsum(coef * scale * v.var(name) for name, coef in key)
-        m += expr <= (budget - c0) * scale, f"mem_{r}"
+    for key, c0 in sorted(rows.items(), key=lambda kv: kv[1]):
+        m.add_row({v.var(name): coef * scale for name, coef in key}, -INF, (budget - c0) * scale)
 
     # deadline, flash, objective
-    def overhead(rec_cost, alias_cost, page_cost, repage_cost):  # a group's producer reruns once for all its
-        grouped = v.run  # recomputed members
-        return (mip.xsum(page_cost(cands[i]) * v.page[i] for i in decidable)
-                + mip.xsum(repage_cost(cands[i]) * var for (i, _), var in v.drop.items())
-                + mip.xsum(alias_cost(cands[i]) * v.rec[i] for i in decidable)
-                + mip.xsum(rec_cost(cands[i]) * v.rec[i] for i in decidable if cands[i].group not in grouped)
-                + mip.xsum(rec_cost(cands[problem.groups[g][0]]) * var for g, var in grouped.items()))
+    def overhead(rec_cost, alias_cost, page_cost, repage_cost) -> dict[int, float]:
+        terms: dict[int, float] = {}
+
+        def add(col: int, coef: float) -> None:
+            terms[col] = terms.get(col, 0.0) + coef
+        for i in decidable:
+            add(v.page[i], page_cost(cands[i]))
+            add(v.rec[i], alias_cost(cands[i]))
+            if cands[i].group not in v.run:  # a group's producer reruns once for all its recomputed members
+                add(v.rec[i], rec_cost(cands[i]))
+        for (i, _), col in v.drop.items():
+            add(col, repage_cost(cands[i]))
+        for g, col in v.run.items():
+            add(col, rec_cost(cands[problem.groups[g][0]]))
+        return terms
 
     overhead_time = overhead(lambda c: c.rec_time_s, lambda c: c.alias_time_s, lambda c: c.page_time_s,
                              lambda c: c.repage_time_s)
-    m += overhead_time <= max(limits.overhead_time_s, 0.0), "deadline"
+    m.add_row(overhead_time, -INF, max(limits.overhead_time_s, 0.0))
     if limits.flash_bytes < sum(cands[i].nbytes for i in decidable):
-        m += mip.xsum(cands[i].nbytes / max(limits.flash_bytes, 1.0) * v.page[i] for i in decidable) <= 1, "flash"
+        m.add_row({v.page[i]: cands[i].nbytes / max(limits.flash_bytes, 1.0) for i in decidable}, -INF, 1.0)
     if limits.objective == "time":
-        m.objective = mip.minimize(overhead_time)
+        m.obj = overhead_time
     else:
-        m.objective = mip.minimize(overhead(lambda c: c.rec_energy_j, lambda c: c.alias_energy_j,
-                                            lambda c: c.page_energy_j, lambda c: c.repage_energy_j))
+        m.obj = overhead(lambda c: c.rec_energy_j, lambda c: c.alias_energy_j, lambda c: c.page_energy_j,
+                         lambda c: c.repage_energy_j)
     return m, v
 
 
@@ -205,14 +320,15 @@ def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, 
     stages = problem.stages
     const = problem.const_bytes.copy()
     terms: list[dict] = [dict() for _ in range(problem.positions)]
+    stage_at = (np.searchsorted(stages, np.arange(problem.positions), side="right") - 1).tolist()
     for i in v.keep:
         c = cands[i]
         const[c.prod: c.lf + 1] += c.mem_bytes
         const[c.fb: c.lb + 1] += c.mem_bytes
         for p in range(c.lf + 1, c.fb):
             terms[p][("keep", i)] = c.mem_bytes
-            k = problem.stage_of(p)
-            if k is not None and (i, k) in v.y:
+            k = stage_at[p]
+            if k >= 0 and (i, k) in v.y:
                 terms[p][("y", i, k)] = c.mem_bytes
     for (b, p) in v.ext:
         terms[p][("ext", b, p)] = cands[b].mem_bytes
@@ -232,51 +348,52 @@ def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, 
 
 
 def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: LinearEval,
-                 repage: dict[int, list[int]] | None = None) -> list[tuple[mip.Var, float]]:
-    """A complete start (every variable set: python-mip's HiGHS backend zeroes missing ones)."""
+                 repage: dict[int, list[int]] | None = None) -> list[tuple[int, float]]:
+    """A complete start: (column, value) for every column of the model."""
     cands = problem.candidates
     start = []
     for i in v.keep:
         start += [(v.keep[i], float(choice[i] is Decision.KEEP)), (v.rec[i], float(choice[i] is Decision.RECOMPUTE)),
                   (v.page[i], float(choice[i] is Decision.PAGE))]
-    start += [(var, ev.y.get(key, 0.0)) for key, var in v.y.items()]
-    start += [(var, ev.tau.get(key, 0.0)) for key, var in v.tau.items()]
-    start += [(var, ev.ext.get(key, 0.0)) for key, var in v.ext.items()]
-    start += [(var, float(j in (repage or {}).get(i, ()))) for (i, j), var in v.drop.items()]
+    start += [(col, ev.y.get(key, 0.0)) for key, col in v.y.items()]
+    start += [(col, ev.tau.get(key, 0.0)) for key, col in v.tau.items()]
+    start += [(col, ev.ext.get(key, 0.0)) for key, col in v.ext.items()]
+    start += [(col, float(j in (repage or {}).get(i, ()))) for (i, j), col in v.drop.items()]
     at = ev.group_stage
-    start += [(var, float(g in at)) for g, var in v.run.items()]
-    start += [(var, float(g in at and k >= at[g])) for (g, k), var in v.z.items()]
-    start += [(var, float(at.get(g) == k)) for (g, k), var in v.gtau.items()]
-    start += [(var, float(at.get(cands[i].group) == k and choice[i] is not Decision.RECOMPUTE))
-              for (i, k), var in v.w.items()]
+    start += [(col, float(g in at)) for g, col in v.run.items()]
+    start += [(col, float(g in at and k >= at[g])) for (g, k), col in v.z.items()]
+    start += [(col, float(at.get(g) == k)) for (g, k), col in v.gtau.items()]
+    start += [(col, float(at.get(cands[i].group) == k and choice[i] is not Decision.RECOMPUTE))
+              for (i, k), col in v.w.items()]
     return start
 
 
-def read_choice(problem: Problem, v: MilpVars) -> list[Decision]:
+def read_choice(problem: Problem, v: MilpVars, x) -> list[Decision]:
+    """The decision vector of solution x (values by column)."""
     choice = [Decision.KEEP] * len(problem.candidates)
     for i in v.keep:
-        if v.rec[i].x is not None and v.rec[i].x > 0.5:
+        if x[v.rec[i]] > 0.5:
             choice[i] = Decision.RECOMPUTE
-        elif v.page[i].x is not None and v.page[i].x > 0.5:
+        elif x[v.page[i]] > 0.5:
             choice[i] = Decision.PAGE
     return choice
 
 
-def read_repage(v: MilpVars, choice: list[Decision]) -> dict[int, list[int]]:
+def read_repage(v: MilpVars, choice: list[Decision], x) -> dict[int, list[int]]:
     """{PAGE candidate: indices into its `inner`} it is dropped across and paged in again."""
     repage: dict[int, list[int]] = {}
-    for (i, j), var in sorted(v.drop.items()):
-        if choice[i] is Decision.PAGE and var.x is not None and var.x > 0.5:
+    for (i, j), col in sorted(v.drop.items()):
+        if choice[i] is Decision.PAGE and x[col] > 0.5:
             repage.setdefault(i, []).append(j)
     return repage
 
 
-def read_early(problem: Problem, v: MilpVars, choice: list[Decision]) -> dict[int, int]:
+def read_early(problem: Problem, v: MilpVars, choice: list[Decision], x) -> dict[int, int]:
     """{candidate: stage index} for regenerated candidates the solution materializes before their own
     stage (y = 1 earlier): whether a dependent's recompute pulls them there or the solver chose to,
     the schedule regenerates them there (Schedule.regenerate_at), which is what the rows counted."""
     early: dict[int, int] = {}
-    for (i, k), var in sorted(v.y.items()):
-        if choice[i] is not Decision.KEEP and i not in early and var.x is not None and var.x > 0.5:
+    for (i, k), col in sorted(v.y.items()):
+        if choice[i] is not Decision.KEEP and i not in early and x[col] > 0.5:
             early[i] = k
     return early

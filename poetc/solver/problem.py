@@ -414,6 +414,115 @@ def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, i
     return LinearEval(float(prof[k]), k, prof, time_s, energy, flash, y, ext, tau, group_stage, op_rows, pre)
 
 
+class ProfileEvaluator:
+    """evaluate_linear's peak, profile, time, energy and flash for many decision vectors of one
+    problem (no early regeneration, no paging in again), vectorized over candidates with interval
+    sums as difference arrays: what the greedy heuristics call thousands of times. Agrees with
+    evaluate_linear (tests/test_solver.py checks it on random vectors)."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        cands = problem.candidates
+        stage_index = {s: k for k, s in enumerate(problem.stages)}
+        n = problem.positions
+        self.live = np.array([i for i, c in enumerate(cands) if not c.fixed], dtype=np.int64)
+        live = [cands[i] for i in self.live]
+        self.lf = np.array([c.lf for c in live], dtype=np.int64)
+        self.fb = np.array([c.fb for c in live], dtype=np.int64)
+        self.prod = np.array([c.prod for c in live], dtype=np.int64)
+        self.mem = np.array([c.mem_bytes for c in live], dtype=np.float64)
+        self.fb_stage = np.array([stage_index[c.fb] for c in live], dtype=np.int64)
+        self.page_t = np.array([c.page_time_s for c in live])
+        self.page_e = np.array([c.page_energy_j for c in live])
+        self.nbytes = np.array([c.nbytes for c in live], dtype=np.int64)
+        d = np.zeros(n + 1)
+        np.add.at(d, self.prod, self.mem)
+        np.add.at(d, self.lf + 1, -self.mem)
+        np.add.at(d, self.fb, self.mem)
+        np.add.at(d, np.array([c.lb for c in live], dtype=np.int64) + 1, -self.mem)
+        self.base = problem.const_bytes + np.cumsum(d)[:n]  # every candidate's own reads, whatever the choice
+        self.stages = np.array(problem.stages, dtype=np.int64)
+        self.fb_stage_of = {i: stage_index[cands[i].fb] for i in self.live.tolist()}
+        # recomputable candidates: their producer's rank in problem.regen_order
+        self.regen_rank = {u: r for r, members in enumerate(problem.regen_order) for u in members}
+        self.code = {Decision.KEEP: 0, Decision.RECOMPUTE: 1, Decision.PAGE: 2}
+
+    def first_stage(self, choice: list[Decision], rec: list[int]) -> dict[int, int]:
+        """materialization_stage for the non-kept candidates (only those a recompute pulls early differ
+        from their own stage): {candidate: stage index} for the ones pulled early."""
+        cands = self.problem.candidates
+        stages = self.problem.stages
+        first: dict[int, int] = {}
+        by_rank: dict[int, list[int]] = {}
+        for u in rec:
+            by_rank.setdefault(self.regen_rank[u], []).append(u)
+        for r in sorted(by_rank):
+            members = by_rank[r]
+            at = min(first.get(u, self.fb_stage_of[u]) for u in members)
+            for u in members:
+                if at < self.fb_stage_of[u]:
+                    first[u] = at
+            for b in cands[members[0]].boundary:
+                t = cands[b]
+                if choice[b] is Decision.KEEP or at >= self.fb_stage_of[b] or stages[at] <= t.lf:
+                    continue
+                if at < first.get(b, self.fb_stage_of[b]):
+                    first[b] = at
+        return first
+
+    def __call__(self, choice: list[Decision]) -> LinearEval:
+        problem = self.problem
+        cands = problem.candidates
+        n = problem.positions
+        code = np.array([self.code[choice[i]] for i in self.live.tolist()], dtype=np.int8)
+        keep, page = code == 0, code == 2
+        rec = self.live[code == 1].tolist()
+        first = self.fb_stage.copy()
+        early = self.first_stage(choice, rec)
+        if early:
+            pos = np.searchsorted(self.live, np.array(list(early)))
+            first[pos] = list(early.values())
+        d = np.zeros(n + 1)
+        np.add.at(d, self.lf[keep] + 1, self.mem[keep])
+        np.add.at(d, self.fb[keep], -self.mem[keep])
+        gone = ~keep
+        np.add.at(d, self.stages[first[gone]], self.mem[gone])
+        np.add.at(d, self.fb[gone], -self.mem[gone])
+        np.add.at(d, self.prod[page] + 1, SPILL_HANDLE_BYTES)
+        np.add.at(d, self.fb[page] + 1, -SPILL_HANDLE_BYTES)
+        time_s = float(self.page_t[page].sum())
+        energy = float(self.page_e[page].sum())
+        flash = int(self.nbytes[page].sum())
+        trans = np.zeros(len(problem.stages))
+        groups_done: set[int] = set()
+        ext_to: dict[int, int] = {}
+        for i in rec:
+            c = cands[i]
+            k = early.get(i, self.fb_stage_of[i])
+            time_s += c.alias_time_s
+            energy += c.alias_energy_j
+            if c.group < 0 or c.group not in groups_done:
+                trans[k] += c.transient_bytes
+                if c.group >= 0:
+                    groups_done.add(c.group)
+                    trans[k] += sum(cands[m].mem_bytes for m in problem.groups[c.group]
+                                    if choice[m] is not Decision.RECOMPUTE)
+                time_s += c.rec_time_s
+                energy += c.rec_energy_j
+            for b in c.boundary:
+                if c.fb > cands[b].lb:
+                    ext_to[b] = max(ext_to.get(b, 0), c.fb)
+        for b, to in ext_to.items():
+            d[cands[b].lb + 1] += cands[b].mem_bytes
+            d[to + 1] -= cands[b].mem_bytes
+        op_rows = self.base + np.cumsum(d)[:n]
+        pre = problem.pre_const_bytes + (op_rows - problem.const_bytes)[self.stages] + trans
+        prof = op_rows.copy()
+        prof[self.stages] = np.maximum(prof[self.stages], pre)
+        k = int(np.argmax(prof))
+        return LinearEval(float(prof[k]), k, prof, time_s, energy, flash, {}, {}, {}, {}, op_rows, pre)
+
+
 def chen_checkpoints(problem: Problem) -> list[Decision]:
     """Chen et al.'s sqrt(n) checkpointing: keep every ceil(sqrt(n))-th saved forward activation,
     recompute the rest (gradients are kept, as in the paper)."""

@@ -6,15 +6,18 @@ Heuristics double as warm starts for the MILPs.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from ..errors import UsageError
 from ..plan import STRATEGIES, Limits
 from ..schedule import Decision, Schedule, SimResult, simulate
-from .child import run_in_child
+from .backend import solve_in_child
 from .formulation import build_model, read_choice, read_early, read_repage, start_values
-from .problem import Problem, chen_checkpoints, evaluate_linear
+from .problem import Problem, ProfileEvaluator, chen_checkpoints, evaluate_linear
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class StrategyResult:
     bound: float | None = None  # lower bound on the overhead objective (MILPs)
     gap: float | None = None  # (objective - bound) / objective, on the overhead
     solve_time_s: float = 0.0
+    time_to_1pct_s: float | None = None  # MILPs: when the gap on the overhead first reached 1%
     notes: list[str] = field(default_factory=list)
 
 
@@ -61,13 +65,15 @@ def evaluate_choice(problem: Problem, strategy: str, choice: list[Decision], lim
 # ---------------------------------------------------------------------------------------------------
 
 
-def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_options: int = 16) -> list[Decision] | None:
+def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_options: int = 16,
+           deadline: float | None = None) -> list[Decision] | None:
     """Free memory at the peak until it fits. Each round tries the `max_options` most promising
     (tensor, mode) moves at the peak position and takes the one that lowers the peak most per unit of
     cost. rule="capuchin": forward activations only (as Capuchin's feature maps), a tensor's preferred
     mode is paging when it is compute-heavy (recompute time above paging time), recompute otherwise;
     rule="cheapest": every candidate, the mode with the lower objective cost.
-    Then give back (keep) whatever still fits, most expensive first. None if nothing fits."""
+    Then give back (keep) whatever still fits, most expensive first. None if nothing fits, or if
+    time.perf_counter() passes `deadline` first."""
     cands = problem.candidates
     choice = [Decision.KEEP] * len(cands)
     metric = (lambda c, d: c.rec_time_s + c.alias_time_s if d is Decision.RECOMPUTE else c.page_time_s) \
@@ -87,8 +93,11 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
             out.sort(key=lambda d: metric(c, d))
         return out
 
-    ev = evaluate_linear(problem, choice)
+    evaluate = ProfileEvaluator(problem)
+    ev = evaluate(choice)
     while ev.peak_bytes > limits.activation_budget_bytes:
+        if deadline is not None and time.perf_counter() > deadline:
+            return None
         p = ev.peak_position
         options = []
         for i, c in enumerate(cands):
@@ -101,7 +110,7 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
         for rank, neg_ratio, i, d in options[:max_options]:
             trial = list(choice)
             trial[i] = d
-            ev_t = evaluate_linear(problem, trial)
+            ev_t = evaluate(trial)
             if ev_t.time_s > limits.overhead_time_s or ev_t.flash_bytes > limits.flash_bytes:
                 continue
             gain = (ev.peak_bytes - ev_t.peak_bytes, ev.profile[p] - ev_t.profile[p])
@@ -118,69 +127,82 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
     order = sorted((i for i, d in enumerate(choice) if d is not Decision.KEEP),
                    key=lambda i: -metric(cands[i], choice[i]))
     for i in order:
+        if deadline is not None and time.perf_counter() > deadline:
+            break  # what it has fits
         trial = list(choice)
         trial[i] = Decision.KEEP
-        if evaluate_linear(problem, trial).peak_bytes <= limits.activation_budget_bytes:
+        if evaluate(trial).peak_bytes <= limits.activation_budget_bytes:
             choice = trial
     return choice
 
 
-def _milp_worker(problem: Problem, limits: Limits, start: list[Decision] | None, time_limit_s: float,
-                 seed: int, threads: int, solver: str) -> tuple:
-    """Runs in a child (run_in_child): build, solve, return (status, choice, objective, bound, sizes)."""
-    t0 = time.perf_counter()
-    model, v = build_model(problem, limits, solver_name=SOLVERS[solver])
-    model.seed = seed
-    model.threads = threads
-    model.max_mip_gap = 1e-4
-    if start is not None:
-        model.start = start_values(problem, v, start, evaluate_linear(problem, start))
-    # what is left after building, less a margin for reading the solution back
-    status = model.optimize(max_seconds=max(time_limit_s - (time.perf_counter() - t0) - 1.0, 0.5))
-    if model.num_solutions:
-        choice = read_choice(problem, v)
-        return (status.name, ([d.value for d in choice], read_early(problem, v, choice), read_repage(v, choice)),
-                model.objective_value, model.objective_bound, model.num_cols, model.num_rows)
-    return (status.name, None, None, model.objective_bound, model.num_cols, model.num_rows)
+def _build_for_child(problem: Problem, limits: Limits, start: list[Decision] | None):
+    """What the solver child runs first: the model, the start as a column vector, and the decoder."""
+    def build():
+        model, v = build_model(problem, limits)
+        x0 = None
+        if start is not None:
+            x0 = np.zeros(model.num_cols)
+            for col, val in start_values(problem, v, start, evaluate_linear(problem, start)):
+                x0[col] = val
+
+        def decode(x):
+            choice = read_choice(problem, v, x)
+            return [d.value for d in choice], read_early(problem, v, choice, x), read_repage(v, choice, x)
+        return model, x0, decode
+    return build
 
 
 def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s: float, seed: int = 0,
-               threads: int = 1, solver: str = "highs") -> StrategyResult:
+               threads: int = 1, solver: str = "highs", gap: float = 1e-4) -> StrategyResult:
     """The MILP from a greedy warm start. `time_limit_s` covers all of it (warm starts, building the
-    model, solving); solve_time_s reports the whole."""
+    model, solving) and is hard: the solver runs in a child process that is stopped at the limit,
+    keeping its best solution so far. solve_time_s reports the whole."""
     t0 = time.perf_counter()
-    starts = [greedy(problem, limits, rule="cheapest"), greedy(problem, limits, rule="capuchin")]
-    starts = [s for s in starts if s is not None]
-    start = None
-    if starts:
-        start = min(starts, key=lambda s: _objective(problem, s, limits))
-    remaining = max(time_limit_s - (time.perf_counter() - t0), 1.0)
-    message, _ = run_in_child(_milp_worker, (problem, limits, start, remaining, seed, threads, solver),
-                              remaining + 5.0 + 0.1 * time_limit_s)
+    # the warm starts may use at most half the limit; past that the MILP starts cold
+    greedy_deadline = t0 + 0.5 * time_limit_s
+    starts = []
+    for rule in ("cheapest", "capuchin"):
+        s = greedy(problem, limits, rule=rule, deadline=greedy_deadline)
+        if s is not None:
+            starts.append(s)
+    start = min(starts, key=lambda s: _objective(problem, s, limits)) if starts else None
+    incumbent = (([d.value for d in start], {}, {}), _objective(problem, start, limits)) if start is not None else None
+    report = solve_in_child(_build_for_child(problem, limits, start), solver=solver, time_limit_s=time_limit_s,
+                            t0=t0, seed=seed, threads=threads, gap=gap, incumbent=incumbent)
     elapsed = time.perf_counter() - t0
     notes = []
-    if message is None or message[0] == "ERROR" or message[1] is None:
-        if message is None:
-            why = f"the solver found no solution within {time_limit_s:g} s"
-        elif message[0] == "ERROR":
-            why = f"the solver failed ({message[1]})"
-        elif message[0] == "INFEASIBLE":
+    if report.num_cols:
+        notes.append(f"MILP: {report.num_cols} variables ({report.num_int} integer), {report.num_rows} rows, "
+                     f"{len(problem.candidates)} candidates, built in {report.build_s:.1f} s")
+    if time.perf_counter() >= greedy_deadline and len(starts) < 2:
+        notes.append("the greedy warm starts ran out of their share of the time limit")
+    if report.payload is None or (report.from_start and (report.status in ("ERROR", "INFEASIBLE")
+                                                          or report.bound is None)):
+        if report.status == "ERROR":
+            why = f"the solver failed ({report.error})"
+        elif report.status == "INFEASIBLE":
             why = "the MILP is infeasible: no schedule meets the budget, deadline and flash limits"
         else:
-            why = f"the solver stopped with status {message[0]} and no solution"
+            why = f"the solver found no solution within {time_limit_s:g} s"
         if start is None:
             return evaluate_choice(problem, strategy, [Decision.KEEP] * len(problem.candidates), limits, "infeasible",
-                                   solve_time_s=elapsed, notes=[why + "; no heuristic schedule fits either"])
+                                   solve_time_s=elapsed, notes=notes + [why + "; no heuristic schedule fits either"])
         notes.append(why + "; falling back to the best heuristic schedule that fits")
         return evaluate_choice(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed, notes=notes)
-    status_name, (values, early, repage), objective, bound, ncols, nrows = message
+    values, early, repage = report.payload
     choice = [Decision(x) for x in values]
-    bound = max(bound, 0.0) if bound is not None else None
-    gap = (objective - bound) / objective if objective and bound is not None and objective > 1e-18 else 0.0
-    status = "optimal" if status_name == "OPTIMAL" else "feasible"
-    notes.append(f"MILP: {ncols} variables, {nrows} rows, {len(problem.candidates)} candidates")
-    result = evaluate_choice(problem, strategy, choice, limits, status, early, repage, bound=bound, gap=gap,
-                             solve_time_s=elapsed, notes=notes)
+    objective = report.objective
+    bound = max(report.bound, 0.0) if report.bound is not None and math.isfinite(report.bound) else None
+    gap_now = (objective - bound) / objective if objective and bound is not None and objective > 1e-18 else 0.0
+    gap_now = max(gap_now, 0.0)
+    status = "optimal" if report.status == "OPTIMAL" else "feasible"
+    if report.killed:
+        notes.append(f"the solver was stopped at the {time_limit_s:g} s limit; its best solution is kept")
+    if report.from_start:
+        notes.append("the MILP found nothing better than its warm start (the gap is against its bound)")
+    result = evaluate_choice(problem, strategy, choice, limits, status, early, repage, bound=bound, gap=gap_now,
+                             solve_time_s=elapsed, time_to_1pct_s=report.time_to_gap(0.01), notes=notes)
     if start is not None and not result.fits:  # never worse than the start: the simulator decides
         fallback = evaluate_choice(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed,
                                    notes=notes + ["the MILP solution failed simulation; using the heuristic start"])

@@ -391,9 +391,12 @@ def read_repage(v: MilpVars, choice: list[Decision], x) -> dict[int, list[int]]:
 def read_early(problem: Problem, v: MilpVars, choice: list[Decision], x) -> dict[int, int]:
     """{candidate: stage index} for regenerated candidates the solution materializes before their own
     stage (y = 1 earlier): whether a dependent's recompute pulls them there or the solver chose to,
-    the schedule regenerates them there (Schedule.regenerate_at), which is what the rows counted."""
+    the schedule regenerates them there (Schedule.regenerate_at), which is what the rows counted.
+    A continuous y may sit anywhere between its least value and 1 where no row binds: only y = 1 is
+    read as early (a fractional y was counted in the rows as a fraction of the tensor, which no
+    schedule has; its least value, 0 here, is what a schedule can realise)."""
     early: dict[int, int] = {}
     for (i, k), col in sorted(v.y.items()):
-        if choice[i] is not Decision.KEEP and i not in early and x[col] > 0.5:
+        if choice[i] is not Decision.KEEP and i not in early and x[col] > 1.0 - 1e-3:
             early[i] = k
     return early

@@ -321,7 +321,7 @@ def spill_library() -> Path:
 @pytest.fixture
 def spill_dir(tmp_path, monkeypatch) -> Path:
     d = tmp_path / "spill"
-    d.mkdir()
+    d.mkdir(mode=0o700)  # the Spill kernels refuse a spill directory other users can reach (issue #14)
     monkeypatch.setenv("POETC_SPILL_DIR", str(d))  # read when the Spill kernels are created
     return d
 

@@ -53,7 +53,7 @@ def run_case(name: str, batch: int, work: Path) -> dict:
                 out = work / f"{name}-b{batch}-{target}"
                 shutil.rmtree(out, ignore_errors=True)
                 result = compile_model(path, CompileOptions(ram_bytes=ram, out_dir=out, target=target,
-                                                            time_limit_s=60, import_options=options, baselines=()))
+                                                            time_limit_s=20, import_options=options, baselines=()))
                 summary = result.report["result"]
                 row[target] = {"status": summary["status"], "fits": summary["fits"],
                                "decisions": summary["decisions"],

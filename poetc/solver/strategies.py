@@ -203,9 +203,15 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
     choice = [Decision(x) for x in values]
     objective = report.objective
     bound = max(report.bound, 0.0) if report.bound is not None and math.isfinite(report.bound) else None
-    gap_now = (objective - bound) / objective if objective and bound is not None and objective > 1e-18 else 0.0
-    gap_now = max(gap_now, 0.0)
+    if bound is None:  # stopped before the solver proved any bound: no gap to report
+        gap_now = None
+    elif objective is not None and objective > 1e-18:
+        gap_now = max((objective - bound) / objective, 0.0)
+    else:
+        gap_now = 0.0
     status = "optimal" if report.status == "OPTIMAL" else "feasible"
+    if bound is None:
+        notes.append("no bound was proven within the limit: the gap is unknown")
     if report.killed:
         notes.append(f"the solver was stopped at the {time_limit_s:g} s limit; its best solution is kept")
     if report.from_start:

@@ -39,7 +39,7 @@ ALL_STRATEGIES = STRATEGIES  # every strategy, in the order tables show them
 MILP_STRATEGIES = ("poet", "remat-only", "paging-only")
 
 COLUMNS = (
-    "experiment", "model", "batch", "target", "ops", "candidates",
+    "experiment", "model", "batch", "target", "ops", "candidates", "decidable",
     "fixed_bytes", "keep_all_activation_bytes", "keep_all_time_s", "keep_all_energy_j", "lower_bound_bytes",
     "budget_fraction", "ram_budget_bytes", "deadline_factor", "deadline_s",
     "strategy", "status", "fits", "peak_bytes", "activation_peak_bytes", "time_s", "energy_j",
@@ -315,6 +315,7 @@ def _base_row(experiment: str, g: _LoweredModel, problem, target_name: str, frac
     return {
         "experiment": experiment, "model": g.model, "batch": g.batch, "target": target_name,
         "ops": len(g.graph.ops), "candidates": len(problem.candidates),
+        "decidable": sum(not c.fixed for c in problem.candidates),
         "fixed_bytes": problem.fixed_bytes, "keep_all_activation_bytes": problem.keep_all_peak_bytes,
         "keep_all_time_s": problem.base_time_s, "keep_all_energy_j": problem.base_energy_j,
         "lower_bound_bytes": lower_bound_bytes(problem), "budget_fraction": fraction, "ram_budget_bytes": budget,
@@ -640,6 +641,28 @@ def render_tables(rows: list[dict], config: BenchConfig) -> str:
                        f"{sum(r['status'] not in ('optimal', 'feasible') for r in rs)} | "
                        f"{statistics.median(times):.2f} | {max(times):.2f} | "
                        f"{_gap(max(gaps) if gaps else 0.0)} |")
+        out.append("")
+        out.append("### Solver per instance: gap, time to a 1% gap, solve time (poet, every MILP solve of this run)\n")
+        out.append("Decidable: saved tensors the MILP decides (not fixed). Time to 1%: first time the incumbent "
+                   "was within 1% of the proven bound on the overhead (warm start included), from the start of "
+                   "the solve; `-`: never within the limit.\n")
+        out.append("| model | ops | decidable | target | budget | status | energy overhead | gap | time to 1% (s) | "
+                   "solve time (s) | notes |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in sorted((r for r in milp if r["strategy"] == "poet"),
+                        key=lambda r: (r["candidates"], r["model"], r["target"], -r["budget_fraction"])):
+            t1 = r.get("time_to_1pct_s")
+            t1 = "" if t1 is None or t1 == "" else f"{float(t1):.1f}"
+            if not t1 and r.get("gap") not in (None, "") and float(r["gap"]) <= 0.01:
+                t1 = f"<= {float(r['solve_time_s']):.1f}"
+            elif not t1:
+                t1 = "-"
+            note = "killed at the limit" if "stopped at the" in (r.get("notes") or "") else \
+                "warm start not improved" if "nothing better than its warm start" in (r.get("notes") or "") else ""
+            out.append(f"| {r['model']} | {r['ops']} | {r.get('decidable', '')} | {r['target']} | "
+                       f"{r['budget_fraction']:.0%} | {r['status']} | {_pct(r)} | "
+                       f"{_gap(r['gap']) if r.get('gap') is not None else '-'} | {t1} | "
+                       f"{float(r['solve_time_s']):.1f} | {note} |")
         out.append("")
 
     bad = solver_anomalies(rows)

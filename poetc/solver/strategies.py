@@ -66,12 +66,15 @@ def evaluate_choice(problem: Problem, strategy: str, choice: list[Decision], lim
 
 
 def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_options: int = 16,
-           deadline: float | None = None) -> list[Decision] | None:
+           deadline: float | None = None, extended: bool = True) -> list[Decision] | None:
     """Free memory at the peak until it fits. Each round tries the `max_options` most promising
     (tensor, mode) moves at the peak position and takes the one that lowers the peak most per unit of
     cost. rule="capuchin": forward activations only (as Capuchin's feature maps), a tensor's preferred
     mode is paging when it is compute-heavy (recompute time above paging time), recompute otherwise;
     rule="cheapest": every candidate, the mode with the lower objective cost.
+    When no such move lowers the peak (`extended`): try every option at the peak, and paging
+    instead of recomputing any recomputed tensor, before giving up (only then, so wherever the plain
+    rounds succeed the result is theirs).
     Then give back (keep) whatever still fits, most expensive first. None if nothing fits, or if
     time.perf_counter() passes `deadline` first."""
     cands = problem.candidates
@@ -106,20 +109,32 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
             for rank, d in enumerate(modes(c)):
                 options.append((rank, -c.nbytes / (metric(c, d) + 1e-15), i, d))
         options.sort()
-        best = None
-        for rank, neg_ratio, i, d in options[:max_options]:
-            trial = list(choice)
-            trial[i] = d
-            ev_t = evaluate(trial)
-            if ev_t.time_s > limits.overhead_time_s or ev_t.flash_bytes > limits.flash_bytes:
-                continue
-            gain = (ev.peak_bytes - ev_t.peak_bytes, ev.profile[p] - ev_t.profile[p])
-            if gain[0] < 0 or gain[1] <= 0:
-                continue
-            cost = metric(cands[i], d) + 1e-15
-            key = (gain[0] / cost, gain[1] / cost)
-            if best is None or key > best[0]:
-                best = (key, trial, ev_t)
+
+        def best_of(moves):
+            best = None
+            for _, _, i, d in moves:
+                trial = list(choice)
+                trial[i] = d
+                ev_t = evaluate(trial)
+                if ev_t.time_s > limits.overhead_time_s or ev_t.flash_bytes > limits.flash_bytes:
+                    continue
+                gain = (ev.peak_bytes - ev_t.peak_bytes, ev.profile[p] - ev_t.profile[p])
+                if gain[0] < 0 or gain[1] <= 0:
+                    continue
+                cost = abs(metric(cands[i], d) - metric(cands[i], choice[i]) if choice[i] is not Decision.KEEP
+                           else metric(cands[i], d)) + 1e-15
+                key = (gain[0] / cost, gain[1] / cost)
+                if best is None or key > best[0]:
+                    best = (key, trial, ev_t)
+            return best
+        best = best_of(options[:max_options])
+        if best is None and extended:
+            # stalled: what is left at the peak may be a recompute's transients or the boundary tensors
+            # it holds, so also try paging a recomputed tensor instead, and every remaining option
+            switches = sorted((abs(metric(c, Decision.PAGE) - metric(c, Decision.RECOMPUTE)), 0.0, i, Decision.PAGE)
+                              for i, c in enumerate(cands)
+                              if choice[i] is Decision.RECOMPUTE and c.pageable and limits.allow_page)
+            best = best_of(options[max_options: 4 * max_options] + switches)
         if best is None:
             return None
         _, choice, ev = best
@@ -166,6 +181,7 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
         s = greedy(problem, limits, rule=rule, deadline=greedy_deadline)
         if s is not None:
             starts.append(s)
+    ran_out = time.perf_counter() > greedy_deadline
     start = min(starts, key=lambda s: _objective(problem, s, limits)) if starts else None
     incumbent = (([d.value for d in start], {}, {}), _objective(problem, start, limits)) if start is not None else None
     report = solve_in_child(_build_for_child(problem, limits, start), solver=solver, time_limit_s=time_limit_s,
@@ -175,8 +191,10 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
     if report.num_cols:
         notes.append(f"MILP: {report.num_cols} variables ({report.num_int} integer), {report.num_rows} rows, "
                      f"{len(problem.candidates)} candidates, built in {report.build_s:.1f} s")
-    if time.perf_counter() >= greedy_deadline and len(starts) < 2:
+    if ran_out:
         notes.append("the greedy warm starts ran out of their share of the time limit")
+    elif not starts:
+        notes.append("no greedy warm start fits: the MILP started cold")
     if report.payload is None or (report.from_start and (report.status in ("ERROR", "INFEASIBLE")
                                                           or report.bound is None)):
         if report.status == "ERROR":
@@ -194,9 +212,15 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
     choice = [Decision(x) for x in values]
     objective = report.objective
     bound = max(report.bound, 0.0) if report.bound is not None and math.isfinite(report.bound) else None
-    gap_now = (objective - bound) / objective if objective and bound is not None and objective > 1e-18 else 0.0
-    gap_now = max(gap_now, 0.0)
+    if bound is None:  # stopped before the solver proved any bound: no gap to report
+        gap_now = None
+    elif objective is not None and objective > 1e-18:
+        gap_now = max((objective - bound) / objective, 0.0)
+    else:
+        gap_now = 0.0
     status = "optimal" if report.status == "OPTIMAL" else "feasible"
+    if bound is None:
+        notes.append("no bound was proven within the limit: the gap is unknown")
     if report.killed:
         notes.append(f"the solver was stopped at the {time_limit_s:g} s limit; its best solution is kept")
     if report.from_start:

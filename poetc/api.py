@@ -160,6 +160,10 @@ class CompileOptions:
     force: bool = False
     disable_passes: tuple[str, ...] = ()
     dump_after: tuple[str, ...] = ()
+    # issue #16: "fused" applies each parameter's update inside the step (poetc/ir/fused.py), "unfused"
+    # keeps ORT's gradient buffers and Optimizer, "auto" takes fused when it fits where unfused does not
+    # or lowers the objective
+    optimizer_mode: str = "auto"
 
 
 @dataclass
@@ -179,6 +183,7 @@ class CompileResult:
     report: dict  # what report.json holds: deterministic for the same inputs and options
     timings: dict = field(default_factory=dict)  # wall-clock figures, kept out of the output files
     timelines: Timelines | None = None  # in memory only, not in report.json
+    optimizer_mode: str = "unfused"  # "fused" or "unfused": which one the compile used (report.json too)
 
 
 def step_costs_for(graph: TrainGraph, target, costs_path: Path | None) -> StepCosts:
@@ -268,22 +273,30 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         t0 = time.perf_counter()
         say("importing and lowering")
         artifacts, graph = open_graph(model_path, work, options.import_options)
-        costs = step_costs_for(graph, target, options.costs_path)
-        problem = build_problem(graph, costs)
-        check_lower_bound(problem, options.ram_bytes)
-        bound, bound_op = lower_bound_bytes(graph)
-        deadline_s = options.deadline.resolve(problem.base_time_s)
         flash = options.flash_bytes if options.flash_bytes is not None else target.flash_bytes
-        limits = Limits(activation_budget(options.ram_bytes, problem.fixed_bytes), deadline_s - problem.base_time_s,
-                        flash, objective=options.objective)
-        if limits.overhead_time_s < 0:
-            raise InfeasibleError(f"deadline {options.deadline} is below the keep-all step time "
-                                  f"{problem.base_time_s:.4g} s on {target.name}: no schedule can meet it",
-                                  hint=f"use --deadline of at least {problem.base_time_s:.4g}s, or a factor "
-                                  f"of keep-all such as 1.3x")
-        say(f"solving ({options.strategy})")
-        main = run_strategy(problem, limits, options.strategy, time_limit_s=options.time_limit_s,
-                            seed=options.seed, threads=options.threads, solver=options.solver)
+
+        def plan(graph: TrainGraph):
+            costs = step_costs_for(graph, target, options.costs_path)
+            problem = build_problem(graph, costs)
+            check_lower_bound(problem, options.ram_bytes)
+            deadline_s = options.deadline.resolve(problem.base_time_s)
+            limits = Limits(activation_budget(options.ram_bytes, problem.fixed_bytes),
+                            deadline_s - problem.base_time_s, flash, objective=options.objective)
+            if limits.overhead_time_s < 0:
+                raise InfeasibleError(f"deadline {options.deadline} is below the keep-all step time "
+                                      f"{problem.base_time_s:.4g} s on {target.name}: no schedule can meet it",
+                                      hint=f"use --deadline of at least {problem.base_time_s:.4g}s, or a factor "
+                                      f"of keep-all such as 1.3x")
+            say(f"solving ({options.strategy}, {graph.optimizer_mode} optimizer)")
+            main = run_strategy(problem, limits, options.strategy, time_limit_s=options.time_limit_s,
+                                seed=options.seed, threads=options.threads, solver=options.solver)
+            return graph, costs, problem, deadline_s, limits, main
+
+        # ---- optimizer mode (issue #16) -------------------------------------------------------
+        graph, costs, problem, deadline_s, limits, main, mode_reason = _plan_optimizer_mode(
+            graph, artifacts, options, plan)
+        bound, bound_op = lower_bound_bytes(graph)
+        fused = graph.optimizer_mode == "fused"
         baselines = {}
         for name in options.baselines:
             if name == options.strategy:
@@ -296,13 +309,17 @@ def compile_model(model_path: Path, options: CompileOptions, *,
                                   hint="raise --ram, relax --deadline, or allow more flash (--flash)")
         say("rewriting")
         model, pass_records = rewrite(graph, main.schedule, options, work / "dumps")
-        for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
-            shutil.copy2(artifacts / name, stage / name)
         (stage / "reference").mkdir()
         shutil.copy2(artifacts / "training_model.onnx", stage / "reference" / "training_model.onnx")
+        if fused:  # Module alone drives it; verify's reference keeps ORT's optimizer and checkpoint
+            _write_fused_state(artifacts, graph, stage)
+        else:
+            for name in ("optimizer_model.onnx", "checkpoint"):
+                shutil.copy2(artifacts / name, stage / name)
+        shutil.copy2(artifacts / "eval_model.onnx", stage / "eval_model.onnx")
         onnx.save(model, str(stage / "training_model.onnx"))
         uses_paging = any(d is Decision.PAGE for d in main.schedule.decisions.values())
-        libraries = _copy_native_libraries(stage, required=uses_paging)
+        libraries = _copy_native_libraries(stage, required=uses_paging or fused)
         schedule_doc = main.schedule.to_json()
         _write_json(stage / "schedule.json", schedule_doc)
         encoding = main.schedule.compact_encoding(graph)
@@ -317,6 +334,8 @@ def compile_model(model_path: Path, options: CompileOptions, *,
             "deadline": str(options.deadline),
             "deadline_s": deadline_s,
             "flash_bytes": flash,
+            "optimizer_mode": graph.optimizer_mode,
+            "optimizer_mode_reason": mode_reason,
             "fixed_state_bytes": fixed_state_bytes(graph),
             "fixed_total_bytes": problem.fixed_bytes,
             "lower_bound_bytes": bound,
@@ -342,9 +361,78 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         timelines = Timelines(simulate(graph, keep_steps, keep_origin, costs), main.sim, main.schedule.steps,
                               problem.backward_start, options.ram_bytes)
         _write_json(stage / "report.json", report)
-        _write_json(stage / "runtime.json", RUNTIME_CONTRACT)
+        _write_json(stage / "runtime.json", dict(RUNTIME_CONTRACT, **_optimizer_contract(graph)))
         _install(stage, out_dir)
-    return CompileResult(out_dir, report, timings, timelines)
+    return CompileResult(out_dir, report, timings, timelines, optimizer_mode=graph.optimizer_mode)
+
+
+# ---- optimizer mode (issue #16) -------------------------------------------------------------------
+
+OPTIMIZER_MODES = ("auto", "fused", "unfused")
+
+
+def _objective(result, objective: str) -> float:
+    return result.overhead_energy_j if objective == "energy" else result.overhead_time_s
+
+
+def _plan_optimizer_mode(graph: TrainGraph, artifacts: Path, options: CompileOptions, plan):
+    """Plan the unfused and/or fused graph as options.optimizer_mode asks. `plan(graph)` returns
+    (graph, costs, problem, deadline_s, limits, main) or raises InfeasibleError. Auto: unfused unless
+    it cannot fit (lower bound, or no schedule) where fused does, or fused has a lower objective; fused
+    is not planned when unfused fits with no overhead (nothing left to lower). Returns plan's tuple
+    and the reason for the mode."""
+    from .errors import UsageError
+    from .ir.fused import fuse_optimizer, read_optimizer_spec
+    mode = options.optimizer_mode
+    if mode not in OPTIMIZER_MODES:
+        raise UsageError(f"unknown optimizer mode {mode!r}", hint=f"modes: {', '.join(OPTIMIZER_MODES)}")
+
+    def fused_graph() -> TrainGraph:
+        return fuse_optimizer(graph, read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx"))))
+
+    if mode == "unfused":
+        return (*plan(graph), "requested (--optimizer-mode unfused)")
+    if mode == "fused":
+        return (*plan(fused_graph()), "requested (--optimizer-mode fused)")
+    try:
+        unfused = plan(graph)
+    except InfeasibleError:
+        unfused = None
+    if unfused is not None and unfused[-1].fits and _objective(unfused[-1], options.objective) <= 0:
+        return (*unfused, "auto: unfused fits with no overhead")
+    try:
+        fused = plan(fused_graph())
+    except InfeasibleError:
+        if unfused is None:
+            raise  # the fused mode's requirement is the smaller one: report it
+        return (*unfused, "auto: the fused mode does not fit either")
+    if unfused is None:
+        return (*fused, "auto: unfused is below its lower bound or misses the deadline; fused plans")
+    if fused[-1].fits and not unfused[-1].fits:
+        return (*fused, "auto: no unfused schedule fits; a fused one does")
+    if fused[-1].fits and _objective(fused[-1], options.objective) < _objective(unfused[-1], options.objective):
+        return (*fused, f"auto: fused lowers the {options.objective} overhead")
+    return (*unfused, f"auto: fused does not lower the {options.objective} overhead")
+
+
+def _write_fused_state(artifacts: Path, graph: TrainGraph, stage: Path) -> None:
+    from .ir.fused import read_optimizer_spec, write_fused_checkpoint
+    from .ir.lower import read_checkpoint_parameters
+    spec = read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx")))
+    write_fused_checkpoint(read_checkpoint_parameters(artifacts / "checkpoint"), graph, spec, stage / "checkpoint")
+    for name in ("optimizer_model.onnx", "checkpoint"):
+        shutil.copy2(artifacts / name, stage / "reference" / name)
+
+
+def _optimizer_contract(graph: TrainGraph) -> dict:
+    if graph.optimizer_mode != "fused":
+        return {"optimizer_mode": "unfused",
+                "optimizer": "onnxruntime.training.api.Optimizer(optimizer_model.onnx) after each step"}
+    return {"optimizer_mode": "fused",
+            "optimizer": "inside training_model.onnx: poet.AdamWUpdate / poet.SGDUpdate update each parameter and its "
+                         "moments in place during the backward pass; drive it with Module alone (no Optimizer, no "
+                         "optimizer_model.onnx) and the op library registered; parameters, moments, "
+                         "__poet_learning_rate and __poet_step are non-trainable checkpoint state"}
 
 
 def _infeasible_message(result, options: CompileOptions, problem) -> str:
@@ -494,7 +582,8 @@ def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: flo
         ref_dir = Path(work) / "reference"
         ref_dir.mkdir()
         for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
-            os.symlink((out_dir / name).resolve(), ref_dir / name)
+            src = out_dir / "reference" / name  # a fused-optimizer output keeps ORT's optimizer there
+            os.symlink((src if src.exists() else out_dir / name).resolve(), ref_dir / name)
         os.symlink((out_dir / "reference" / "training_model.onnx").resolve(), ref_dir / "training_model.onnx")
         library = out_dir / "libpoet_spill.so"
         library = library if library.exists() else None

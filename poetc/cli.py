@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", default="1.3x", help="step-time limit: factor of keep-all (1.3x) or a time (2s)")
     p.add_argument("--flash", help="flash capacity for paging (default: the target's)")
     p.add_argument("--objective", choices=("energy", "time"), default="energy")
+    p.add_argument("--optimizer-mode", default="auto", choices=["auto", "fused", "unfused"],
+                   help="fused: apply each parameter's update inside the backward pass (no gradient buffers; "
+                        "Module without Optimizer); unfused: ORT's gradient buffers and Optimizer; auto (default): "
+                        "fused when it lets the budget fit or lowers the objective")
     p.add_argument("--strategy", default="poet",
                    choices=("poet", "keep-all", "chen", "capuchin", "remat-only", "paging-only"))
     p.add_argument("--baselines", default="keep-all,chen,capuchin,remat-only,paging-only",
@@ -186,7 +190,8 @@ def cmd_compile(args) -> int:
         baselines=tuple(b for b in args.baselines.split(",") if b),
         time_limit_s=parse_time(args.time_limit, what="--time-limit", bare_seconds=True), seed=args.seed, threads=args.threads,
         costs_path=args.costs, import_options=_import_options(args), force=args.force,
-        disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver)
+        disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver,
+        optimizer_mode=args.optimizer_mode)
     with _Progress(enabled=not args.json) as progress:
         result = compile_model(args.model, options, progress=progress)
     report = result.report
@@ -218,6 +223,8 @@ def _print_report(r: dict, out_dir: Path, timings: dict) -> None:
     print(f"poetc: {r['model']} on {r['target']}, budget {format_size(r['ram_budget_bytes'])}, "
           f"deadline {r['deadline']} ({format_time(r['deadline_s'])})")
     print(f"  fixed state {format_size(r['fixed_total_bytes'])}; lower bound {format_size(r['lower_bound_bytes'])}")
+    if "optimizer_mode" in r:
+        print(f"  optimizer: {r['optimizer_mode']} ({r['optimizer_mode_reason']})")
     print(f"  {'strategy':<12} {'status':<19} {'fits':<5} {'peak':>12} {'time':>12} {'energy':>12} "
           f"{'overhead':>9}  recompute/page")
     rows = [("keep-all*", {"status": "-", "fits": keep["peak_bytes"] <= r["ram_budget_bytes"],

@@ -134,6 +134,10 @@ class CompileOptions:
     force: bool = False
     disable_passes: tuple[str, ...] = ()
     dump_after: tuple[str, ...] = ()
+    # "fused" applies each parameter's update inside the step (poetc/ir/fused.py), "unfused" keeps ORT's
+    # gradient buffers and Optimizer, "auto" takes fused when it fits where unfused does not or lowers
+    # the objective (poetc.plan.choose_optimizer_mode)
+    optimizer_mode: str = "auto"
 
 
 @dataclass
@@ -153,6 +157,7 @@ class CompileResult:
     report: CompileReport  # what report.json holds: deterministic for the same inputs and options
     timings: dict = field(default_factory=dict)  # wall-clock figures, kept out of the output files
     timelines: Timelines | None = None  # in memory only, not in report.json
+    optimizer_mode: str = "unfused"  # "fused" or "unfused": which one the compile used (report.json too)
 
 
 def step_costs_for(graph: TrainGraph, target, costs_path: Path | None) -> StepCosts:
@@ -166,7 +171,7 @@ def compile_model(model_path: Path, options: CompileOptions, *,
                   progress: Callable[[str], None] | None = None) -> CompileResult:
     """Import, plan, rewrite and export. `progress`, if given, is called with the name of each phase
     as it starts (the CLI shows it on a terminal); it must not raise."""
-    from .plan import Budget, plan
+    from .plan import Budget, add_baselines, choose_optimizer_mode, plan
     from .solver import build_problem
     from .targets import load_target
 
@@ -180,25 +185,43 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         t0 = time.perf_counter()
         say("importing and lowering")
         artifacts, graph = open_graph(model_path, work, options.import_options)
-        problem = build_problem(graph, step_costs_for(graph, target, options.costs_path))
-        budget = Budget.from_ram(options.ram_bytes, problem.fixed_bytes)
         flash = options.flash_bytes if options.flash_bytes is not None else target.flash_bytes
-        chosen = plan(problem, budget, options.deadline, flash_bytes=flash, objective=options.objective,
-                      strategy=options.strategy, baselines=options.baselines, time_limit_s=options.time_limit_s,
-                      seed=options.seed, threads=options.threads, solver=options.solver, progress=say)
-        main = chosen.result
+
+        def plan_graph(g: TrainGraph):
+            problem = build_problem(g, step_costs_for(g, target, options.costs_path))
+            say(f"solving ({options.strategy}, {g.optimizer_mode} optimizer)")
+            return plan(problem, Budget.from_ram(options.ram_bytes, problem.fixed_bytes), options.deadline,
+                        flash_bytes=flash, objective=options.objective, strategy=options.strategy, baselines=(),
+                        time_limit_s=options.time_limit_s, seed=options.seed, threads=options.threads,
+                        solver=options.solver)
+
+        def plan_fused():
+            from .ir.fused import fuse_optimizer, read_optimizer_spec
+            spec = read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx")))
+            return plan_graph(fuse_optimizer(graph, spec))
+
+        mode, chosen, mode_reason = choose_optimizer_mode(options.optimizer_mode, options.objective,
+                                                          lambda: plan_graph(graph), plan_fused)
+        chosen = add_baselines(chosen, options.baselines, time_limit_s=max(options.time_limit_s / 4, 5),
+                               seed=options.seed, threads=options.threads, solver=options.solver, progress=say)
+        problem, graph, budget, main = chosen.problem, chosen.problem.graph, chosen.budget, chosen.result
+        fused = mode == "fused"
         if not main.fits:
             raise InfeasibleError(_infeasible_message(chosen), hint="raise --ram, relax --deadline, or allow more "
                                   "flash (--flash)")
         say("rewriting")
         model, pass_records = rewrite(graph, main.schedule, options, work / "dumps")
-        for name in ("eval_model.onnx", "optimizer_model.onnx", "checkpoint"):
-            shutil.copy2(artifacts / name, stage / name)
         (stage / "reference").mkdir()
         shutil.copy2(artifacts / "training_model.onnx", stage / "reference" / "training_model.onnx")
+        if fused:  # Module alone drives it; verify's reference keeps ORT's optimizer and checkpoint
+            _write_fused_state(artifacts, graph, stage)
+        else:
+            for name in ("optimizer_model.onnx", "checkpoint"):
+                shutil.copy2(artifacts / name, stage / name)
+        shutil.copy2(artifacts / "eval_model.onnx", stage / "eval_model.onnx")
         onnx.save(model, str(stage / "training_model.onnx"))
         uses_paging = any(d is Decision.PAGE for d in main.schedule.decisions.values())
-        libraries = output.copy_native_libraries(stage, required=uses_paging)
+        libraries = output.copy_native_libraries(stage, required=uses_paging or fused)
         _write_json(stage / "schedule.json", main.schedule.to_json())
         encoding = main.schedule.compact_encoding(graph)
         (stage / "schedule.bin").write_bytes(encoding)
@@ -215,15 +238,36 @@ def compile_model(model_path: Path, options: CompileOptions, *,
             schedule_encoding_bytes=len(encoding),
             passes=[{k: v for k, v in r.items() if k != "seconds"} for r in pass_records],
             native_libraries=libraries, runtime_contract=RUNTIME_CONTRACT, label_classes=label_classes(graph),
-            inputs=input_specs(graph), canonicalizations=canonicalizations(artifacts))
+            inputs=input_specs(graph), optimizer_mode=mode, optimizer_mode_reason=mode_reason,
+            canonicalizations=canonicalizations(artifacts))
         timings = {"compile_s": round(time.perf_counter() - t0, 3), "solve_s": round(main.solve_time_s, 3),
                    "passes": {r["name"]: r.get("seconds") for r in pass_records}}
         timelines = Timelines(keep, main.sim, main.schedule.steps, problem.backward_start, budget.ram_bytes)
-        _write_json(stage / "runtime.json", RUNTIME_CONTRACT)
+        _write_json(stage / "runtime.json", dict(RUNTIME_CONTRACT, **_optimizer_contract(graph)))
         report = dataclasses.replace(report, artifacts=output.artifact_hashes(stage))
         _write_json(stage / "report.json", report.to_json())
         tx.commit()
-    return CompileResult(out_dir, report, timings, timelines)
+    return CompileResult(out_dir, report, timings, timelines, optimizer_mode=mode)
+
+
+def _write_fused_state(artifacts: Path, graph: TrainGraph, stage: Path) -> None:
+    from .ir.fused import read_optimizer_spec, write_fused_checkpoint
+    from .ir.lower import read_checkpoint_parameters
+    spec = read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx")))
+    write_fused_checkpoint(read_checkpoint_parameters(artifacts / "checkpoint"), graph, spec, stage / "checkpoint")
+    for name in ("optimizer_model.onnx", "checkpoint"):
+        shutil.copy2(artifacts / name, stage / "reference" / name)
+
+
+def _optimizer_contract(graph: TrainGraph) -> dict:
+    if graph.optimizer_mode != "fused":
+        return {"optimizer_mode": "unfused",
+                "optimizer": "onnxruntime.training.api.Optimizer(optimizer_model.onnx) after each step"}
+    return {"optimizer_mode": "fused",
+            "optimizer": "inside training_model.onnx: poet.AdamWUpdate / poet.SGDUpdate update each parameter and its "
+                         "moments in place during the backward pass; drive it with Module alone (no Optimizer, no "
+                         "optimizer_model.onnx) and the op library registered; parameters, moments, "
+                         "__poet_learning_rate and __poet_step are non-trainable checkpoint state"}
 
 
 def _infeasible_message(chosen) -> str:

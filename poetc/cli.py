@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", default="1.3x", help="step-time limit: factor of keep-all (1.3x) or a time (2s)")
     p.add_argument("--flash", help="flash capacity for paging (default: the target's)")
     p.add_argument("--objective", choices=("energy", "time"), default="energy")
+    p.add_argument("--optimizer-mode", default="auto", choices=["auto", "fused", "unfused"],
+                   help="fused: apply each parameter's update inside the backward pass (no gradient buffers; "
+                        "Module without Optimizer); unfused: ORT's gradient buffers and Optimizer; auto (default): "
+                        "fused when it lets the budget fit or lowers the objective")
     p.add_argument("--strategy", default="poet", choices=STRATEGIES)
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help="comma-separated strategies to run for the report ('' for none)")
@@ -220,7 +224,8 @@ def cmd_compile(args) -> int:
         baselines=tuple(b for b in args.baselines.split(",") if b),
         time_limit_s=parse_time(args.time_limit, what="--time-limit", bare_seconds=True), seed=args.seed, threads=args.threads,
         costs_path=args.costs, import_options=_import_options(args), force=args.force,
-        disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver)
+        disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver,
+        optimizer_mode=args.optimizer_mode)
     with _Progress(enabled=not args.json) as progress:
         result = compile_model(args.model, options, progress=progress)
     report = result.report
@@ -257,6 +262,7 @@ def _print_report(r, out_dir: Path, timings: dict) -> None:
           f"deadline {r.deadline} ({format_time(r.deadline_s)})")
     print(f"  fixed state {format_size(budget.fixed_bytes)}, planning reserve {format_size(budget.reserve_bytes)}, "
           f"activation budget {format_size(budget.activation_bytes)}; lower bound {format_size(r.lower_bound.ram_bytes)}")
+    print(f"  optimizer: {r.optimizer_mode} ({r.optimizer_mode_reason})")
     print(f"  {'strategy':<12} {'status':<19} {'fits':<5} {'peak':>12} {'time':>12} {'energy':>12} "
           f"{'overhead':>9}  recompute/page")
     keep_row = StrategySummary("keep-all", "-", keep.peak_bytes <= budget.ram_bytes, keep.peak_bytes,

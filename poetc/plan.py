@@ -185,6 +185,7 @@ def check_budget(problem: Problem, budget: Budget) -> LowerBound:
 class Plan:
     """The outcome of planning one problem under one budget and deadline."""
 
+    problem: Problem
     budget: Budget
     limits: Limits
     deadline_s: float
@@ -236,8 +237,66 @@ def plan(problem: Problem, budget: Budget, deadline: Deadline, *, flash_bytes: f
         say(f"baseline {name}")
         others[name] = run_strategy(problem, limits, name, time_limit_s=baseline_time_limit_s, seed=seed,
                                     threads=threads, solver=solver)
-    return Plan(budget, limits, deadline_s, bound, problem.keep_all, main, others)
+    return Plan(problem, budget, limits, deadline_s, bound, problem.keep_all, main, others)
 
 
-__all__ = ["BASELINES", "Budget", "Limits", "LowerBound", "Plan", "RESERVE_BYTES", "RESERVE_FRACTION",
-           "STRATEGIES", "check_budget", "limits_for", "lower_bound", "plan"]
+def add_baselines(chosen: Plan, baselines: tuple[str, ...], *, time_limit_s: float, seed: int = 0,
+                  threads: int = 1, solver: str = "highs", progress: Callable[[str], None] | None = None) -> Plan:
+    """Run `baselines` (each once; not the chosen strategy) on a plan's problem and limits."""
+    from .solver.strategies import run_strategy
+    say = progress or (lambda phase: None)
+    for name in baselines:
+        if name == chosen.result.strategy or name in chosen.baselines:
+            continue
+        say(f"baseline {name}")
+        chosen.baselines[name] = run_strategy(chosen.problem, chosen.limits, name, time_limit_s=time_limit_s,
+                                              seed=seed, threads=threads, solver=solver)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------
+# the optimizer mode (fused: each parameter's update inside the step, poetc/ir/fused.py)
+
+OPTIMIZER_MODES = ("auto", "fused", "unfused")
+
+
+def _overhead(p: Plan, objective: str) -> float:
+    return p.result.overhead_energy_j if objective == "energy" else p.result.overhead_time_s
+
+
+def choose_optimizer_mode(mode: str, objective: str, plan_unfused: Callable[[], Plan],
+                          plan_fused: Callable[[], Plan]) -> tuple[str, Plan, str]:
+    """(mode used, its plan, why). "unfused"/"fused" plan that mode (InfeasibleError propagates).
+    "auto": unfused unless it cannot fit (below its lower bound, deadline, or no schedule) where fused
+    does, or fused has a lower overhead; fused is not planned when unfused fits with no overhead."""
+    if mode not in OPTIMIZER_MODES:
+        from .errors import UsageError
+        raise UsageError(f"unknown optimizer mode {mode!r}", hint=f"modes: {', '.join(OPTIMIZER_MODES)}")
+    if mode == "unfused":
+        return "unfused", plan_unfused(), "requested (--optimizer-mode unfused)"
+    if mode == "fused":
+        return "fused", plan_fused(), "requested (--optimizer-mode fused)"
+    try:
+        unfused = plan_unfused()
+    except InfeasibleError:
+        unfused = None
+    if unfused is not None and unfused.fits and _overhead(unfused, objective) <= 0:
+        return "unfused", unfused, "auto: unfused fits with no overhead"
+    try:
+        fused = plan_fused()
+    except InfeasibleError:
+        if unfused is None:
+            raise  # the fused mode's requirement is the smaller one: report it
+        return "unfused", unfused, "auto: the fused mode does not fit either"
+    if unfused is None:
+        return "fused", fused, "auto: unfused is below its lower bound or misses the deadline; fused plans"
+    if fused.fits and not unfused.fits:
+        return "fused", fused, "auto: no unfused schedule fits; a fused one does"
+    if fused.fits and _overhead(fused, objective) < _overhead(unfused, objective):
+        return "fused", fused, f"auto: fused lowers the {objective} overhead"
+    return "unfused", unfused, f"auto: fused does not lower the {objective} overhead"
+
+
+__all__ = ["BASELINES", "Budget", "Limits", "LowerBound", "OPTIMIZER_MODES", "Plan", "RESERVE_BYTES",
+           "RESERVE_FRACTION", "STRATEGIES", "add_baselines", "check_budget", "choose_optimizer_mode", "limits_for",
+           "lower_bound", "plan"]

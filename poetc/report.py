@@ -83,6 +83,8 @@ class CompileReport:
     runtime_contract: dict
     label_classes: int | None  # classes of a cross-entropy loss: the range of generated labels
     inputs: dict[str, InputSpec]  # the training graph's user inputs
+    optimizer_mode: str = "unfused"  # fused: each update inside the step (Module alone drives it)
+    optimizer_mode_reason: str = ""
     canonicalizations: list[dict] = field(default_factory=list)  # exact rewrites import applied: name, count, nodes, why
     artifacts: dict[str, str] = field(default_factory=dict)  # file -> SHA-256, checked by train and verify
     format: str = REPORT_FORMAT

@@ -11,6 +11,11 @@ buffer is allocated when its step runs and freed after its last reader; alias op
 runs. The simulator is the single source of truth for peak RAM, time and energy; solvers and reports
 quote it.
 
+Fused optimizer mode (`poetc/ir/fused.py`): each parameter's update is an op of the step (Role.UPDATE)
+that reads the parameter, its gradient and its persistent optimizer state; the gradient dies there like
+any tensor at its last reader. `simulate` rejects a step that reads a parameter after its update (a
+recompute, for instance); the problem never makes such a recompute a candidate.
+
 Regeneration policy (the solver's formulation mirrors it exactly):
 - readers up to lf read the original, which is freed after lf;
 - a PAGE tensor is spilled right after its producer and restored just before fb;
@@ -243,7 +248,9 @@ class ScheduleError(InternalError):
 
 
 def fixed_state_bytes(graph: TrainGraph) -> dict[str, int]:
-    """Memory that exists for the whole step, by category."""
+    """Memory that exists for the whole step, by category. In the fused optimizer mode there are no
+    gradient buffers (each gradient dies at its parameter's update, inside the step, where the
+    simulator counts it) and the optimizer state is the moments, learning rate and step counter."""
     return {
         "parameters": graph.bytes_of_kind(TensorKind.PARAMETER),
         "gradient_buffers": graph.bytes_of_kind(TensorKind.GRAD_BUFFER),
@@ -292,10 +299,16 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
     before: list[int] = []
     time_s = energy_j = 0.0
     recompute_ops = paged = flash = max_flash = 0
+    update_op = {pos: name for name, pos in graph.parameter_updates().items()}  # fused optimizer mode
+    updated: set[str] = set()
     for i, step in enumerate(steps):
         for x in step.reads:
             if x and not persistent(x) and x not in buffer_of:
                 raise ScheduleError(f"step {i} ({step.kind.value}) reads {x!r}, which is not resident")
+            if x in updated:
+                raise ScheduleError(f"step {i} ({step.kind.value}) reads parameter {x!r} after its in-graph update")
+        if step.kind is StepKind.COMPUTE and step.op in update_op:
+            updated.add(update_op[step.op])
         before.append(live)
         for w in step.writes:
             t = tensors[original(w)] if original(w) in tensors else None

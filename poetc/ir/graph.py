@@ -21,6 +21,7 @@ class Role(str, enum.Enum):
     LOSS = "loss"
     BACKWARD = "backward"
     ACCUMULATE = "accumulate"  # InPlaceAccumulator: adds a gradient into its persistent buffer
+    UPDATE = "update"  # fused optimizer mode: a parameter's update (or the step counter) in place (ir/fused.py)
 
 
 class TensorKind(str, enum.Enum):
@@ -32,11 +33,13 @@ class TensorKind(str, enum.Enum):
     CONSTANT = "constant"  # initializers of the training graph
     ACTIVATION = "activation"  # produced by forward or loss ops
     GRADIENT = "gradient"  # produced by backward ops (gradients and their temporaries)
+    OPTIMIZER_STATE = "optimizer_state"  # fused optimizer mode: moments, learning rate, step (checkpoint state)
 
     @property
     def is_persistent(self) -> bool:
         """Persistent tensors exist before the step starts and are not freed by it."""
-        return self in (TensorKind.INPUT, TensorKind.PARAMETER, TensorKind.GRAD_BUFFER, TensorKind.CONSTANT)
+        return self in (TensorKind.INPUT, TensorKind.PARAMETER, TensorKind.GRAD_BUFFER, TensorKind.CONSTANT,
+                        TensorKind.OPTIMIZER_STATE)
 
 
 # ONNX elem type -> bytes per element. Sub-byte and string types are rejected by lowering.
@@ -239,6 +242,18 @@ class TrainGraph:
             if inside[j] >= MIN_GRADIENT_BYTES:
                 out.append(Held(t.name, t.producer, at[j], at[j + 1], at[-1], gradient=True))
         return sorted(out, key=lambda h: (h.prod, h.name))
+
+    def parameter_updates(self) -> dict[str, int]:
+        """Fused optimizer mode: parameter -> position of the op that updates it in place (empty when
+        the optimizer runs after the step). No op may read the parameter after that position."""
+        return {op.inputs[0]: op.index for op in self.ops
+                if op.role is Role.UPDATE and op.inputs and op.inputs[0] in self.tensors
+                and self.tensors[op.inputs[0]].kind is TensorKind.PARAMETER}
+
+    @property
+    def optimizer_mode(self) -> str:
+        """"fused" when the parameter updates run inside the step, else "unfused"."""
+        return "fused" if any(op.role is Role.UPDATE for op in self.ops) else "unfused"
 
     def op_counts_by_role(self) -> dict[str, int]:
         counts = {role.value: 0 for role in Role}

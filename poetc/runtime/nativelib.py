@@ -380,16 +380,17 @@ def build_spill_library(arch: str = "host", cache_dir: str | os.PathLike | None 
     """
     cc = _compiler(arch)
     inc = ensure_headers(cache_dir)
-    sources = [NATIVE_DIR / "spill_ops.c", NATIVE_DIR / "io_core.c"]
+    sources = [NATIVE_DIR / "spill_ops.c", NATIVE_DIR / "io_core.c", NATIVE_DIR / "update_ops.c"]
     deps = sources + [NATIVE_DIR / "io_core.h"]
     # nodelete: ORT unloads a custom-op library with the last session options that registered it;
-    # staying loaded keeps the per-process MAC key, so one session may restore what another spilled
-    link = ["-Wl,-z,nodelete"]
-    flags = [*_CFLAGS, *link, "-I", str(inc), "-I", str(NATIVE_DIR)]
+    # staying loaded keeps the per-process MAC key, so one session may restore what another spilled.
+    # update_ops.c reproduces ORT's optimizer arithmetic bit for bit: no fused multiply-add
+    lib_flags = [*_CFLAGS, "-ffp-contract=off", "-Wl,-z,nodelete"]
+    flags = [*lib_flags, "-I", str(inc), "-I", str(NATIVE_DIR)]
     header_hash = hashlib.sha256((inc / "onnxruntime_c_api.h").read_bytes()).hexdigest()
-    key = _build_key(cc, [*_CFLAGS, *link], deps, extra=arch + header_hash)
+    key = _build_key(cc, lib_flags, deps, extra=arch + header_hash)
     out = cache_root(cache_dir) / "build" / arch / f"libpoetc_spill-{key}.so"
-    return _compile_cached(cc, flags, sources, out, f"spill ops ({arch})")
+    return _compile_cached(cc, flags, sources, out, f"spill ops ({arch})", libs=["-lm"])
 
 
 def build_heap_counter(arch: str = "host", cache_dir: str | os.PathLike | None = None) -> Path:

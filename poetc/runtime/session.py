@@ -30,6 +30,9 @@ TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
 OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
+# fused optimizer mode (poetc/ir/fused.py): the checkpoint also holds the optimizer state, every name of
+# which contains this mark; there is no optimizer model and the training graph updates the parameters
+OPTIMIZER_STATE_MARK = "__poet_"
 
 
 def contract_session_options(spill_library: str | os.PathLike | None = None,
@@ -63,7 +66,8 @@ def contract_session_options(spill_library: str | os.PathLike | None = None,
 
 @dataclass
 class TrainingSession:
-    """CheckpointState + Module + Optimizer of one artifacts directory."""
+    """CheckpointState + Module + Optimizer of one artifacts directory (Optimizer None in the fused
+    optimizer mode: the training graph updates the parameters itself)."""
 
     artifacts_dir: Path
     state: object
@@ -86,13 +90,15 @@ class TrainingSession:
         self.module.train()
         outputs = self.module(*[feeds[n] for n in self.input_names])
         loss = outputs[0] if isinstance(outputs, tuple) else outputs
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
         self.module.lazy_reset_grad()
         return float(np.asarray(loss).reshape(-1)[0])
 
     def parameters(self) -> dict[str, np.ndarray]:
-        """Current parameter values by name (copies, safe to keep)."""
-        return {name: np.array(p.data, copy=True) for name, p in self.state.parameters}
+        """Current parameter values by name (copies, safe to keep); optimizer state excluded."""
+        return {name: np.array(p.data, copy=True) for name, p in self.state.parameters
+                if OPTIMIZER_STATE_MARK not in name}
 
 
 def open_training(artifacts_dir: str | os.PathLike,
@@ -100,11 +106,17 @@ def open_training(artifacts_dir: str | os.PathLike,
                   intra_op_threads: int | None = None) -> TrainingSession:
     """Open ``training_model.onnx``, ``eval_model.onnx`` (optional),
     ``optimizer_model.onnx`` and ``checkpoint`` in ``artifacts_dir`` with
-    :func:`contract_session_options`."""
+    :func:`contract_session_options`. Without ``optimizer_model.onnx`` the
+    directory is in the fused optimizer mode: ``Module`` alone drives it (the
+    op library, which holds the update ops, must then be given)."""
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
     d = Path(artifacts_dir)
-    for name in (TRAINING_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
+    fused = not (d / OPTIMIZER_MODEL).exists()
+    if fused and spill_library is None:
+        raise FileNotFoundError(f"training artifacts in {d} lack {OPTIMIZER_MODEL}; a fused-optimizer "
+                                f"directory needs the poet op library (libpoet_spill.so)")
+    for name in (TRAINING_MODEL, CHECKPOINT):
         if not (d / name).exists():
             raise FileNotFoundError(f"training artifacts in {d} lack {name}")
     so = contract_session_options(spill_library, intra_op_threads)
@@ -113,7 +125,7 @@ def open_training(artifacts_dir: str | os.PathLike,
     module = Module(str(d / TRAINING_MODEL), state,
                     str(eval_path) if eval_path.exists() else None,
                     device="cpu", session_options=so)
-    optimizer = Optimizer(str(d / OPTIMIZER_MODEL), module)
+    optimizer = None if fused else Optimizer(str(d / OPTIMIZER_MODEL), module)
     names = list(module.input_names())
     logger.debug("opened training artifacts %s; inputs %s", d, names)
     return TrainingSession(artifacts_dir=d, state=state, module=module, optimizer=optimizer,

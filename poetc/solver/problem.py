@@ -197,6 +197,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         cand.alias_energy_j = float(sum(costs.op_energy_j[i] for i in ops))
 
     # regeneration chains (mirror StepBuilder.materialize)
+    updated_at = graph.parameter_updates()  # fused optimizer mode: parameter -> position of its update
     for cand in candidates:
         if not cand.recomputable:
             continue
@@ -230,6 +231,10 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
                     stack.append(graph.tensors[x].producer)
                 else:
                     raise InternalError(f"regenerating {cand.name!r} reads {x!r}, which no decision covers")
+        # fused optimizer mode: a recompute runs before fb at the latest and must not read an updated weight
+        late = sorted({x for i in ops for x in graph.ops[i].inputs if x in updated_at and updated_at[x] < cand.fb})
+        if late and not problem:
+            problem = f"its recomputation would read parameter {late[0]!r} after its in-graph update"
         if problem:
             cand.recomputable, cand.why_not_recomputable = False, problem
             continue

@@ -513,6 +513,9 @@ static void ORT_API_CALL op_compute_v1(void *kernel, OrtKernelContext *ctx) {
     .kind = (KIND), .dtype = (DTYPE), .name = (NAME)                                 \
   }
 
+/* update_ops.c: the in-place optimizer updates (StepCount, AdamWUpdate, SGDUpdate) share the domain */
+OrtStatus *poet_register_update_ops(OrtCustomOpDomain *domain, const OrtApi *api);
+
 static PoetOp g_ops[] = {
     POET_OP_INIT(POET_KIND_SPILL, 0, "Spill"),
     POET_OP_INIT(POET_KIND_RESTORE, POET_DT_FLOAT, "Restore"),
@@ -546,6 +549,8 @@ RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
     st = g_ort->CustomOpDomain_Add(domain, &g_ops[i].base);
     if (st) return st;
   }
+  st = poet_register_update_ops(domain, g_ort);
+  if (st) return st;
   /* The domain must outlive every session created from these options; it is
    * deliberately never released (a few hundred bytes per registration). */
   return g_ort->AddCustomOpDomain(options, domain);

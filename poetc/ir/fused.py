@@ -1,0 +1,271 @@
+"""Fused optimizer mode: each parameter's update runs inside the training step, in place.
+
+`fuse_optimizer` turns a lowered (unfused) TrainGraph into one in which
+- the gradient accumulators (InPlaceAccumulatorV2) and their persistent buffers are gone;
+- each trainable parameter p is updated by one `poet.AdamWUpdate` / `poet.SGDUpdate` op (the native
+  op library, update_ops.c: ONNX Runtime's optimizer arithmetic, bit for bit) placed right after the
+  later of p's gradient producer and p's last reader, and reading, besides p, its gradient, its moments,
+  the learning rate and the step count, one output of every reader of the old p that is not already
+  an ancestor of the update (explicit data dependencies, not only node order); that output is the
+  reader's own when it stays alive until the update anyway, else a `Shape` of it made right after the
+  reader (a few bytes), so no tensor lives longer for a dependency;
+- one `poet.StepCount` op before the first update adds 1 to the step counter in place;
+- the moments, learning rate and step counter are graph inputs of kind OPTIMIZER_STATE: with the
+  parameters, non-trainable checkpoint state (`write_fused_checkpoint`), so ONNX Runtime's own `Module`
+  (no `Optimizer`) binds the state's own buffers and the in-place updates persist across steps.
+The gradient of p then dies at p's update. A recompute must never read an updated parameter: the
+problem (solver/problem.py) refuses such recomputes, the simulator (schedule.py) rejects such reads.
+
+Names: the moments of p are `p__poet_m1`, `p__poet_m2`; the learning rate `__poet_learning_rate`,
+the step counter `__poet_step` (every optimizer-state name contains `__poet_`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..errors import UnsupportedModelError
+from .graph import Op, Role, Tensor, TensorKind, TrainGraph, tensor_nbytes
+
+STATE_MARK = "__poet_"
+LEARNING_RATE = "__poet_learning_rate"
+STEP = "__poet_step"
+POET_DOMAIN = "poet"
+DEFAULT_LEARNING_RATE = 1e-3  # what onnxruntime.training.api.Optimizer starts with
+
+_ADAMW_ATTRIBUTES = ("alpha", "beta", "epsilon", "weight_decay", "correct_bias", "adam_mode")
+
+
+def moment_names(param: str) -> tuple[str, str]:
+    return f"{param}{STATE_MARK}m1", f"{param}{STATE_MARK}m2"
+
+
+def is_optimizer_state(name: str) -> bool:
+    return STATE_MARK in name
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer of an artifacts directory, as its optimizer_model.onnx configures it."""
+
+    kind: str  # "adamw" | "sgd"
+    attributes: dict = field(default_factory=dict)
+    learning_rate: float = DEFAULT_LEARNING_RATE
+
+    @property
+    def moments(self) -> int:
+        return 2 if self.kind == "adamw" else 0
+
+
+def read_optimizer_spec(optimizer_model: onnx.ModelProto) -> OptimizerSpec:
+    for node in optimizer_model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "AdamWOptimizer":
+            if attrs.get("adam_mode", 0) != 1:
+                raise UnsupportedModelError(
+                    f"the optimizer model uses AdamW mode {attrs.get('adam_mode', 0)}; the fused optimizer "
+                    f"reproduces mode 1 (what generate_artifacts writes)", hint="use --optimizer-mode unfused")
+            return OptimizerSpec("adamw", {k: attrs[k] for k in _ADAMW_ATTRIBUTES if k in attrs})
+        if node.op_type == "SGDOptimizerV2":
+            return OptimizerSpec("sgd", {})
+    types = sorted({n.op_type for n in optimizer_model.graph.node})
+    raise UnsupportedModelError(f"the optimizer model holds no AdamWOptimizer or SGDOptimizerV2 ({', '.join(types)})",
+                                hint="use --optimizer-mode unfused")
+
+
+def _ancestors(ops: list[Op], tensors: dict[str, Tensor], start: int) -> set[int]:
+    seen: set[int] = set()
+    stack = [start]
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        for x in ops[i].inputs:
+            if x and tensors[x].producer is not None:
+                stack.append(tensors[x].producer)
+    return seen
+
+
+def fuse_optimizer(graph: TrainGraph, spec: OptimizerSpec) -> TrainGraph:
+    """The fused-mode TrainGraph (and its ONNX model) of an unfused one; see the module docstring."""
+    accumulators = [op for op in graph.ops if op.role is Role.ACCUMULATE]
+    grad_of: dict[str, str] = {}
+    for op in accumulators:
+        buffer, grad = op.inputs[0], op.inputs[1]
+        param = next((p for p in graph.parameter_names if buffer == f"{p}_grad.accumulation.buffer"), None)
+        if param is None:
+            raise UnsupportedModelError(f"accumulator {op.name!r} adds into {buffer!r}, which belongs to no "
+                                        f"trainable parameter", hint="use --optimizer-mode unfused")
+        grad_of[param] = grad
+    missing = [p for p in graph.parameter_names if p not in grad_of]
+    if missing:
+        raise UnsupportedModelError(f"trainable parameter(s) {missing[:3]} have no gradient accumulator in the "
+                                    f"training graph", hint="use --optimizer-mode unfused")
+    body = [op for op in graph.ops if op.role is not Role.ACCUMULATE]
+    old_tensors = graph.tensors
+    # positions in `body` (old op index -> body index) to place each update after
+    body_index = {op.index: k for k, op in enumerate(body)}
+    after: dict[int, list[str]] = {}
+    for p in graph.parameter_names:
+        g = grad_of[p]
+        readers = [c for c in old_tensors[p].consumers if graph.ops[c].role is not Role.ACCUMULATE]
+        last = max(readers + [old_tensors[g].producer])
+        after.setdefault(body_index[last], []).append(p)
+
+    tensors: dict[str, Tensor] = {}
+    for name, t in old_tensors.items():
+        if t.kind is TensorKind.GRAD_BUFFER or (t.producer is not None and graph.ops[t.producer].role is Role.ACCUMULATE):
+            continue
+        tensors[name] = copy.copy(t)
+        tensors[name].consumers = []
+
+    def state(name: str, shape: tuple[int, ...], dtype: int = TensorProto.FLOAT) -> str:
+        tensors[name] = Tensor(name, shape, dtype, tensor_nbytes(shape, dtype), TensorKind.OPTIMIZER_STATE)
+        return name
+
+    lr = state(LEARNING_RATE, (1,))
+    step = state(STEP, (1,)) if spec.kind == "adamw" else None
+    for p in graph.parameter_names:
+        for m in moment_names(p)[:spec.moments]:
+            state(m, old_tensors[p].shape, old_tensors[p].dtype)
+
+    ops: list[Op] = []
+    placed_step = False
+    # old op readers of each parameter, for the dependencies (indices into `body`)
+    for k, op in enumerate(body):
+        ops.append(Op(len(ops), op.name, op.op_type, op.domain, list(op.inputs), list(op.outputs), op.role,
+                      op.host_time_s, op.workspace_bytes))
+        for p in after.get(k, []):
+            if step is not None and not placed_step:
+                ops.append(Op(len(ops), f"{STEP}__count", "StepCount", POET_DOMAIN, [step], [f"{STEP}__n"],
+                              Role.UPDATE))
+                tensors[f"{STEP}__n"] = Tensor(f"{STEP}__n", (1,), TensorProto.INT64, 8, TensorKind.GRADIENT,
+                                               producer=len(ops) - 1)
+                placed_step = True
+            ops.append(_update_op(len(ops), p, grad_of[p], spec, lr, f"{STEP}__n" if step else None))
+            flag = f"{p}{STATE_MARK}updated"
+            tensors[flag] = Tensor(flag, (1,), TensorProto.BOOL, 1, TensorKind.GRADIENT, producer=len(ops) - 1)
+    _index(ops, tensors)
+    _add_dependencies(ops, tensors)
+    _index(ops, tensors)
+    model = _fused_model(graph, ops, tensors, spec)
+    state_bytes = sum(t.nbytes for t in tensors.values() if t.kind is TensorKind.OPTIMIZER_STATE)
+    return TrainGraph(ops=ops, tensors=tensors, loss_output=graph.loss_output, model=model,
+                      parameter_names=list(graph.parameter_names),
+                      frozen_parameter_names=list(graph.frozen_parameter_names),
+                      optimizer_state_bytes=state_bytes, user_inputs=list(graph.user_inputs))
+
+
+def _update_op(index: int, param: str, grad: str, spec: OptimizerSpec, lr: str, count: str | None) -> Op:
+    if spec.kind == "adamw":
+        m1, m2 = moment_names(param)
+        inputs, op_type = [param, grad, m1, m2, lr, count], "AdamWUpdate"
+    else:
+        inputs, op_type = [param, grad, lr], "SGDUpdate"
+    return Op(index, f"{param}{STATE_MARK}update", op_type, POET_DOMAIN, inputs, [f"{param}{STATE_MARK}updated"],
+              Role.UPDATE)
+
+
+def _index(ops: list[Op], tensors: dict[str, Tensor]) -> None:
+    """Renumber ops and recompute producers and consumers."""
+    for t in tensors.values():
+        t.consumers = []
+    for i, op in enumerate(ops):
+        op.index = i
+        for o in op.outputs:
+            tensors[o].producer = i
+        for x in op.inputs:
+            if x:
+                tensors[x].consumers.append(i)
+
+
+def _add_dependencies(ops: list[Op], tensors: dict[str, Tensor]) -> None:
+    """Give each update an input from every reader of its parameter that is not already its ancestor
+    (the reader's output itself when it lives until the update anyway, else a Shape of it made right
+    after the reader). Ops are inserted, so indices are refreshed by the caller."""
+    inserts: dict[int, list[Op]] = {}  # reader index -> Shape ops right after it
+    for u in [op for op in ops if op.role is Role.UPDATE and op.op_type != "StepCount"]:
+        param = u.inputs[0]
+        ancestors = _ancestors(ops, tensors, u.index)
+        deps: list[str] = []
+        for r in sorted(tensors[param].consumers, reverse=True):
+            if r == u.index or r in ancestors:
+                continue
+            out = ops[r].outputs[0]
+            if max(tensors[out].consumers, default=r) >= u.index:
+                deps.append(out)
+            else:
+                token = f"{param}{STATE_MARK}after_{ops[r].name}"
+                tensors[token] = Tensor(token, (len(tensors[out].shape),), TensorProto.INT64,
+                                        8 * len(tensors[out].shape), TensorKind.GRADIENT)
+                inserts.setdefault(r, []).append(Op(0, token, "Shape", "", [out], [token], Role.BACKWARD))
+                deps.append(token)
+            ancestors |= _ancestors(ops, tensors, r)
+        u.inputs.extend(deps or [u.inputs[1]])  # the op takes at least one dependency: the gradient again
+    if inserts:
+        ordered: list[Op] = []
+        for op in ops:
+            ordered.append(op)
+            ordered.extend(inserts.get(op.index, []))
+        ops[:] = ordered
+
+
+def _fused_model(graph: TrainGraph, ops: list[Op], tensors: dict[str, Tensor], spec: OptimizerSpec) -> onnx.ModelProto:
+    src = graph.model
+    model = onnx.ModelProto()
+    model.CopyFrom(src)
+    g = model.graph
+    by_name = {n.name: n for n in src.graph.node}
+    nodes = [n for n in src.graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")]
+    for op in ops:
+        if op.name in by_name:
+            nodes.append(by_name[op.name])
+            continue
+        attrs = spec.attributes if op.op_type == "AdamWUpdate" else {}
+        nodes.append(helper.make_node(op.op_type, op.inputs, op.outputs, name=op.name,
+                                      domain=op.domain if op.domain else None, **attrs))
+    del g.node[:]
+    g.node.extend(nodes)
+    keep_inputs = [vi for vi in src.graph.input if vi.name in tensors]
+    del g.input[:]
+    g.input.extend(keep_inputs)
+    for t in tensors.values():
+        if t.kind is TensorKind.OPTIMIZER_STATE:
+            g.input.append(helper.make_tensor_value_info(t.name, t.dtype, list(t.shape)))
+    outputs = [vi for vi in src.graph.output if vi.name in tensors]
+    del g.output[:]
+    g.output.extend(outputs)
+    if all(o.domain != POET_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(POET_DOMAIN, 1))
+    return model
+
+
+def fused_state_arrays(parameters: dict[str, tuple[np.ndarray, bool]], graph: TrainGraph,
+                       spec: OptimizerSpec) -> dict[str, np.ndarray]:
+    """Initial values of the optimizer state: zero moments, the learning rate, a zero step count."""
+    out = {LEARNING_RATE: np.array([spec.learning_rate], np.float32)}
+    if spec.kind == "adamw":
+        out[STEP] = np.zeros([1], np.float32)
+    for p in graph.parameter_names:
+        for m in moment_names(p)[:spec.moments]:
+            out[m] = np.zeros_like(parameters[p][0])
+    return out
+
+
+def write_fused_checkpoint(parameters: dict[str, tuple[np.ndarray, bool]], graph: TrainGraph,
+                           spec: OptimizerSpec, dest: Path) -> None:
+    """An ONNX Runtime checkpoint holding the parameters and the optimizer state, all non-trainable
+    (Module then binds them as graph inputs, the state's own buffers)."""
+    from onnxruntime.training.onnxblock import save_checkpoint  # imports torch: keep it local
+
+    values = {name: value for name, (value, _) in parameters.items()}
+    values.update(fused_state_arrays(parameters, graph, spec))
+    protos = [onnx.numpy_helper.from_array(np.ascontiguousarray(v), name) for name, v in values.items()]
+    save_checkpoint(([], protos), str(dest))

@@ -1,0 +1,251 @@
+"""Fused optimizer mode (issue #16): each parameter's update inside the backward pass.
+
+Structure of the fused graph (no accumulators or buffers, one update per parameter after every
+reader of the old value, with data dependencies), the fixed-state accounting, the rule that no
+recompute reads an updated weight (problem and simulator, on random graphs), the report fields, and
+bitwise equality with the unfused reference in ONNX Runtime (AdamW and SGD, schedules that recompute
+and page)."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from poetc.api import CompileOptions, compile_model, open_graph
+from poetc.plan import STRATEGIES, Budget, Limits, lower_bound
+from poetc.report import CompileReport
+from poetc.run import verify
+from poetc.errors import InfeasibleError
+from poetc.importer import ImportOptions
+from poetc.ir.fused import fuse_optimizer, is_optimizer_state, read_optimizer_spec
+from poetc.ir.graph import Role, TensorKind
+from poetc.schedule import simulate_keep_all as keep_all
+from poetc.schedule import (ScheduleError, Step, StepCosts, StepKind, build_steps, fixed_state_bytes,
+                            recompute_name, simulate)
+from poetc.solver import build_problem, run_strategy
+from poetc.units import Deadline
+from random_onnx import build, graph_specs
+
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _fused(artifacts, graph):
+    return fuse_optimizer(graph, read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx"))))
+
+
+def _ancestors(graph, index):
+    seen, stack = set(), [index]
+    while stack:
+        i = stack.pop()
+        if i not in seen:
+            seen.add(i)
+            stack.extend(graph.tensors[x].producer for x in graph.ops[i].inputs
+                         if x and graph.tensors[x].producer is not None)
+    return seen
+
+
+def check_fused_structure(unfused, fused):
+    assert fused.optimizer_mode == "fused" and unfused.optimizer_mode == "unfused"
+    assert not fused.ops_with_role(Role.ACCUMULATE)
+    assert not fused.tensors_of_kind(TensorKind.GRAD_BUFFER)
+    updates = fused.parameter_updates()
+    assert sorted(updates) == sorted(unfused.parameter_names)
+    for param, u in updates.items():
+        op = fused.ops[u]
+        grad = op.inputs[1]
+        assert fused.tensors[grad].kind is TensorKind.GRADIENT
+        assert fused.tensors[grad].consumers[-1] == u or max(fused.tensors[grad].consumers) >= u
+        before = _ancestors(fused, u)
+        for reader in fused.tensors[param].consumers:
+            if reader != u:
+                assert reader < u, f"{fused.ops[reader].name} reads {param} after its update"
+                assert reader in before, f"no data dependency from {fused.ops[reader].name} to {op.name}"
+    # the same computation otherwise: every unfused non-accumulator op is still there, in the same order
+    names = [op.name for op in fused.ops]
+    kept = [op.name for op in unfused.ops if op.role is not Role.ACCUMULATE]
+    assert [n for n in names if n in set(kept)] == kept
+    onnx.checker.check_model(fused.model)
+
+
+def test_fused_graph_structure_and_fixed_state(mlp_graph):
+    artifacts, graph = mlp_graph
+    fused = _fused(artifacts, graph)
+    check_fused_structure(graph, fused)
+    before, after = fixed_state_bytes(graph), fixed_state_bytes(fused)
+    params = before["parameters"]
+    assert before["gradient_buffers"] == params and after["gradient_buffers"] == 0
+    assert after["parameters"] == params and after["inputs"] == before["inputs"]
+    assert after["optimizer_state"] == 2 * params + 8  # two moments, the learning rate and the step counter
+    assert _bound(graph) - _bound(fused) >= params - 2**20
+    assert keep_all(fused).total_peak_bytes < keep_all(graph).total_peak_bytes - params // 2
+
+
+def _bound(graph) -> int:
+    """poetc's lower bound (poetc.plan.lower_bound) of a graph."""
+    return lower_bound(build_problem(graph, _costs(graph))).ram_bytes
+
+
+def test_simulator_rejects_a_read_of_an_updated_parameter(mlp_graph):
+    artifacts, graph = mlp_graph
+    fused = _fused(artifacts, graph)
+    steps, origin = build_steps(fused, {})
+    simulate(fused, steps, origin)  # valid as built
+    param, u = min(fused.parameter_updates().items(), key=lambda kv: kv[1])
+    reader = fused.tensors[param].consumers[0]
+    op = fused.ops[reader]
+    late = Step(StepKind.RECOMPUTE, reader, None, tuple(op.inputs), tuple(recompute_name(o, 1) for o in op.outputs))
+    bad = steps[:] + [late]
+    with pytest.raises(ScheduleError, match="after its in-graph update"):
+        simulate(fused, bad, origin)
+
+
+def test_problem_refuses_a_recompute_that_would_read_an_updated_weight(mlp_graph, monkeypatch):
+    """In real graphs a parameter's update follows every op that could rerun before a backward reader
+    (the gradient needs those readers first), so the rule rarely binds; move an update earlier than
+    a recompute would run and the problem must refuse that recompute."""
+    artifacts, graph = mlp_graph
+    fused = _fused(artifacts, graph)
+    problem = build_problem(fused, _costs(fused))
+    updates = fused.parameter_updates()
+    cand = next(c for c in problem.candidates if c.recomputable and
+                any(x in updates for i in c.chain_ops for x in fused.ops[i].inputs))
+    param = next(x for i in cand.chain_ops for x in fused.ops[i].inputs if x in updates)
+    steps, origin = build_steps(fused, {})
+    keep = simulate(fused, steps, origin, _costs(fused))  # the keep-all replay itself is valid
+    import poetc.solver.problem as problem_module
+    monkeypatch.setattr(problem_module, "simulate_keep_all", lambda *args, **kw: keep)
+    monkeypatch.setattr(fused, "parameter_updates", lambda: dict(updates, **{param: cand.fb - 1}))
+    again = {c.name: c for c in build_problem(fused, _costs(fused)).candidates}[cand.name]
+    assert not again.recomputable and "after its in-graph update" in again.why_not_recomputable
+
+
+def _costs(graph) -> StepCosts:
+    times = [1e-4 * (1 + zlib.crc32(op.name.encode()) % 50) for op in graph.ops]
+    return StepCosts(times, [t * 3.0 for t in times], lambda n: (1e-5 + n / 24.5e6, 1.5e-6 + n / 163e6),
+                     lambda n: (5e-6 + n / 45.5e6, 7.5e-7 + n / 303e6))
+
+
+def _random_graph(spec, tmp_path_factory):
+    work = tmp_path_factory.mktemp("fused-fuzz")
+    path = work / "model.onnx"
+    onnx.save(build(spec), str(path))
+    artifacts, graph = open_graph(path, work / "art", ImportOptions())
+    return graph, _fused(artifacts, graph)
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(spec=graph_specs(), fractions=st.lists(st.floats(0.1, 0.9), min_size=1, max_size=2))
+def test_no_recompute_reads_an_updated_weight_on_random_graphs(spec, fractions, tmp_path_factory):
+    graph, fused = _random_graph(spec, tmp_path_factory)
+    check_fused_structure(graph, fused)
+    problem = build_problem(fused, _costs(fused))
+    updates = fused.parameter_updates()
+    for cand in problem.candidates:
+        if cand.recomputable:
+            read = {x for i in cand.chain_ops for x in fused.ops[i].inputs if x in updates}
+            assert all(updates[x] > cand.fb for x in read), (cand.name, read)
+    for fraction in fractions:
+        limits = Limits.of(Budget.activations_only(int(problem.keep_all_peak_bytes * fraction)),
+                           problem.base_time_s * 2, 1e12)
+        for strategy in STRATEGIES:
+            r = run_strategy(problem, limits, strategy, time_limit_s=10)
+            assert not any("failed simulation" in note for note in r.notes), (strategy, r.notes)
+            # simulate() raises on a read of an updated parameter; replay every step list to be sure
+            simulate(fused, r.schedule.steps, r.schedule.origin)
+            updated = set()
+            for step in r.schedule.steps:
+                assert not updated & set(step.reads), (strategy, step)
+                if step.kind is StepKind.COMPUTE and fused.ops[step.op].role is Role.UPDATE:
+                    updated.add(fused.ops[step.op].inputs[0])
+
+
+def test_report_fields_and_outputs(mlp_onnx, tmp_path):
+    out = tmp_path / "fused"
+    result = compile_model(mlp_onnx, CompileOptions(ram_bytes=40 * 2**20, out_dir=out, baselines=(),
+                                                    optimizer_mode="fused", time_limit_s=20))
+    assert result.optimizer_mode == "fused"
+    report = CompileReport.from_json(json.loads((out / "report.json").read_text()))
+    assert report.optimizer_mode == "fused" and "requested" in report.optimizer_mode_reason
+    assert report.fixed_state_bytes["gradient_buffers"] == 0
+    assert not (out / "optimizer_model.onnx").exists()  # Module alone drives it
+    assert (out / "reference" / "optimizer_model.onnx").exists() and (out / "reference" / "checkpoint").exists()
+    assert json.loads((out / "runtime.json").read_text())["optimizer_mode"] == "fused"
+    from onnxruntime.training.api import CheckpointState
+    state = CheckpointState.load_checkpoint(str(out / "checkpoint"))
+    names = [n for n, p in state.parameters]
+    assert all(not p.requires_grad for _, p in state.parameters)
+    assert {n for n in names if is_optimizer_state(n)} >= {"__poet_learning_rate", "__poet_step"}
+    model = onnx.load(str(out / "training_model.onnx"))
+    assert not [n for n in model.graph.node if n.op_type == "InPlaceAccumulatorV2"]
+    params = [n for n in names if not is_optimizer_state(n)]
+    assert len([n for n in model.graph.node if n.op_type == "AdamWUpdate"]) == len(params) == 8  # the MLP's
+
+    out_u = tmp_path / "unfused"
+    r_u = compile_model(mlp_onnx, CompileOptions(ram_bytes=40 * 2**20, out_dir=out_u, baselines=(),
+                                                 optimizer_mode="unfused", time_limit_s=20))
+    assert r_u.optimizer_mode == "unfused" and r_u.report.optimizer_mode == "unfused"
+    assert (out_u / "optimizer_model.onnx").exists()
+    assert r_u.report.fixed_state_bytes["gradient_buffers"] > 0
+
+
+def test_auto_takes_fused_when_only_fused_fits(mlp_onnx, mlp_graph, tmp_path):
+    artifacts, graph = mlp_graph
+    fused = _fused(artifacts, graph)
+    unfused_bound, fused_bound = _bound(graph), _bound(fused)
+    ram = (unfused_bound + fused_bound) // 2  # below the unfused lower bound
+    with pytest.raises(InfeasibleError):
+        compile_model(mlp_onnx, CompileOptions(ram_bytes=ram, out_dir=tmp_path / "u", baselines=(),
+                                               optimizer_mode="unfused", time_limit_s=20,
+                                               deadline=Deadline(factor=3.0)))
+    try:
+        result = compile_model(mlp_onnx, CompileOptions(ram_bytes=ram, out_dir=tmp_path / "a", baselines=(),
+                                                        time_limit_s=20, deadline=Deadline(factor=3.0)))
+    except InfeasibleError as exc:  # the fused mode may need more than its own lower bound here
+        pytest.fail(f"auto found no schedule at {ram} B although fused keep-all needs "
+                    f"{keep_all(fused).total_peak_bytes} B: {exc}")
+    assert result.optimizer_mode == "fused" and result.report.optimizer_mode_reason.startswith("auto:")
+
+
+def _compile_verify(model, tmp_path, ram, **kw):
+    out = tmp_path / "out"
+    options = CompileOptions(ram_bytes=ram, out_dir=out, baselines=(), time_limit_s=30,
+                             deadline=Deadline(factor=3.0), **kw)
+    report = compile_model(model, options).report
+    v = verify(out, steps=3)
+    return report, v
+
+
+def test_fused_mlp_sgd_is_bitwise_unfused(tmp_path):
+    import models
+    path = models.export_onnx("mlp", tmp_path / "mlp.onnx", batch=64, seed=0)
+    report, v = _compile_verify(path, tmp_path, 40 * 2**20, optimizer_mode="fused",
+                                import_options=ImportOptions(optimizer="sgd"))
+    assert report.optimizer_mode == "fused"
+    assert v.to_json()["bitwise_identical_params"] and v.to_json()["max_abs_loss_diff"] == 0, v.to_json()
+    assert v.ok, v.to_json()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_fused_cnn_recompute_and_page_is_bitwise_unfused(cnn_onnx, cnn_graph, tmp_path, optimizer):
+    artifacts, graph = cnn_graph
+    fused = _fused(artifacts, graph)
+    problem = build_problem(fused, _costs(fused))
+    least = lower_bound(problem).ram_bytes
+    keep = Budget.smallest_for(problem.keep_all_peak_bytes, problem.fixed_bytes).ram_bytes
+    # a third of the way from the least any schedule needs to keep-all: recompute and page
+    ram = int(least + 0.3 * (keep - least))
+    report, v = _compile_verify(cnn_onnx, tmp_path, ram, optimizer_mode="fused",
+                                import_options=ImportOptions(optimizer=optimizer))
+    counts = report.result.decisions
+    assert counts["recompute"] + counts["page"] > 0, counts
+    assert v.to_json()["bitwise_identical_params"] and v.to_json()["max_abs_loss_diff"] == 0, v.to_json()
+    # the fused step holds no gradient buffers: it needs less than the unfused reference. (Within the
+    # budget is not asserted here: on this cnn at batch 8 the measured peak of such schedules exceeds
+    # the prediction by ~0.5 MB in the unfused mode too -- a known, separate simulator gap.)
+    assert v.to_json()["measured_total_peak_bytes"] < v.to_json()["fixed_total_bytes"] + max(v.to_json()["reference_step_peak_bytes"][1:])

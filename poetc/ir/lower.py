@@ -291,21 +291,6 @@ def lower_training_model(model: onnx.ModelProto, *, parameters: dict[str, tuple[
                       optimizer_state_bytes=optimizer_state, user_inputs=user_inputs)
 
 
-# Kernel scratch is measured from 64 KiB blocks up (poetc.runtime.workspace), so each op may allocate
-# up to 64 KiB - 1 that the simulator does not see; one op runs at a time. Largest measured on the
-# corpus (docs/memory-model.md, "Unfamiliar graphs"): 64,424 B (a gradient Sum in textcnn), 37,576 B
-# (a Conv1d ConvGrad's im2col), 34,632 B (the ReduceSum of an Expand gradient).
-UNMEASURED_SCRATCH_BOUND_BYTES = 64 * 1024
-
-
-def planning_reserve_bytes(activation_budget_bytes: int) -> int:
-    """The activation bytes to keep spare when planning for a budget: 1% for the allocator's small
-    bookkeeping blocks (proportional to the tensors' count, below 0.6% on the models measured) plus
-    the largest kernel scratch the workspace measurement cannot see (below 64 KiB per op, one op at a
-    time). Replaces the guessed 1% + 16 KiB, which keep-all steps of textcnn (+45 KB) and the
-    compiled squeezenet and mobilenet_v3 (+18 KB, +60 KB) exceeded."""
-    return activation_budget_bytes // 100 + UNMEASURED_SCRATCH_BOUND_BYTES
-
 
 def _attach_workspace(model: onnx.ModelProto, ops: list[Op], tensors: dict[str, Tensor],
                       feeds: dict[str, np.ndarray]) -> None:

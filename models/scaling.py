@@ -1,5 +1,6 @@
-"""Large training graphs for the solver-scaling benchmark (issue #18), registered in ``MODELS``
-when this module is imported (``poetc.bench`` imports it for its scaling models).
+"""Large training graphs for the solver-scaling benchmark (issue #18). :func:`register` adds them to
+``MODELS`` (``poetc bench --scaling`` does, or a bench naming one of them); importing this module
+alone changes nothing.
 
 - ``resnet50_cifar``: bottleneck ResNet (3, 4, 6, 3) blocks, widths 16-128 (x4 expansion), CIFAR
   stem, 32x32: about 550 training ops.
@@ -24,7 +25,7 @@ from .cnn import _init_conv_net, conv_bn_act
 from .zoo import MODELS, InputSpec, ModelSpec
 
 __all__ = ["Bottleneck", "BottleneckResNet", "resnet50_cifar", "resnet101_cifar", "resnet200_cifar",
-           "encoder24", "encoder32"]
+           "encoder24", "encoder32", "SPECS", "register"]
 
 
 class Bottleneck(nn.Module):
@@ -90,7 +91,7 @@ def encoder32(num_classes: int = 2) -> transformer.BertClassifier:
 
 _IMAGE = (InputSpec("input", (3, 32, 32)),)
 _TOKENS = (InputSpec("input_ids", (128,), "int64", high=1000),)
-for _spec in (
+SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("resnet50_cifar", "bottleneck ResNet (3,4,6,3), widths 16-128 x4, CIFAR stem, 32x32, 10 classes",
               resnet50_cifar, 16, _IMAGE, 10),
     ModelSpec("resnet101_cifar", "bottleneck ResNet (3,4,23,3), widths 16-128 x4, CIFAR stem, 32x32, 10 classes",
@@ -101,5 +102,10 @@ for _spec in (
               encoder24, 8, _TOKENS, 2),
     ModelSpec("encoder32", "BERT encoder 32 layers, hidden 128, 2 heads, FFN 512, seq 128, vocab 1000, 2 classes",
               encoder32, 8, _TOKENS, 2),
-):
-    MODELS.setdefault(_spec.name, _spec)
+)
+
+
+def register() -> None:
+    """Add the scaling models to ``MODELS`` (idempotent)."""
+    for spec in SPECS:
+        MODELS.setdefault(spec.name, spec)

@@ -100,3 +100,15 @@ def test_the_start_is_never_lost(cnn_graph):
     from poetc.solver.problem import evaluate_linear
     assert r.overhead_energy_j <= evaluate_linear(problem, start).energy_j * (1 + 1e-9) + 1e-15
     assert all(isinstance(d, Decision) for d in r.choice)
+
+
+def test_a_worse_final_solution_never_replaces_the_start():
+    """If the solver rejects the warm start and ends with a worse schedule of its own, the start stays."""
+    def build():
+        return _knapsack(), None, lambda x: [round(v) for v in x]
+    report = solve_in_child(build, solver="highs", time_limit_s=60, t0=time.perf_counter(),
+                            incumbent=("start", -9.0))  # better than the optimum the child finds (-8)
+    assert report.payload == "start" and report.objective == -9.0 and report.from_start
+    report = solve_in_child(build, solver="highs", time_limit_s=60, t0=time.perf_counter(),
+                            incumbent=("start", -7.0))
+    assert report.payload == [1, 0, 1] and not report.from_start

@@ -160,8 +160,9 @@ def solve_in_child(build: Callable[[], tuple[LinearModel, np.ndarray | None, Cal
         elif kind == "done":
             _, status, payload, obj, bound = msg
             report.status = status
-            if payload is not None and (report.objective is None or report.from_start
-                                        or obj <= report.objective + 1e-15):
+            # never worse than what it had (a start HiGHS rejected, then a worse solution of its own)
+            if payload is not None and (report.objective is None
+                                        or obj <= report.objective + 1e-9 * max(abs(report.objective), 1e-12)):
                 report.payload, report.objective, report.from_start = payload, obj, False
             if bound is not None:
                 report.bound = max(report.bound, bound) if report.bound is not None else bound

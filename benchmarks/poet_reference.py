@@ -409,7 +409,7 @@ def map_to_decisions(problem: Problem, sol: PoetSolution) -> Mapping:
     for ci, c in enumerate(problem.candidates):
         if c.fixed:
             continue
-        p, fb = c.prod, c.fb
+        p, fb = c.prod, c.first_after_gap
         events = [(t, "R") for t in range(p, fb + 1) if sol.R[t, p]]
         events += [(t + 1, "in") for t in range(p, fb) if sol.M_in[t, p]]
         t, kind = max(events)

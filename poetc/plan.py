@@ -149,8 +149,8 @@ def lower_bound(problem: Problem) -> LowerBound:
     for c in problem.candidates:
         if c.fixed:
             continue
-        floor[c.prod: c.lf + 1] += c.mem_bytes
-        floor[c.fb: c.lb + 1] += c.mem_bytes
+        floor[c.prod: c.last_before_gap + 1] += c.mem_bytes
+        floor[c.first_after_gap: c.last_read + 1] += c.mem_bytes
         for a, b in c.inner:  # paged, it can be dropped between these readers
             floor[a + 1: b] -= c.mem_bytes
     p = int(floor.argmax())

@@ -119,7 +119,7 @@ def test_problem_refuses_a_recompute_that_would_read_an_updated_weight(mlp_graph
     keep = simulate(fused, steps, origin, _costs(fused))  # the keep-all replay itself is valid
     import poetc.solver.problem as problem_module
     monkeypatch.setattr(problem_module, "simulate_keep_all", lambda *args, **kw: keep)
-    monkeypatch.setattr(fused, "parameter_updates", lambda: dict(updates, **{param: cand.fb - 1}))
+    monkeypatch.setattr(fused, "parameter_updates", lambda: dict(updates, **{param: cand.first_after_gap - 1}))
     again = {c.name: c for c in build_problem(fused, _costs(fused)).candidates}[cand.name]
     assert not again.recomputable and "after its in-graph update" in again.why_not_recomputable
 
@@ -148,7 +148,7 @@ def test_no_recompute_reads_an_updated_weight_on_random_graphs(spec, fractions, 
     for cand in problem.candidates:
         if cand.recomputable:
             read = {x for i in cand.chain_ops for x in fused.ops[i].inputs if x in updates}
-            assert all(updates[x] > cand.fb for x in read), (cand.name, read)
+            assert all(updates[x] > cand.first_after_gap for x in read), (cand.name, read)
     for fraction in fractions:
         limits = Limits.of(Budget.activations_only(int(problem.keep_all_peak_bytes * fraction)),
                            problem.base_time_s * 2, 1e12)

@@ -152,7 +152,7 @@ def test_linear_model_never_under_counts_the_simulator(fixture, request):
         for i, c in enumerate(problem.candidates):
             if choice[i] is Decision.KEEP:
                 continue
-            lo, hi = problem.stages.index(c.s0), problem.stages.index(c.fb)
+            lo, hi = problem.stages.index(c.first_stage), problem.stages.index(c.first_after_gap)
             if lo < hi and rng.random() < 0.3:
                 early[i] = rng.randrange(lo, hi)
         repage = _random_repage(problem, choice, rng)
@@ -214,7 +214,7 @@ def test_a_multi_output_op_reruns_once_for_all_its_recomputed_outputs(cnn_graph)
     assert one_run > 0 and ev.energy_j == pytest.approx(one_run, rel=1e-9)
     assert sim.energy_j - problem.base_energy_j == pytest.approx(one_run, rel=1e-9)
     # the run happens before the earliest first backward read among the outputs
-    first_read = min(problem.candidates[i].fb for i in group)
+    first_read = min(problem.candidates[i].first_after_gap for i in group)
     run_at = schedule.steps.index(runs[0])
     assert next(s.op for s in schedule.steps[run_at:] if s.kind is StepKind.COMPUTE) == first_read
 
@@ -242,15 +242,15 @@ def test_milp_rows_are_the_linear_model(fixture, request):
             for c in problem.candidates]
         early = {}
         for i, c in enumerate(problem.candidates):
-            if choice[i] is not Decision.KEEP and c.s0 < c.fb and rng.random() < 0.3:
-                early[i] = rng.randrange(problem.stages.index(c.s0), problem.stages.index(c.fb))
+            if choice[i] is not Decision.KEEP and c.first_stage < c.first_after_gap and rng.random() < 0.3:
+                early[i] = rng.randrange(problem.stages.index(c.first_stage), problem.stages.index(c.first_after_gap))
         repage = _random_repage(problem, choice, rng)
         ev = evaluate_linear(problem, choice, early, repage)
         value = dict(start_values(problem, v, choice, ev, repage))
         handles = np.zeros(n)
         for i, c in enumerate(problem.candidates):
             if choice[i] is Decision.PAGE:
-                last = max([c.fb] + [c.inner[j][1] for j in repage.get(i, ())])
+                last = max([c.first_after_gap] + [c.inner[j][1] for j in repage.get(i, ())])
                 handles[c.prod + 1: last + 1] += SPILL_HANDLE_BYTES
         got = [c0 + sum(coef * value[v.var(key)] for key, coef in t.items()) for c0, t in rows]
         assert np.allclose(np.array(got[:n]) + handles, ev.op_profile, rtol=0, atol=0.5)

@@ -198,15 +198,15 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
                 v.drop[(i, j)] = m.add_var(f"drop_{i}_{j}", integer=True)
                 row(-INF, 0.0, (v.drop[(i, j)], 1.0), (v.page[i], -1.0))
         has_events = c.recomputable and limits.allow_recompute and c.transient_bytes > 0 and c.group < 0
-        for k in range(stage_idx[c.s0], stage_idx[c.fb]):
+        for k in range(stage_idx[c.first_stage], stage_idx[c.first_after_gap]):
             v.y[(i, k)] = m.add_var(f"y_{i}_{k}", integer=has_events)
-        for k in range(stage_idx[c.s0], stage_idx[c.fb] - 1):
+        for k in range(stage_idx[c.first_stage], stage_idx[c.first_after_gap] - 1):
             row(0.0, INF, (v.y[(i, k + 1)], 1.0), (v.y[(i, k)], -1.0))
 
     def Y(i: int, k: int, sign: float = 1.0) -> tuple:  # noqa: N802  (resident-by-stage-k, see module docstring)
         """sign * Y[i,k] as row parts."""
         c = cands[i]
-        if k == stage_idx[c.fb]:
+        if k == stage_idx[c.first_after_gap]:
             return (sign, (v.keep[i], -sign))
         if (i, k) in v.y:
             return ((v.y[(i, k)], sign),)
@@ -218,7 +218,7 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
             continue
         for b in c.boundary:
             t = cands[b]
-            for p in range(t.lb + 1, c.fb + 1):  # read after b's own last reader: b stays resident
+            for p in range(t.last_read + 1, c.first_after_gap + 1):  # read after b's own last reader: b stays resident
                 if (b, p) not in v.ext:
                     v.ext[(b, p)] = m.add_var(f"ext_{b}_{p}")
                 row(0.0, INF, (v.ext[(b, p)], 1.0), (v.rec[u], -1.0))
@@ -227,19 +227,21 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
         for b in c.boundary:
             t = cands[b]
             if not t.fixed:  # wherever u is materialized in b's gap, b is too
-                for k in range(max(stage_idx[c.s0], stage_idx[t.s0]), min(stage_idx[c.fb], stage_idx[t.fb] - 1) + 1):
+                lo = max(stage_idx[c.first_stage], stage_idx[t.first_stage])
+                hi = min(stage_idx[c.first_after_gap], stage_idx[t.first_after_gap] - 1)
+                for k in range(lo, hi + 1):
                     row(0.0, INF, (v.y[(b, k)], 1.0), *Y(u, k, -1.0), (v.page[u], 1.0), (v.keep[b], 1.0))
         if c.transient_bytes > 0:
-            for k in range(stage_idx[c.s0], stage_idx[c.fb] + 1):
+            for k in range(stage_idx[c.first_stage], stage_idx[c.first_after_gap] + 1):
                 v.tau[(u, k)] = m.add_var(f"tau_{u}_{k}")
-                prev = Y(u, k - 1) if k > stage_idx[c.s0] else ()
+                prev = Y(u, k - 1) if k > stage_idx[c.first_stage] else ()
                 row(0.0, INF, (v.tau[(u, k)], 1.0), *Y(u, k, -1.0), *prev, (v.page[u], 1.0))
 
     # groups (a multi-output producer): z[g,k] = the producer has rerun by stage k; one run, one cost
     if limits.allow_recompute:
         for g, members in enumerate(problem.groups):
-            first_k = stage_idx[cands[members[0]].s0]  # shared by the group
-            last_k = max(stage_idx[cands[i].fb] for i in members)
+            first_k = stage_idx[cands[members[0]].first_stage]  # shared by the group
+            last_k = max(stage_idx[cands[i].first_after_gap] for i in members)
             v.run[g] = m.add_var(f"run_{g}")
             for k in range(first_k, last_k + 1):
                 v.z[(g, k)] = m.add_var(f"z_{g}_{k}", integer=True)
@@ -247,15 +249,15 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
                     row(0.0, INF, (v.z[(g, k)], 1.0), (v.z[(g, k - 1)], -1.0))
             for i in members:
                 row(0.0, INF, (v.run[g], 1.0), (v.rec[i], -1.0))
-                for k in range(first_k, stage_idx[cands[i].fb] + 1):
+                for k in range(first_k, stage_idx[cands[i].first_after_gap] + 1):
                     # any member recomputed (or pulled early as a boundary) by stage k reran the producer
                     row(0.0, INF, (v.z[(g, k)], 1.0), *Y(i, k, -1.0), (v.page[i], 1.0))
-                    if k < stage_idx[cands[i].fb]:  # ... which materialized every recomputed member
+                    if k < stage_idx[cands[i].first_after_gap]:  # ... which materialized every recomputed member
                         row(-1.0, INF, (v.y[(i, k)], 1.0), (v.z[(g, k)], -1.0), (v.rec[i], -1.0))
             for b in cands[members[0]].boundary:
                 t = cands[b]
                 if not t.fixed:
-                    for k in range(max(first_k, stage_idx[t.s0]), min(last_k, stage_idx[t.fb] - 1) + 1):
+                    for k in range(max(first_k, stage_idx[t.first_stage]), min(last_k, stage_idx[t.first_after_gap] - 1) + 1):
                         row(0.0, INF, (v.y[(b, k)], 1.0), (v.z[(g, k)], -1.0), (v.keep[b], 1.0))
             for k in range(first_k, last_k + 1):
                 v.gtau[(g, k)] = m.add_var(f"gtau_{g}_{k}")
@@ -323,9 +325,9 @@ def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, 
     stage_at = (np.searchsorted(stages, np.arange(problem.positions), side="right") - 1).tolist()
     for i in v.keep:
         c = cands[i]
-        const[c.prod: c.lf + 1] += c.mem_bytes
-        const[c.fb: c.lb + 1] += c.mem_bytes
-        for p in range(c.lf + 1, c.fb):
+        const[c.prod: c.last_before_gap + 1] += c.mem_bytes
+        const[c.first_after_gap: c.last_read + 1] += c.mem_bytes
+        for p in range(c.last_before_gap + 1, c.first_after_gap):
             terms[p][("keep", i)] = c.mem_bytes
             k = stage_at[p]
             if k >= 0 and (i, k) in v.y:

@@ -3,13 +3,15 @@ chains, decision-independent memory per position, and costs. Shared by every str
 
 Positions are indices into graph.ops (the execution order). Candidates are the decidable tensors
 (TrainGraph.decidable_tensors: saved forward activations, and gradients read across a gap). For one:
-  prod  its producer;  lf  its last reader before its gap (for an activation, its last forward/loss
-  reader; prod if none);  fb  its first reader after the gap;  lb  its last reader overall (aliases
+  prod  its producer;  last_before_gap (lf)  its last reader before its gap (for an activation, its
+  last forward/loss reader; prod if none);  first_after_gap (fb)  its first reader after the gap;
+  last_read (lb)  its last reader overall (aliases
   included).
 Under KEEP, t is resident over [prod, lb]. Otherwise it is resident over [prod, lf] (plus the
 Spill right after prod), and again over [fb, lb] once regenerated — or from an earlier "stage" in its
 gap when a recomputation of another tensor needs it (see schedule.py for the policy this mirrors).
-Stages are the distinct fb positions: the only places where regeneration happens.
+Stages are the distinct fb positions: the only places where regeneration happens; first_stage (s0)
+is the earliest stage at which a candidate may have to be materialized.
 A PAGE candidate may also be dropped between two of its backward readers far apart and paged in
 again from its flash copy before the second (`inner`: those reader pairs; Schedule.repage_at).
 
@@ -41,9 +43,9 @@ class Candidate:
     nbytes: int  # data size: what paging moves
     mem_bytes: int  # heap it occupies (allocation_bytes): what memory rows count
     prod: int
-    lf: int
-    fb: int
-    lb: int
+    last_before_gap: int
+    first_after_gap: int
+    last_read: int
     boundary: list[int] = field(default_factory=list)  # candidate indices a recompute needs resident
     chain_ops: list[int] = field(default_factory=list)  # op indices a recompute runs (producer last)
     transient_bytes: int = 0  # intermediates a recompute creates on the way (group members excluded)
@@ -59,12 +61,12 @@ class Candidate:
     alias_energy_j: float = 0.0  # once per regeneration, recompute or page-in alike
     page_time_s: float = 0.0  # out + in (+ alias ops)
     page_energy_j: float = 0.0
-    s0: int = 0  # earliest stage at which it may have to be materialized
+    first_stage: int = 0  # earliest stage at which it may have to be materialized
     # (a, b): consecutive backward readers with ops between them, across which a PAGE candidate may be
     # dropped and paged in again before b (resident over (a, b) otherwise); at one page-in's cost each
     inner: list[tuple[int, int]] = field(default_factory=list)
     # per inner gap: recomputable candidates whose recompute may read this one inside it (as a boundary
-    # tensor, at a stage in s0..fb of theirs): not recomputed if it is dropped there
+    # tensor, at a stage in first_stage..first_after_gap of theirs): not recomputed if it is dropped there
     inner_conflicts: list[list[int]] = field(default_factory=list)
     repage_time_s: float = 0.0
     repage_energy_j: float = 0.0
@@ -124,22 +126,22 @@ def _materialization_order(candidates: list[Candidate], stages: list[int]) -> tu
     them there and would rerun the producer later: the caller makes them not recomputable)."""
     by_producer: dict[int, list[int]] = {}
     for i, cand in enumerate(candidates):
-        cand.s0 = cand.fb
+        cand.first_stage = cand.first_after_gap
         if cand.recomputable:
             by_producer.setdefault(cand.prod, []).append(i)
     bad = []
     for p in sorted(by_producer, reverse=True):
         group = by_producer[p]
-        s0 = min(candidates[i].s0 for i in group)
+        s0 = min(candidates[i].first_stage for i in group)
         for i in group:
             u = candidates[i]
-            u.s0 = s0
-            if s0 <= u.lf:
+            u.first_stage = s0
+            if s0 <= u.last_before_gap:
                 bad.append(i)
             for b in u.boundary:
                 t = candidates[b]
-                at = max(s0, next(s for s in stages if s > t.lf)) if not t.fixed else t.fb
-                t.s0 = min(t.s0, at)
+                at = max(s0, next(s for s in stages if s > t.last_before_gap)) if not t.fixed else t.first_after_gap
+                t.first_stage = min(t.first_stage, at)
     return by_producer, bad
 
 
@@ -188,7 +190,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         ops: set[int] = set()
         for name in members[cand.name]:
             t = graph.tensors[name]
-            if name != cand.name and t.producer <= cand.lf and any(c >= cand.fb for c in t.consumers):
+            if name != cand.name and t.producer <= cand.last_before_gap and any(c >= cand.first_after_gap for c in t.consumers):
                 while name != cand.name:
                     ops.add(graph.tensors[name].producer)
                     name = graph.tensors[name].alias_of
@@ -223,7 +225,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
                 if root in index_of and root != cand.name:
                     b = index_of[root]
                     boundary.add(b)
-                    if x != root and graph.tensors[x].producer <= candidates[b].lf:
+                    if x != root and graph.tensors[x].producer <= candidates[b].last_before_gap:
                         stack.append(graph.tensors[x].producer)  # a view of it: its alias op reruns (no bytes)
                 elif root == cand.name and x != root:
                     problem = "it reads its own alias"
@@ -232,7 +234,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
                 else:
                     raise InternalError(f"regenerating {cand.name!r} reads {x!r}, which no decision covers")
         # fused optimizer mode: a recompute runs before fb at the latest and must not read an updated weight
-        late = sorted({x for i in ops for x in graph.ops[i].inputs if x in updated_at and updated_at[x] < cand.fb})
+        late = sorted({x for i in ops for x in graph.ops[i].inputs if x in updated_at and updated_at[x] < cand.first_after_gap})
         if late and not problem:
             problem = f"its recomputation would read parameter {late[0]!r} after its in-graph update"
         if problem:
@@ -251,11 +253,11 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         cand.page_time_s, cand.page_energy_j = to + ti + cand.alias_time_s, eo + ei + cand.alias_energy_j
         cand.repage_time_s, cand.repage_energy_j = ti, ei
         # page in again: only a tensor whose backward readers all read it directly (no view to rebuild)
-        if cand.pageable and not any(name != cand.name and any(r >= cand.fb for r in graph.tensors[name].consumers)
+        if cand.pageable and not any(name != cand.name and any(r >= cand.first_after_gap for r in graph.tensors[name].consumers)
                                      for name in members[cand.name]):
-            readers = sorted({r for r in graph.tensors[cand.name].consumers if r >= cand.fb})
+            readers = sorted({r for r in graph.tensors[cand.name].consumers if r >= cand.first_after_gap})
             cand.inner = [(a, b) for a, b in zip(readers, readers[1:]) if b - a > 1]
-    stages = sorted({c.fb for c in candidates if not c.fixed})
+    stages = sorted({c.first_after_gap for c in candidates if not c.fixed})
     while True:
         by_producer, bad = _materialization_order(candidates, stages)
         if not bad:
@@ -264,7 +266,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
             candidates[i].recomputable = False
             candidates[i].why_not_recomputable = ("its producer may rerun for another of its outputs while "
                                                   "it is still read before its gap")
-    # a recompute reads its boundary tensors at stages s0..fb of the recomputed tensor: never while a
+    # a recompute reads its boundary tensors at stages first_stage..first_after_gap of the recomputed tensor: never while a
     # boundary tensor is dropped between two of its readers (the MILP excludes the pair)
     for t in candidates:
         t.inner_conflicts = [[] for _ in t.inner]
@@ -273,7 +275,7 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
             for b in u.boundary:
                 t = candidates[b]
                 for j, (a, z) in enumerate(t.inner):
-                    if u.s0 < z and u.fb > a:
+                    if u.first_stage < z and u.first_after_gap > a:
                         t.inner_conflicts[j].append(ui)
     groups = [group for _, group in sorted(by_producer.items()) if len(group) > 1]
     for g, group in enumerate(groups):
@@ -297,8 +299,8 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
     before = np.array(sim.before_bytes, dtype=np.float64)
     for cand in candidates:
         if not cand.fixed:
-            const[cand.prod: cand.lb + 1] -= cand.mem_bytes
-            before[cand.prod + 1: cand.lb + 1] -= cand.mem_bytes
+            const[cand.prod: cand.last_read + 1] -= cand.mem_bytes
+            before[cand.prod + 1: cand.last_read + 1] -= cand.mem_bytes
     return Problem(graph, costs, candidates, stages, const, backward_start, sim.fixed_bytes,
                    sim.time_s, sim.energy_j, sim.peak_bytes, sim, groups, regen_order, before[stages])
 
@@ -329,7 +331,7 @@ def materialization_stage(problem: Problem, choice: list[Decision],
     candidate -> stage index in its gap it is regenerated at ahead of need (Schedule.regenerate_at)."""
     cands = problem.candidates
     stage_index = {s: k for k, s in enumerate(problem.stages)}
-    first: list[int | None] = [None if choice[i] is Decision.KEEP else stage_index[c.fb]
+    first: list[int | None] = [None if choice[i] is Decision.KEEP else stage_index[c.first_after_gap]
                                for i, c in enumerate(cands)]
     for i, k in (early or {}).items():
         if first[i] is not None:
@@ -342,7 +344,9 @@ def materialization_stage(problem: Problem, choice: list[Decision],
         for u in rec:
             first[u] = at
         for b in cands[rec[0]].boundary:  # (one still before its gap there is read as it is)
-            if choice[b] is Decision.KEEP or at >= stage_index[cands[b].fb] or problem.stages[at] <= cands[b].lf:
+            b_cand = cands[b]
+            if (choice[b] is Decision.KEEP or at >= stage_index[b_cand.first_after_gap]
+                    or problem.stages[at] <= b_cand.last_before_gap):
                 continue
             first[b] = min(first[b], at)
     return first
@@ -369,13 +373,13 @@ def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, i
     for i, c in enumerate(cands):
         if c.fixed:
             continue
-        res[c.prod: c.lf + 1] += c.mem_bytes
-        res[c.fb: c.lb + 1] += c.mem_bytes
+        res[c.prod: c.last_before_gap + 1] += c.mem_bytes
+        res[c.first_after_gap: c.last_read + 1] += c.mem_bytes
         if choice[i] is Decision.KEEP:
-            res[c.lf + 1: c.fb] += c.mem_bytes
+            res[c.last_before_gap + 1: c.first_after_gap] += c.mem_bytes
             continue
-        res[stages[first[i]]: c.fb] += c.mem_bytes  # materialized in its gap (after lf), at its own fb or earlier
-        for k in range(first[i], stages.index(c.fb)):
+        res[stages[first[i]]: c.first_after_gap] += c.mem_bytes  # materialized in its gap (after lf), at its own fb or earlier
+        for k in range(first[i], stages.index(c.first_after_gap)):
             y[(i, k)] = 1.0
         if choice[i] is Decision.PAGE:
             time_s += c.page_time_s
@@ -386,7 +390,7 @@ def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, i
                 res[a + 1: b] -= c.mem_bytes
                 time_s += c.repage_time_s
                 energy += c.repage_energy_j
-            res[c.prod + 1: max([c.fb] + [b for _, b in again]) + 1] += SPILL_HANDLE_BYTES
+            res[c.prod + 1: max([c.first_after_gap] + [b for _, b in again]) + 1] += SPILL_HANDLE_BYTES
             continue
         time_s += c.alias_time_s
         energy += c.alias_energy_j
@@ -406,8 +410,8 @@ def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, i
             continue
         for b in c.boundary:
             t = cands[b]
-            if c.fb > t.lb:
-                for p in range(t.lb + 1, c.fb + 1):
+            if c.first_after_gap > t.last_read:
+                for p in range(t.last_read + 1, c.first_after_gap + 1):
                     if (b, p) not in ext:
                         ext[(b, p)] = 1.0
                         res[p] += t.mem_bytes
@@ -432,22 +436,22 @@ class ProfileEvaluator:
         n = problem.positions
         self.live = np.array([i for i, c in enumerate(cands) if not c.fixed], dtype=np.int64)
         live = [cands[i] for i in self.live]
-        self.lf = np.array([c.lf for c in live], dtype=np.int64)
-        self.fb = np.array([c.fb for c in live], dtype=np.int64)
+        self.last_before_gap = np.array([c.last_before_gap for c in live], dtype=np.int64)
+        self.first_after_gap = np.array([c.first_after_gap for c in live], dtype=np.int64)
         self.prod = np.array([c.prod for c in live], dtype=np.int64)
         self.mem = np.array([c.mem_bytes for c in live], dtype=np.float64)
-        self.fb_stage = np.array([stage_index[c.fb] for c in live], dtype=np.int64)
+        self.fb_stage = np.array([stage_index[c.first_after_gap] for c in live], dtype=np.int64)
         self.page_t = np.array([c.page_time_s for c in live])
         self.page_e = np.array([c.page_energy_j for c in live])
         self.nbytes = np.array([c.nbytes for c in live], dtype=np.int64)
         d = np.zeros(n + 1)
         np.add.at(d, self.prod, self.mem)
-        np.add.at(d, self.lf + 1, -self.mem)
-        np.add.at(d, self.fb, self.mem)
-        np.add.at(d, np.array([c.lb for c in live], dtype=np.int64) + 1, -self.mem)
+        np.add.at(d, self.last_before_gap + 1, -self.mem)
+        np.add.at(d, self.first_after_gap, self.mem)
+        np.add.at(d, np.array([c.last_read for c in live], dtype=np.int64) + 1, -self.mem)
         self.base = problem.const_bytes + np.cumsum(d)[:n]  # every candidate's own reads, whatever the choice
         self.stages = np.array(problem.stages, dtype=np.int64)
-        self.fb_stage_of = {i: stage_index[cands[i].fb] for i in self.live.tolist()}
+        self.fb_stage_of = {i: stage_index[cands[i].first_after_gap] for i in self.live.tolist()}
         # recomputable candidates: their producer's rank in problem.regen_order
         self.regen_rank = {u: r for r, members in enumerate(problem.regen_order) for u in members}
         self.code = {Decision.KEEP: 0, Decision.RECOMPUTE: 1, Decision.PAGE: 2}
@@ -469,7 +473,7 @@ class ProfileEvaluator:
                     first[u] = at
             for b in cands[members[0]].boundary:
                 t = cands[b]
-                if choice[b] is Decision.KEEP or at >= self.fb_stage_of[b] or stages[at] <= t.lf:
+                if choice[b] is Decision.KEEP or at >= self.fb_stage_of[b] or stages[at] <= t.last_before_gap:
                     continue
                 if at < first.get(b, self.fb_stage_of[b]):
                     first[b] = at
@@ -488,13 +492,13 @@ class ProfileEvaluator:
             pos = np.searchsorted(self.live, np.array(list(early)))
             first[pos] = list(early.values())
         d = np.zeros(n + 1)
-        np.add.at(d, self.lf[keep] + 1, self.mem[keep])
-        np.add.at(d, self.fb[keep], -self.mem[keep])
+        np.add.at(d, self.last_before_gap[keep] + 1, self.mem[keep])
+        np.add.at(d, self.first_after_gap[keep], -self.mem[keep])
         gone = ~keep
         np.add.at(d, self.stages[first[gone]], self.mem[gone])
-        np.add.at(d, self.fb[gone], -self.mem[gone])
+        np.add.at(d, self.first_after_gap[gone], -self.mem[gone])
         np.add.at(d, self.prod[page] + 1, SPILL_HANDLE_BYTES)
-        np.add.at(d, self.fb[page] + 1, -SPILL_HANDLE_BYTES)
+        np.add.at(d, self.first_after_gap[page] + 1, -SPILL_HANDLE_BYTES)
         time_s = float(self.page_t[page].sum())
         energy = float(self.page_e[page].sum())
         flash = int(self.nbytes[page].sum())
@@ -515,10 +519,10 @@ class ProfileEvaluator:
                 time_s += c.rec_time_s
                 energy += c.rec_energy_j
             for b in c.boundary:
-                if c.fb > cands[b].lb:
-                    ext_to[b] = max(ext_to.get(b, 0), c.fb)
+                if c.first_after_gap > cands[b].last_read:
+                    ext_to[b] = max(ext_to.get(b, 0), c.first_after_gap)
         for b, to in ext_to.items():
-            d[cands[b].lb + 1] += cands[b].mem_bytes
+            d[cands[b].last_read + 1] += cands[b].mem_bytes
             d[to + 1] -= cands[b].mem_bytes
         op_rows = self.base + np.cumsum(d)[:n]
         pre = problem.pre_const_bytes + (op_rows - problem.const_bytes)[self.stages] + trans

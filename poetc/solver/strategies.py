@@ -106,7 +106,8 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
         p = ev.peak_position
         options = []
         for i, c in enumerate(cands):
-            if choice[i] is not Decision.KEEP or c.fixed or not (c.lf < p < c.fb) or (rule == "capuchin" and c.gradient):
+            in_gap = c.last_before_gap < p < c.first_after_gap
+            if choice[i] is not Decision.KEEP or c.fixed or not in_gap or (rule == "capuchin" and c.gradient):
                 continue
             for rank, d in enumerate(modes(c)):
                 options.append((rank, -c.nbytes / (metric(c, d) + 1e-15), i, d))

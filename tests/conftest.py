@@ -59,3 +59,29 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def update_golden(request) -> bool:
     return bool(request.config.getoption("--update-golden"))
+
+
+@pytest.fixture(scope="session")
+def paged_mlp_out(tmp_path_factory) -> Path:
+    """examples/mlp.onnx compiled with paging only (unfused optimizer: the fused mode fits this budget
+    without paging), at a budget that forces activations out: Spill/Restore nodes, the op library and
+    artifact hashes in the output. Shared, read-only: copy it before changing anything."""
+    import json
+    import subprocess
+
+    from poetc.runtime import nativelib
+    try:
+        nativelib.build_spill_library("host")
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"the Spill/Restore library cannot be built here: {exc}")
+    out = tmp_path_factory.mktemp("paged") / "out"
+    proc = subprocess.run([sys.executable, "-m", "poetc", "compile", str(ROOT / "examples" / "mlp.onnx"),
+                           "--ram", "19.8MiB", "--deadline", "2x", "--strategy", "paging-only",
+                           "--optimizer-mode", "unfused", "--baselines", "", "--json", "-o", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["result"]["decisions"]["page"] >= 1
+    assert set(report["artifacts"]) >= {"libpoet_spill.so", "training_model.onnx", "schedule.json", "schedule.bin",
+                                        "runtime.json", "checkpoint", "reference/training_model.onnx"}
+    return out

@@ -507,7 +507,7 @@ def test_compiled_schedule(mlp_feeds, mlp_budget_bytes, strategy, tmp_path, requ
     schedule, node for node; the schedule fits the budget in the simulator."""
     out = tmp_path / "out"
     options = CompileOptions(ram_bytes=mlp_budget_bytes, out_dir=out, strategy=strategy, baselines=(),
-                             time_limit_s=30)
+                             time_limit_s=30, optimizer_mode="unfused")  # the budget is the unfused graph's
     compile_model(EXAMPLE_MLP, options)  # above the lower bound with a 1.3x deadline: every strategy must fit
     reference_dir = with_training_model(tmp_path / "reference", out, onnx.load(str(out / "reference" / "training_model.onnx")))
     graph = load_artifacts(reference_dir)  # the graph compile scheduled (tensor names depend on the process)

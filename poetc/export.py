@@ -108,12 +108,20 @@ def _read_checkpoint(path: Path, *, artifact: bool) -> dict[str, tuple[np.ndarra
         state = CheckpointState.load_checkpoint(str(path))
         return {name: (np.array(p.data), bool(p.requires_grad)) for name, p in state.parameters}
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types for a file it cannot read
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = _ort_detail(exc)
         if artifact:
             raise ArtifactError(f"{path} cannot be read as an ONNX Runtime checkpoint ({detail})",
                                 hint=_RECOMPILE) from None
         raise InputFileError(f"{path} is not an ONNX Runtime checkpoint ({detail})",
                              hint="pass the checkpoint `poetc train --save PATH` wrote") from None
+
+
+def _ort_detail(exc: Exception) -> str:
+    """ORT's message without its source location: "... checkpoint.cc:867 ToCheckpointState Checkpoint
+    verification failed." -> "Checkpoint verification failed."."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    m = re.match(r".*\s\S+\.(?:cc|h|cpp):\d+ \S+ (.+)$", text)
+    return m.group(1) if m else text
 
 
 def _save_checkpoint(parameters: dict[str, tuple[np.ndarray, bool]], dest: Path) -> None:

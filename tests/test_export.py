@@ -4,6 +4,7 @@ inference model a plain InferenceSession runs, for both optimizer modes; bad inp
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import onnx
 import pytest
 
 from bad_inputs import ROOT
+from poetc import output
 from poetc.api import CompileOptions, compile_model
 from poetc.cli import main
 from poetc.importer import ImportOptions
@@ -117,6 +119,9 @@ def _run_error(argv, capsys) -> tuple[int, str]:
     ("tampered-trained-checkpoint", 10, "trained_checkpoint was modified after poetc train"),
     ("missing-checkpoint-arg", 3, "does not exist"),
     ("text-checkpoint-arg", 3, "is not an ONNX Runtime checkpoint"),
+    ("checkpoint-of-another-model", 3, "lacks the parameter 'net.6.bias'"),
+    ("checkpoint-wrong-shape", 3, "parameter 'net.6.bias' is float32[3]"),
+    ("unlisted-trained-checkpoint", 10, "was not written by poetc train"),
     ("out-exists", 7, "already exists"),
     ("out-parent-is-a-file", 7, "is not a directory"),
 ])
@@ -140,6 +145,19 @@ def test_bad_inputs_are_typed_errors(trained, tmp_path, capsys, case, code, phra
     elif case == "text-checkpoint-arg":
         (tmp_path / "text.ckpt").write_text("not a checkpoint\n")
         argv += ["--checkpoint", str(tmp_path / "text.ckpt")]
+    elif case in ("checkpoint-of-another-model", "checkpoint-wrong-shape"):
+        from onnxruntime.training.onnxblock import save_checkpoint
+        values = {n: v for n, (v, _) in _params(src / "trained_checkpoint").items()}
+        del values["net.6.bias"]
+        if case == "checkpoint-wrong-shape":
+            values["net.6.bias"] = np.zeros(3, np.float32)
+        protos = [onnx.numpy_helper.from_array(v, n) for n, v in values.items()]
+        save_checkpoint((protos, []), str(tmp_path / "other.ckpt"))
+        argv += ["--checkpoint", str(tmp_path / "other.ckpt")]
+    elif case == "unlisted-trained-checkpoint":
+        manifest = json.loads((src / output.MANIFEST).read_text())
+        del manifest["files"]["trained_checkpoint"]
+        (src / output.MANIFEST).write_text(json.dumps(manifest))
     elif case == "out-exists":
         dest.mkdir()
         (dest / "precious.txt").write_text("keep me")
@@ -186,3 +204,17 @@ def test_the_inference_model_drops_each_loss_block(loss, tmp_path):
         init.CopyFrom(onnx.numpy_helper.from_array(params[init.name], init.name))
     _, (expected,) = _ort_run(forward, {"input": x})
     np.testing.assert_array_equal(got, expected)
+
+
+def test_an_eval_model_without_an_ort_loss_block_is_refused(tmp_path):
+    from poetc.errors import UnsupportedModelError
+    from poetc.export import inference_model
+    from poetc.importer import import_model
+    artifacts = import_model(MLP, tmp_path, ImportOptions())
+    model = onnx.load(str(artifacts / "eval_model.onnx"))
+    loss = model.graph.output[0].name
+    for node in model.graph.node:  # the loss renamed as a user's own loss would be
+        node.output[:] = ["my_loss" if o == loss else o for o in node.output]
+    model.graph.output[0].name = "my_loss"
+    with pytest.raises(UnsupportedModelError, match="cannot find the loss block"):
+        inference_model(model, {n: v for n, (v, _) in _params(artifacts / "checkpoint").items()})

@@ -43,6 +43,7 @@ def paged(tmp_path_factory) -> Path:
         pytest.skip(f"the Spill/Restore library cannot be built here: {exc}")
     out = tmp_path_factory.mktemp("paged") / "out"
     proc = _poetc(["compile", MLP, "--ram", "19.8MiB", "--deadline", "2x", "--strategy", "paging-only",
+                   "--optimizer-mode", "unfused",
                    "--baselines", "", "--json", "-o", out])
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())

@@ -1,4 +1,4 @@
-"""Command line: `poetc inspect | compile | verify | train | profile | targets | bench`.
+"""Command line: `poetc inspect | compile | verify | train | export | profile | targets | bench`.
 
 The only module that prints or chooses exit codes (see `poetc.errors.EXIT_CODES`, docs/errors.md).
 """
@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, metavar="PATH",
                    help="where to save the trained checkpoint (must not exist; default OUT/trained_checkpoint)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="write the trained parameters as an ONNX Runtime checkpoint and an inference model")
+    p.add_argument("out", type=Path, help="the directory written by `poetc compile -o DIR`")
+    p.add_argument("--checkpoint", type=Path, metavar="PATH",
+                   help="the parameters to export (default DIR/trained_checkpoint, else DIR/checkpoint)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
+                   help="directory to write checkpoint and inference_model.onnx into (must not exist)")
+    p.add_argument("--force", action="store_true", help="replace OUTDIR if poetc wrote it, unchanged")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("profile", help="measure per-op times on this machine (for --costs)")
@@ -331,6 +340,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+    doc = export(args.out, args.output, checkpoint=args.checkpoint, force=args.force)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"exported {doc['trainable_parameters']} trainable and {doc['frozen_parameters']} frozen parameters "
+              f"from {doc['source_checkpoint']}")
+        print(f"wrote {doc['out']}/checkpoint (ONNX Runtime checkpoint) and {doc['out']}/inference_model.onnx "
+              f"(inputs {', '.join(doc['inputs'])}; outputs {', '.join(doc['outputs'])})")
+    return 0
+
+
 def cmd_profile(args) -> int:
     import tempfile
 
@@ -352,7 +374,7 @@ def cmd_targets(args) -> int:
 
 
 COMMANDS = {"inspect": cmd_inspect, "compile": cmd_compile, "verify": cmd_verify, "train": cmd_train,
-            "profile": cmd_profile, "targets": cmd_targets}
+            "export": cmd_export, "profile": cmd_profile, "targets": cmd_targets}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ FRACTIONS = [0.5, 0.3]
 TARGETS = ["rpi4", "host"]
 
 # above the lower bound, but the MILP proves that nothing meets the 1.3x deadline (docs/benchmarks.md)
-MILP_INFEASIBLE = {("bert_tiny", 0.3)}
+# (on rpi4's analytic costs; on host the op times are measured during the compile, so host cases get a
+# 3x deadline: their outcome should not hinge on how fast this machine ran the ops while measuring)
+MILP_INFEASIBLE = {("bert_tiny", 0.3, "rpi4")}
 
 _figures: dict[tuple[str, int], tuple[Path, int, int, int]] = {}
 
@@ -55,14 +57,16 @@ def test_compiled_training_is_identical_and_fits(name, batch, fraction, target, 
     ram = int(fixed + fraction * activations)
     # the unfused optimizer mode: the budgets and bounds here are the unfused graph's (the fused mode,
     # which needs less, is checked against it in tests/test_fused.py)
+    from poetc.units import Deadline
+    deadline = Deadline(factor=3.0 if target == "host" else 1.3)
     options = CompileOptions(ram_bytes=ram, out_dir=tmp_path / "out", target=target, time_limit_s=60,
-                             optimizer_mode="unfused")
+                             optimizer_mode="unfused", deadline=deadline)
     if ram < bound:
         with pytest.raises(InfeasibleError, match="below the lower bound"):
             compile_model(path, options)
         assert not (tmp_path / "out").exists()
         return
-    if (name, fraction) in MILP_INFEASIBLE:
+    if (name, fraction, target) in MILP_INFEASIBLE:
         with pytest.raises(InfeasibleError, match="the MILP is infeasible"):
             compile_model(path, options)
         return

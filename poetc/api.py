@@ -21,7 +21,7 @@ import onnx
 from . import output
 from .errors import InfeasibleError
 from .importer import ImportOptions, canonicalizations, import_model
-from .ir.graph import Role, TensorKind, TrainGraph
+from .ir.graph import TensorKind, TrainGraph
 from .ir.lower import load_artifacts
 from .plan import BASELINES
 from .report import CompileReport, KeepAllSummary, StrategySummary

@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_CODES, InternalError, PoetcError, Terminated, UsageError, VerificationError
+from .errors import EXIT_CODES, InternalError, PoetcError, Terminated, VerificationError
 from .plan import BASELINES, STRATEGIES
 from .units import format_size, format_time, parse_deadline, parse_size
 

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from poetc.runtime import nativelib
+from poetc.runtime import contract, nativelib
 from poetc.runtime.measure import MeasurementError, measure_training
 from poetc.runtime.session import open_training
 
@@ -247,21 +247,21 @@ def _spill_rewrite(src: Path, dst: Path, tensor: str) -> Path:
     fwd_consumers = [i for i in consumers if i < bwd_start] or [prod]
     late = [i for i in consumers if i not in fwd_consumers]
     assert late, "tensor has no backward consumer"
-    sop, sattrs = nativelib.make_spill_node_spec(onnx.TensorProto.FLOAT, key=tensor)
-    rop, rattrs = nativelib.make_restore_node_spec(onnx.TensorProto.FLOAT, key=tensor)
+    sop, sattrs = contract.make_spill_node_spec(onnx.TensorProto.FLOAT, key=tensor)
+    rop, rattrs = contract.make_restore_node_spec(onnx.TensorProto.FLOAT, key=tensor)
     handle, restored = tensor + "__h", tensor + "__r"
     for i in late:
         nodes[i].input[:] = [restored if x == tensor else x for x in nodes[i].input]
-    spill = helper.make_node(sop, [tensor], [handle], domain=nativelib.SPILL_DOMAIN, **sattrs)
-    restore = helper.make_node(rop, [handle], [restored], domain=nativelib.SPILL_DOMAIN,
+    spill = helper.make_node(sop, [tensor], [handle], domain=contract.SPILL_DOMAIN, **sattrs)
+    restore = helper.make_node(rop, [handle], [restored], domain=contract.SPILL_DOMAIN,
                                **rattrs)
     first_late = min(late)
     new = nodes[:max(fwd_consumers) + 1] + [spill] + nodes[max(fwd_consumers) + 1:first_late] \
         + [restore] + nodes[first_late:]
     del m.graph.node[:]
     m.graph.node.extend(new)
-    m.opset_import.append(helper.make_opsetid(nativelib.SPILL_DOMAIN,
-                                              nativelib.SPILL_OPSET_VERSION))
+    m.opset_import.append(helper.make_opsetid(contract.SPILL_DOMAIN,
+                                              contract.SPILL_OPSET_VERSION))
     onnx.save(m, str(path))
     return dst
 

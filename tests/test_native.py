@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from poetc.runtime import nativelib
-from poetc.runtime.nativelib import (NativeBuildError, make_restore_node_spec,
-                                     make_spill_node_spec)
+from poetc.runtime.contract import SPILL_DOMAIN, make_restore_node_spec, make_spill_node_spec
+from poetc.runtime.nativelib import NativeBuildError
 from poetc.runtime.session import contract_session_options
 
 DTYPES = [
@@ -61,8 +61,8 @@ def _roundtrip_model(onnx_dtype: int, shape) -> bytes:
     sop, sattrs = make_spill_node_spec(onnx_dtype, key="x-key")
     rop, rattrs = make_restore_node_spec(onnx_dtype)
     return _model(
-        [helper.make_node(sop, ["X"], ["H"], domain=nativelib.SPILL_DOMAIN, **sattrs),
-         helper.make_node(rop, ["H"], ["Y"], domain=nativelib.SPILL_DOMAIN, **rattrs)],
+        [helper.make_node(sop, ["X"], ["H"], domain=SPILL_DOMAIN, **sattrs),
+         helper.make_node(rop, ["H"], ["Y"], domain=SPILL_DOMAIN, **rattrs)],
         [helper.make_tensor_value_info("X", onnx_dtype, shape)],
         [helper.make_tensor_value_info("Y", onnx_dtype, shape)])
 

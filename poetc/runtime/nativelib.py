@@ -38,9 +38,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from .contract import (RESTORE_OP_TYPES, SPILL_DOMAIN, SPILL_OP_TYPE, SPILL_OPSET_VERSION,  # noqa: F401 (the
-                       SUPPORTED_DTYPES, make_restore_node_spec, make_spill_node_spec)  # ops it builds)
-
 logger = logging.getLogger(__name__)
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"

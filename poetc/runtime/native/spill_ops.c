@@ -64,6 +64,9 @@
 #include "io_core.h"
 #include "onnxruntime_c_api.h"
 
+/* async_ops.c: waits for (and claims) a pending SpillAsync write of `token`; POET_OK if none */
+int poet_async_wait_write(uint64_t token, poet_err *err);
+
 #define POET_ORT_API_VERSION 19
 #define POET_DOMAIN "poet"
 
@@ -414,6 +417,9 @@ static OrtStatus *restore_compute(PoetKernel *k, OrtKernelContext *ctx) {
   pid = hdata[1];
   if (poet_spill_path(path, sizeof path, k->dir, pid, token, &err) != POET_OK)
     return io_status(k, &err);
+  /* a handle from SpillAsync: its write must be complete (async_ops.c) */
+  if (poet_async_wait_write(token, &err) != POET_OK)
+    return make_status(ORT_RUNTIME_EXCEPTION, "%s: the write of this spill failed: %s", pre, err.msg);
 
   if (poet_spill_open(path, &rd, &err) != POET_OK) return io_status(k, &err);
   if (rd.hdr.token != token) {
@@ -515,6 +521,8 @@ static void ORT_API_CALL op_compute_v1(void *kernel, OrtKernelContext *ctx) {
 
 /* update_ops.c: the in-place optimizer updates (StepCount, AdamWUpdate, SGDUpdate) share the domain */
 OrtStatus *poet_register_update_ops(OrtCustomOpDomain *domain, const OrtApi *api);
+/* async_ops.c: write-behind spills and prefetched restores (SpillAsync, Flush, Prefetch, Await*) */
+OrtStatus *poet_register_async_ops(OrtCustomOpDomain *domain, const OrtApi *api);
 
 static PoetOp g_ops[] = {
     POET_OP_INIT(POET_KIND_SPILL, 0, "Spill"),
@@ -550,6 +558,8 @@ RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
     if (st) return st;
   }
   st = poet_register_update_ops(domain, g_ort);
+  if (st) return st;
+  st = poet_register_async_ops(domain, g_ort);
   if (st) return st;
   /* The domain must outlive every session created from these options; it is
    * deliberately never released (a few hundred bytes per registration). */

@@ -9,7 +9,6 @@ Slow and failing storage use tests/native/spill_fault.c (LD_PRELOAD) in a child 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,11 +19,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from poetc.runtime import nativelib
 from poetc.runtime.contract import (SPILL_DOMAIN, make_await_node_spec, make_flush_node_spec,
                                     make_prefetch_node_spec, make_restore_node_spec,
                                     make_spill_async_node_spec)
-from poetc.runtime.nativelib import NativeBuildError
 from poetc.runtime.session import contract_session_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,13 +37,6 @@ DTYPES = [
     (TensorProto.BOOL, np.bool_),
 ]
 
-
-@pytest.fixture(scope="module")
-def spill_lib() -> Path:
-    try:
-        return nativelib.build_spill_library("host")
-    except NativeBuildError as exc:
-        pytest.skip(f"cannot build the spill library (ORT headers unavailable?): {exc}")
 
 
 @pytest.fixture
@@ -175,16 +165,6 @@ def test_await_of_a_ticket_never_issued_fails_clearly(spill_lib, spill_dir):
 
 # ---------------------------------------------------------------------------------------------------
 # slow and failing storage, in a child process with the LD_PRELOAD shim
-
-@pytest.fixture(scope="module")
-def fault_shim(tmp_path_factory) -> Path:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        pytest.skip("no C compiler for the LD_PRELOAD fault shim")
-    lib = tmp_path_factory.mktemp("shim") / "spill_fault.so"
-    subprocess.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-o", str(lib),
-                    str(ROOT / "tests" / "native" / "spill_fault.c"), "-ldl"], check=True)
-    return lib
 
 
 _CHILD = textwrap.dedent("""

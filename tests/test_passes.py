@@ -308,14 +308,6 @@ def mlp_reference(mlp, mlp_feeds):
     return train_in_ort(mlp[0], mlp_feeds)
 
 
-@pytest.fixture(scope="session")
-def spill_library() -> Path:
-    from poetc.runtime import nativelib
-    try:
-        return nativelib.build_spill_library("host")
-    except Exception as exc:  # NativeBuildError, or no compiler / no network for the headers
-        pytest.skip(f"cannot build the native Spill/Restore library: {exc}")
-
 
 @pytest.fixture
 def spill_dir(tmp_path, monkeypatch) -> Path:
@@ -331,7 +323,7 @@ def train_rewritten(tmp_path: Path, artifacts: Path, model: onnx.ModelProto, fee
     """Train the rewritten model; resolves the spill library (or skips) only when it pages."""
     library = None
     if needs_spill_library(model):
-        library = request.getfixturevalue("spill_library")
+        library = request.getfixturevalue("spill_lib")
         spill = request.getfixturevalue(spill_dir_name)
     run_dir = with_training_model(tmp_path / "rewritten", artifacts, model)
     result = train_in_ort(run_dir, feeds, library)

@@ -57,6 +57,7 @@
 
 #include "io_core.h"
 #include "onnxruntime_c_api.h"
+#include "op_util.h"
 
 #define POET_ASYNC_MAX_PENDING 64
 
@@ -277,18 +278,6 @@ static OrtStatus *fail_ort(const AsyncKernel *k, OrtStatus *st, const char *what
   return out;
 }
 
-static void spill_dir(char *out, size_t n) {
-  const char *env = getenv("POETC_SPILL_DIR");
-  const char *tmp;
-  if (env && *env) {
-    snprintf(out, n, "%s", env);
-    return;
-  }
-  tmp = getenv("TMPDIR");
-  if (!tmp || !*tmp) tmp = "/tmp";
-  snprintf(out, n, "%s/poetc-spill-%u", tmp, (unsigned)geteuid());
-}
-
 static const char *ORT_API_CALL a_name(const OrtCustomOp *op) { return ((const AsyncOp *)op)->name; }
 static const char *ORT_API_CALL a_ep(const OrtCustomOp *op) {
   (void)op;
@@ -350,55 +339,17 @@ static OrtStatusPtr ORT_API_CALL a_create_kernel(const OrtCustomOp *op, const Or
                                                  const OrtKernelInfo *info, void **kernel) {
   const AsyncOp *p = (const AsyncOp *)op;
   AsyncKernel *k;
-  size_t sz = 0;
-  OrtStatus *st;
-  const char *drop;
   (void)api;
   *kernel = NULL;
   k = (AsyncKernel *)calloc(1, sizeof *k);
   if (!k) return g_api->CreateStatus(ORT_FAIL, "poetc async ops: out of memory creating a kernel");
   k->op = p;
-  spill_dir(k->dir, sizeof k->dir);
-  drop = getenv("POETC_SPILL_DROP_CACHE");
-  k->drop_cache = drop && drop[0] && strcmp(drop, "0") != 0;
-  st = g_api->KernelInfoGetAttribute_string(info, "key", NULL, &sz);
-  if (st) {
-    g_api->ReleaseStatus(st);
-  } else if (sz > 0) {
-    char *buf = (char *)malloc(sz);
-    if (buf) {
-      st = g_api->KernelInfoGetAttribute_string(info, "key", buf, &sz);
-      if (st)
-        g_api->ReleaseStatus(st);
-      else
-        snprintf(k->key, sizeof k->key, "%s", buf);
-      free(buf);
-    }
-  }
+  poet_default_spill_dir(k->dir, sizeof k->dir);
+  k->drop_cache = poet_drop_cache_requested();
+  poet_string_attr(g_api, info, "key", k->key, sizeof k->key);
   if (p->kind == K_AWAIT) {
-    OrtTypeInfo *ti = NULL;
-    const OrtTensorTypeAndShapeInfo *tsi = NULL;
-    size_t n = 0, d;
-    int64_t keep = 0;
-    st = g_api->KernelInfo_GetOutputTypeInfo(info, 0, &ti);
-    if (!st) st = g_api->CastTypeInfoToTensorInfo(ti, &tsi);
-    if (!st && tsi) st = g_api->GetDimensionsCount(tsi, &n);
-    if (!st && tsi && n > 0 && n <= POET_SPILL_MAX_RANK) {
-      st = g_api->GetDimensions(tsi, k->exp_dims, n);
-      if (!st) {
-        k->has_shape = 1;
-        k->exp_rank = (uint32_t)n;
-        for (d = 0; d < n; d++)
-          if (k->exp_dims[d] < 0) k->has_shape = 0;
-      }
-    }
-    if (st) g_api->ReleaseStatus(st);
-    if (ti) g_api->ReleaseTypeInfo(ti);
-    st = g_api->KernelInfoGetAttribute_int64(info, "keep_file", &keep);
-    if (st)
-      g_api->ReleaseStatus(st);
-    else
-      k->keep_file = keep != 0;
+    k->has_shape = poet_declared_output_shape(g_api, info, 0, &k->exp_rank, k->exp_dims);
+    k->keep_file = poet_int_attr(g_api, info, "keep_file", 0) != 0;
   }
   if (p->kind == K_SPILL_ASYNC) {
     poet_err err;
@@ -418,23 +369,12 @@ static void ORT_API_CALL a_destroy_kernel(void *kernel) { free(kernel); }
 /* Element type and shape of a value. */
 static OrtStatus *meta(const AsyncKernel *k, const OrtValue *v, int32_t *dtype, uint32_t *rank,
                        int64_t *dims) {
-  OrtTensorTypeAndShapeInfo *ti = NULL;
-  ONNXTensorElementDataType et;
-  size_t n = 0;
-  OrtStatus *st = g_api->GetTensorTypeAndShape(v, &ti);
-  if (st) return fail_ort(k, st, "GetTensorTypeAndShape");
-  st = g_api->GetTensorElementType(ti, &et);
-  if (!st) st = g_api->GetDimensionsCount(ti, &n);
-  if (!st && n > POET_SPILL_MAX_RANK) {
-    g_api->ReleaseTensorTypeAndShapeInfo(ti);
-    return fail(k, "tensor rank %zu exceeds the supported maximum %d", n, POET_SPILL_MAX_RANK);
-  }
-  if (!st && n > 0) st = g_api->GetDimensions(ti, dims, n);
-  g_api->ReleaseTensorTypeAndShapeInfo(ti);
-  if (st) return fail_ort(k, st, "reading a tensor shape");
-  *dtype = (int32_t)et;
-  *rank = (uint32_t)n;
-  return NULL;
+  char label[400];
+  if (k->key[0])
+    snprintf(label, sizeof label, "poetc %s[key=%s]", k->op->name, k->key);
+  else
+    snprintf(label, sizeof label, "poetc %s", k->op->name);
+  return poet_value_meta(g_api, label, v, dtype, rank, dims);
 }
 
 /* The int64[2] input 0 (a handle or a ticket). */

@@ -4,6 +4,7 @@ Each pass applies decisions already made; none calls a solver. `default_pipeline
 order they run.
 """
 
+from .async_paging import AsyncPaging
 from .cleanup import Cleanup
 from .insert_recompute import InsertRecompute
 from .insert_spill_restore import InsertSpillRestore
@@ -12,8 +13,8 @@ from .order import OrderNodes
 
 
 def default_pipeline() -> list:
-    return [InsertRecompute(), InsertSpillRestore(), OrderNodes(), Cleanup()]
+    return [InsertRecompute(), InsertSpillRestore(), OrderNodes(), AsyncPaging(), Cleanup()]
 
 
-__all__ = ["Cleanup", "InsertRecompute", "InsertSpillRestore", "OrderNodes", "PassContext", "PassError",
+__all__ = ["AsyncPaging", "Cleanup", "InsertRecompute", "InsertSpillRestore", "OrderNodes", "PassContext", "PassError",
            "PassManager", "PassResult", "default_pipeline"]

@@ -31,6 +31,7 @@ class PassContext:
     schedule: Schedule
     gs_graph: gs.Graph
     custom_domains: dict[str, int] = field(default_factory=dict)
+    overlap: object = None  # poetc.overlap.OverlapPlan: the transfers async-paging makes asynchronous
 
     def node(self, op_index: int) -> gs.Node:
         """The graph-surgeon node of IR op `op_index` (located by the IR's node name)."""

@@ -27,7 +27,7 @@ from .plan import BASELINES
 from .report import CompileReport, KeepAllSummary, StrategySummary
 from .run import input_specs, label_classes, measure_artifacts
 from .runtime.contract import RUNTIME_CONTRACT
-from .schedule import Decision, SimResult, Step, StepCosts, fixed_state_bytes, simulate
+from .schedule import Decision, SimResult, Step, StepCosts, StepKind, fixed_state_bytes, simulate
 from .units import Deadline
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def open_graph(model_path: Path, work_dir: Path, import_options: ImportOptions) 
 
 def ort_order_keep_all(graph: TrainGraph, original_model: onnx.ModelProto):
     """Keep-all peak in the order onnxruntime-training wrote (before accumulator hoisting)."""
-    from .schedule import Step, StepKind
+    from .schedule import Step
     by_name = {op.name: op for op in graph.ops}
     order = [by_name[n.name] for n in original_model.graph.node if n.name in by_name]
     if len(order) != len(graph.ops):
@@ -138,6 +138,9 @@ class CompileOptions:
     # gradient buffers and Optimizer, "auto" takes fused when it fits where unfused does not or lowers
     # the objective (poetc.plan.choose_optimizer_mode)
     optimizer_mode: str = "auto"
+    # overlap paging with compute (poetc.overlap): write-behind spills and prefetched restores where they
+    # hide transfer time within the budget; False keeps every Spill/Restore blocking
+    overlap: bool = True
 
 
 @dataclass
@@ -209,8 +212,9 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         if not main.fits:
             raise InfeasibleError(_infeasible_message(chosen), hint="raise --ram, relax --deadline, or allow more "
                                   "flash (--flash)")
+        main, overlap = _overlap(main, problem, budget, target, options)
         say("rewriting")
-        model, pass_records = rewrite(graph, main.schedule, options, work / "dumps")
+        model, pass_records = rewrite(graph, main.schedule, options, work / "dumps", overlap=overlap)
         (stage / "reference").mkdir()
         shutil.copy2(artifacts / "training_model.onnx", stage / "reference" / "training_model.onnx")
         if fused:  # Module alone drives it; verify's reference keeps ORT's optimizer and checkpoint
@@ -239,7 +243,8 @@ def compile_model(model_path: Path, options: CompileOptions, *,
             passes=[{k: v for k, v in r.items() if k != "seconds"} for r in pass_records],
             native_libraries=libraries, runtime_contract=RUNTIME_CONTRACT, label_classes=label_classes(graph),
             inputs=input_specs(graph), optimizer_mode=mode, optimizer_mode_reason=mode_reason,
-            canonicalizations=canonicalizations(artifacts))
+            canonicalizations=canonicalizations(artifacts),
+            overlap=overlap.to_json() if overlap is not None else None)
         timings = {"compile_s": round(time.perf_counter() - t0, 3), "solve_s": round(main.solve_time_s, 3),
                    "passes": {r["name"]: r.get("seconds") for r in pass_records}}
         timelines = Timelines(keep, main.sim, main.schedule.steps, problem.backward_start, budget.ram_bytes)
@@ -281,13 +286,32 @@ def _infeasible_message(chosen) -> str:
             f"activation budget and {RESERVE_BYTES // 1024} KiB spare for allocations the simulator does not model")
 
 
-def rewrite(graph: TrainGraph, schedule, options: CompileOptions, dump_dir: Path) -> tuple[onnx.ModelProto, list]:
+def _overlap(main, problem, budget, target, options: CompileOptions):
+    """(result, OverlapPlan or None): the chosen schedule with its transfers made asynchronous where that
+    hides their time within the activation budget; the result's simulation then counts the staging
+    buffers and the overlapped time."""
+    from .overlap import plan_overlap
+    paged = {s.tensor for s in main.schedule.steps if s.kind is StepKind.PAGE_OUT}
+    if not options.overlap or not paged:
+        return main, None
+    plan_ = plan_overlap(main.schedule.steps, main.sim, problem.costs,
+                         {t: problem.graph.tensors[t].nbytes for t in paged}, budget.activation_bytes,
+                         copy_bytes_per_s=target.mem_bytes_per_s, copy_power_w=target.active_power_w)
+    if not plan_.asynchronous:
+        return main, plan_
+    sim = plan_.adjusted(main.sim)
+    return dataclasses.replace(main, sim=sim, overhead_time_s=main.overhead_time_s + sim.time_s - main.sim.time_s,
+                               overhead_energy_j=main.overhead_energy_j + sim.energy_j - main.sim.energy_j), plan_
+
+
+def rewrite(graph: TrainGraph, schedule, options: CompileOptions, dump_dir: Path, *,
+            overlap=None) -> tuple[onnx.ModelProto, list]:
     import onnx_graphsurgeon as gs
 
     from .passes import PassContext, PassManager, default_pipeline
     manager = PassManager(default_pipeline(), disabled=set(options.disable_passes),
                           dump_after=set(options.dump_after), dump_dir=dump_dir)
-    ctx = PassContext(graph, schedule, gs.import_onnx(graph.model))
+    ctx = PassContext(graph, schedule, gs.import_onnx(graph.model), overlap=overlap)
     model = manager.run(ctx)
     return model, manager.records
 

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: apply each parameter's update inside the backward pass (no gradient buffers; "
                         "Module without Optimizer); unfused: ORT's gradient buffers and Optimizer; auto (default): "
                         "fused when it lets the budget fit or lowers the objective")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="keep every Spill/Restore blocking (default: write-behind spills and prefetched restores "
+                        "where they hide transfer time within the budget)")
     p.add_argument("--strategy", default="poet", choices=STRATEGIES)
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help="comma-separated strategies to run for the report ('' for none)")
@@ -233,7 +236,7 @@ def cmd_compile(args) -> int:
         time_limit_s=parse_time(args.time_limit, what="--time-limit", bare_seconds=True), seed=args.seed, threads=args.threads,
         costs_path=args.costs, import_options=_import_options(args), force=args.force,
         disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver,
-        optimizer_mode=args.optimizer_mode)
+        optimizer_mode=args.optimizer_mode, overlap=args.overlap)
     with _Progress(enabled=not args.json) as progress:
         result = compile_model(args.model, options, progress=progress)
     report = result.report

@@ -86,6 +86,9 @@ class CompileReport:
     optimizer_mode: str = "unfused"  # fused: each update inside the step (Module alone drives it)
     optimizer_mode_reason: str = ""
     canonicalizations: list[dict] = field(default_factory=list)  # exact rewrites import applied: name, count, nodes, why
+    # asynchronous paging (poetc.overlap.OverlapPlan.to_json): which transfers overlap compute, the staging
+    # bytes they add (already in `result`'s peak) and the overlapped step time (already in `result`'s time)
+    overlap: dict | None = None
     artifacts: dict[str, str] = field(default_factory=dict)  # file -> SHA-256, checked by train and verify
     format: str = REPORT_FORMAT
 

@@ -85,3 +85,27 @@ def paged_mlp_out(tmp_path_factory) -> Path:
     assert set(report["artifacts"]) >= {"libpoet_spill.so", "training_model.onnx", "schedule.json", "schedule.bin",
                                         "runtime.json", "checkpoint", "reference/training_model.onnx"}
     return out
+
+
+@pytest.fixture(scope="session")
+def spill_lib() -> Path:
+    """The host build of the poet op library (Spill/Restore, async paging, updates, state ops)."""
+    from poetc.runtime import nativelib
+    try:
+        return nativelib.build_spill_library("host")
+    except nativelib.NativeBuildError as exc:
+        pytest.skip(f"cannot build the spill library (ORT headers unavailable?): {exc}")
+
+
+@pytest.fixture(scope="session")
+def fault_shim(tmp_path_factory) -> Path:
+    """tests/native/spill_fault.c built as an LD_PRELOAD shim (damaged, slow or failing spill files)."""
+    import shutil
+    import subprocess
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        pytest.skip("no C compiler for the LD_PRELOAD fault shim")
+    lib = tmp_path_factory.mktemp("shim") / "spill_fault.so"
+    subprocess.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-o", str(lib),
+                    str(Path(__file__).parent / "native" / "spill_fault.c"), "-ldl"], check=True)
+    return lib

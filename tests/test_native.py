@@ -27,15 +27,6 @@ DTYPES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def spill_lib() -> Path:
-    try:
-        return nativelib.build_spill_library("host")
-    except NativeBuildError as exc:
-        reason = f"cannot build the spill library (ORT headers unavailable?): {exc}"
-        print(reason)
-        pytest.skip(reason)
-
 
 @pytest.fixture
 def spill_dir(tmp_path, monkeypatch) -> Path:

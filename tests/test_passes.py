@@ -36,7 +36,7 @@ import pytest
 from poetc.api import CompileOptions, compile_model, rewrite
 from poetc.ir.graph import TrainGraph
 from poetc.ir.lower import load_artifacts
-from poetc.passes import (Cleanup, InsertRecompute, InsertSpillRestore, OrderNodes, PassContext, PassError,
+from poetc.passes import (AsyncPaging, Cleanup, InsertRecompute, InsertSpillRestore, OrderNodes, PassContext, PassError,
                           PassManager, default_pipeline)
 from poetc.runtime.contract import SPILL_DOMAIN, make_restore_node_spec, make_spill_node_spec
 from poetc.schedule import Decision, Schedule, ScheduleError, StepKind, fixed_state_bytes, simulate, simulate_keep_all
@@ -47,7 +47,7 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden" / "passes"
 TRAIN_STEPS = 3
 ARTIFACT_COPIES = ("eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
-PASSES = {p.name: p for p in (InsertRecompute, InsertSpillRestore, OrderNodes, Cleanup)}
+PASSES = {p.name: p for p in (InsertRecompute, InsertSpillRestore, OrderNodes, AsyncPaging, Cleanup)}
 DEFAULT_ORDER = [p.name for p in default_pipeline()]
 
 # case -> (schedule rule, passes run in that order; "default" = the pipeline poetc.api.rewrite runs)
@@ -308,14 +308,6 @@ def mlp_reference(mlp, mlp_feeds):
     return train_in_ort(mlp[0], mlp_feeds)
 
 
-@pytest.fixture(scope="session")
-def spill_library() -> Path:
-    from poetc.runtime import nativelib
-    try:
-        return nativelib.build_spill_library("host")
-    except Exception as exc:  # NativeBuildError, or no compiler / no network for the headers
-        pytest.skip(f"cannot build the native Spill/Restore library: {exc}")
-
 
 @pytest.fixture
 def spill_dir(tmp_path, monkeypatch) -> Path:
@@ -331,7 +323,7 @@ def train_rewritten(tmp_path: Path, artifacts: Path, model: onnx.ModelProto, fee
     """Train the rewritten model; resolves the spill library (or skips) only when it pages."""
     library = None
     if needs_spill_library(model):
-        library = request.getfixturevalue("spill_library")
+        library = request.getfixturevalue("spill_lib")
         spill = request.getfixturevalue(spill_dir_name)
     run_dir = with_training_model(tmp_path / "rewritten", artifacts, model)
     result = train_in_ort(run_dir, feeds, library)

@@ -9,7 +9,6 @@ file at the moment Restore opens it (deterministic: no race with a watcher threa
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -31,16 +30,6 @@ def paged_out(paged_mlp_out, tmp_path_factory) -> Path:
     shutil.copytree(paged_mlp_out, out, symlinks=True)
     return out
 
-
-@pytest.fixture(scope="module")
-def fault_shim(tmp_path_factory) -> Path:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        pytest.skip("no C compiler for the LD_PRELOAD fault shim")
-    lib = tmp_path_factory.mktemp("shim") / "spill_fault.so"
-    subprocess.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-o", str(lib),
-                    str(Path(__file__).parent / "native" / "spill_fault.c"), "-ldl"], check=True)
-    return lib
 
 
 def _poetc(args: list[str], **env: str) -> subprocess.CompletedProcess:

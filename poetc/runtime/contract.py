@@ -76,3 +76,49 @@ def make_restore_node_spec(dtype: int, key: str | None = None, keep_file: bool =
     if keep_file:
         attrs["keep_file"] = 1
     return RESTORE_OP_TYPES[d], attrs
+
+
+# ---------------------------------------------------------------------------------------------------
+# asynchronous paging (poetc/runtime/native/async_ops.c): write-behind spills and prefetched restores
+
+SPILL_ASYNC_OP_TYPE = "SpillAsync"
+FLUSH_OP_TYPE = "Flush"
+PREFETCH_OP_TYPE = "Prefetch"
+#: Await op type per produced ONNX element type (same dtype set as Restore).
+AWAIT_OP_TYPES: dict[int, str] = {d: "Await" + t[len("Restore"):] for d, t in RESTORE_OP_TYPES.items()}
+
+
+def make_spill_async_node_spec(dtype: int, key: str | None = None) -> tuple[str, dict]:
+    """``(op_type, attrs)`` of the node that spills a tensor of ``dtype`` behind the step's back.
+
+    ``SpillAsync(X) -> H``: the same int64[2] handle and file as ``Spill``; X is copied into a staging
+    buffer and written by the process's I/O thread while later ops run. The staging buffer (|X| bytes)
+    lives until the write completes: at the latest at the handle's ``Flush`` or first Restore/Prefetch,
+    which wait for the write (a failed write fails them). Domain :data:`SPILL_DOMAIN`.
+    """
+    _check_dtype(dtype)
+    return SPILL_ASYNC_OP_TYPE, ({"key": str(key)} if key else {})
+
+
+def make_flush_node_spec(key: str | None = None) -> tuple[str, dict]:
+    """``Flush(H) -> H2``: waits until H's write is complete and returns a copy of H."""
+    return FLUSH_OP_TYPE, ({"key": str(key)} if key else {})
+
+
+def make_prefetch_node_spec(key: str | None = None) -> tuple[str, dict]:
+    """``Prefetch(H) -> P``: queues the read of H's file on the I/O thread and returns a ticket
+    (int64[2]); the read runs after every write queued before it. |Y| bytes are staged from here to the
+    ticket's ``Await``."""
+    return PREFETCH_OP_TYPE, ({"key": str(key)} if key else {})
+
+
+def make_await_node_spec(dtype: int, key: str | None = None, keep_file: bool = False) -> tuple[str, dict]:
+    """``Await(P) -> Y`` (one op type per dtype, as Restore): waits for the read of ticket P, checks the
+    file's dtype and shape against Y's declared static shape, and copies the staged data into Y (both
+    live for the copy). A failed read, a bad header or a checksum mismatch fails the run naming the file:
+    nothing unauthenticated reaches a reader. ``keep_file`` as for Restore."""
+    d = _check_dtype(dtype)
+    attrs = {"key": str(key)} if key else {}
+    if keep_file:
+        attrs["keep_file"] = 1
+    return AWAIT_OP_TYPES[d], attrs

@@ -377,8 +377,9 @@ def build_spill_library(arch: str = "host", cache_dir: str | os.PathLike | None 
     """
     cc = _compiler(arch)
     inc = ensure_headers(cache_dir)
-    sources = [NATIVE_DIR / "spill_ops.c", NATIVE_DIR / "io_core.c", NATIVE_DIR / "update_ops.c"]
-    deps = sources + [NATIVE_DIR / "io_core.h"]
+    sources = [NATIVE_DIR / "spill_ops.c", NATIVE_DIR / "io_core.c", NATIVE_DIR / "update_ops.c",
+               NATIVE_DIR / "async_ops.c", NATIVE_DIR / "op_util.c"]
+    deps = sources + [NATIVE_DIR / "io_core.h", NATIVE_DIR / "op_util.h"]
     # nodelete: ORT unloads a custom-op library with the last session options that registered it;
     # staying loaded keeps the per-process MAC key, so one session may restore what another spilled.
     # update_ops.c reproduces ORT's optimizer arithmetic bit for bit: no fused multiply-add
@@ -387,7 +388,7 @@ def build_spill_library(arch: str = "host", cache_dir: str | os.PathLike | None 
     header_hash = hashlib.sha256((inc / "onnxruntime_c_api.h").read_bytes()).hexdigest()
     key = _build_key(cc, lib_flags, deps, extra=arch + header_hash)
     out = cache_root(cache_dir) / "build" / arch / f"libpoetc_spill-{key}.so"
-    return _compile_cached(cc, flags, sources, out, f"spill ops ({arch})", libs=["-lm"])
+    return _compile_cached(cc, flags, sources, out, f"spill ops ({arch})", libs=["-lm", "-lpthread"])
 
 
 def build_heap_counter(arch: str = "host", cache_dir: str | os.PathLike | None = None) -> Path:

@@ -5,10 +5,14 @@
  * Restore, io_core.c's poet_spill_open), it first applies POETC_TEST_SPILL_FAULT to it:
  *   delete   unlink the file
  *   corrupt  flip one payload byte (the last byte of the file)
- * then performs the real open. Nothing else is touched. Used by tests/test_spill_faults.py.
+ * then performs the real open. Two more modes act on every `.spill` open, reads and writes:
+ *   slow       sleep POETC_TEST_SPILL_DELAY_MS (default 150) milliseconds first (slow storage)
+ *   failwrite  a create (O_CREAT) fails with EIO (a write that fails on the I/O thread)
+ * Nothing else is touched. Used by tests/test_spill_faults.py and tests/test_async_ops.py.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -18,10 +22,24 @@
 
 typedef int (*open_fn)(const char *, int, ...);
 
-static void damage(const char *path, int flags) {
+/* 0: go on with the real open; -1: fail it (errno set) */
+static int damage(const char *path, int flags) {
   const char *fault = getenv("POETC_TEST_SPILL_FAULT");
   size_t n = path ? strlen(path) : 0;
-  if (!fault || n < 6 || strcmp(path + n - 6, ".spill") != 0 || (flags & O_ACCMODE) != O_RDONLY) return;
+  if (!fault || n < 6 || strcmp(path + n - 6, ".spill") != 0) return 0;
+  if (strcmp(fault, "slow") == 0) {
+    const char *ms = getenv("POETC_TEST_SPILL_DELAY_MS");
+    usleep((useconds_t)((ms && *ms ? atoi(ms) : 150) * 1000));
+    return 0;
+  }
+  if (strcmp(fault, "failwrite") == 0) {
+    if (flags & O_CREAT) {
+      errno = EIO;
+      return -1;
+    }
+    return 0;
+  }
+  if ((flags & O_ACCMODE) != O_RDONLY) return 0;
   if (strcmp(fault, "delete") == 0) {
     unlink(path);
   } else if (strcmp(fault, "corrupt") == 0) {
@@ -37,6 +55,7 @@ static void damage(const char *path, int flags) {
     }
     if (fd >= 0) close(fd);
   }
+  return 0;
 }
 
 #define WRAP(name)                                                  \
@@ -48,7 +67,7 @@ static void damage(const char *path, int flags) {
       mode = (mode_t)va_arg(ap, int);                               \
       va_end(ap);                                                   \
     }                                                               \
-    damage(path, flags);                                            \
+    if (damage(path, flags) < 0) return -1;                         \
     return ((open_fn)dlsym(RTLD_NEXT, #name))(path, flags, mode);   \
   }
 

@@ -63,6 +63,10 @@
 
 #include "io_core.h"
 #include "onnxruntime_c_api.h"
+#include "op_util.h"
+
+/* async_ops.c: waits for (and claims) a pending SpillAsync write of `token`; POET_OK if none */
+int poet_async_wait_write(uint64_t token, poet_err *err);
 
 #define POET_ORT_API_VERSION 19
 #define POET_DOMAIN "poet"
@@ -130,18 +134,6 @@ static OrtStatus *io_status(const PoetKernel *k, const poet_err *err) {
   char pre[400];
   label_prefix(k, pre, sizeof pre);
   return make_status(ORT_RUNTIME_EXCEPTION, "%s: %s", pre, err->msg);
-}
-
-static void default_spill_dir(char *out, size_t n) {
-  const char *env = getenv("POETC_SPILL_DIR");
-  const char *tmp;
-  if (env && *env) {
-    snprintf(out, n, "%s", env);
-    return;
-  }
-  tmp = getenv("TMPDIR");
-  if (!tmp || !*tmp) tmp = "/tmp";
-  snprintf(out, n, "%s/poetc-spill-%u", tmp, (unsigned)geteuid()); /* one private dir per user */
 }
 
 /* ------------------------------------------------------------------------ */
@@ -228,62 +220,17 @@ static OrtStatusPtr ORT_API_CALL op_create_kernel(const OrtCustomOp *op, const O
                                                   const OrtKernelInfo *info, void **kernel) {
   const PoetOp *p = (const PoetOp *)op;
   PoetKernel *k;
-  size_t sz = 0;
-  OrtStatus *st;
-  const char *drop;
   (void)api;
   *kernel = NULL;
   k = (PoetKernel *)calloc(1, sizeof *k);
   if (!k) return make_status(ORT_FAIL, "poetc %s: out of memory creating kernel", p->name);
   k->op = p;
-  default_spill_dir(k->dir, sizeof k->dir);
-  drop = getenv("POETC_SPILL_DROP_CACHE");
-  k->drop_cache = drop && drop[0] && strcmp(drop, "0") != 0;
-
-  /* optional string attribute "key" (two-call pattern: size, then value) */
-  st = g_ort->KernelInfoGetAttribute_string(info, "key", NULL, &sz);
-  if (st) {
-    g_ort->ReleaseStatus(st); /* absent: fine */
-  } else if (sz > 0) {
-    char *buf = (char *)malloc(sz);
-    if (buf) {
-      st = g_ort->KernelInfoGetAttribute_string(info, "key", buf, &sz);
-      if (st)
-        g_ort->ReleaseStatus(st);
-      else
-        snprintf(k->key, sizeof k->key, "%s", buf);
-      free(buf);
-    }
-  }
-
+  poet_default_spill_dir(k->dir, sizeof k->dir);
+  k->drop_cache = poet_drop_cache_requested();
+  poet_string_attr(g_ort, info, "key", k->key, sizeof k->key);
   if (p->kind == POET_KIND_RESTORE) {
-    OrtTypeInfo *ti = NULL;
-    const OrtTensorTypeAndShapeInfo *tsi = NULL;
-    size_t n = 0, d;
-    st = g_ort->KernelInfo_GetOutputTypeInfo(info, 0, &ti);
-    if (!st) st = g_ort->CastTypeInfoToTensorInfo(ti, &tsi);
-    if (!st && tsi) st = g_ort->GetDimensionsCount(tsi, &n);
-    /* rank 0 is also what ORT reports for an output without a declared shape: not a check */
-    if (!st && tsi && n > 0 && n <= POET_SPILL_MAX_RANK) {
-      st = g_ort->GetDimensions(tsi, k->exp_dims, n);
-      if (!st) {
-        k->has_shape = 1;
-        k->exp_rank = (uint32_t)n;
-        for (d = 0; d < n; d++)
-          if (k->exp_dims[d] < 0) k->has_shape = 0; /* symbolic: not declared statically */
-      }
-    }
-    if (st) g_ort->ReleaseStatus(st); /* no type info: the shape is not declared */
-    if (ti) g_ort->ReleaseTypeInfo(ti);
-  }
-
-  if (p->kind == POET_KIND_RESTORE) {
-    int64_t keep = 0;
-    st = g_ort->KernelInfoGetAttribute_int64(info, "keep_file", &keep);
-    if (st)
-      g_ort->ReleaseStatus(st); /* absent: delete after restoring */
-    else
-      k->keep_file = keep != 0;
+    k->has_shape = poet_declared_output_shape(g_ort, info, 0, &k->exp_rank, k->exp_dims);
+    k->keep_file = poet_int_attr(g_ort, info, "keep_file", 0) != 0; /* absent: delete after restoring */
   }
 
   if (p->kind == POET_KIND_SPILL) {
@@ -308,26 +255,9 @@ static void ORT_API_CALL op_destroy_kernel(void *kernel) { free(kernel); }
 /* Reads type/shape of an input or output value. */
 static OrtStatus *value_meta(const PoetKernel *k, const OrtValue *v, int32_t *dtype,
                              uint32_t *rank, int64_t *dims) {
-  OrtTensorTypeAndShapeInfo *ti = NULL;
-  ONNXTensorElementDataType et;
-  size_t n = 0;
-  OrtStatus *st = g_ort->GetTensorTypeAndShape(v, &ti);
-  if (st) return wrap_status(k, st, "GetTensorTypeAndShape");
-  st = g_ort->GetTensorElementType(ti, &et);
-  if (!st) st = g_ort->GetDimensionsCount(ti, &n);
-  if (!st && n > POET_SPILL_MAX_RANK) {
-    char pre[400];
-    g_ort->ReleaseTensorTypeAndShapeInfo(ti);
-    label_prefix(k, pre, sizeof pre);
-    return make_status(ORT_INVALID_ARGUMENT, "%s: tensor rank %zu exceeds the supported "
-                       "maximum %d", pre, n, POET_SPILL_MAX_RANK);
-  }
-  if (!st && n > 0) st = g_ort->GetDimensions(ti, dims, n);
-  g_ort->ReleaseTensorTypeAndShapeInfo(ti);
-  if (st) return wrap_status(k, st, "reading tensor shape");
-  *dtype = (int32_t)et;
-  *rank = (uint32_t)n;
-  return NULL;
+  char pre[400];
+  label_prefix(k, pre, sizeof pre);
+  return poet_value_meta(g_ort, pre, v, dtype, rank, dims);
 }
 
 static OrtStatus *spill_compute(PoetKernel *k, OrtKernelContext *ctx) {
@@ -414,6 +344,9 @@ static OrtStatus *restore_compute(PoetKernel *k, OrtKernelContext *ctx) {
   pid = hdata[1];
   if (poet_spill_path(path, sizeof path, k->dir, pid, token, &err) != POET_OK)
     return io_status(k, &err);
+  /* a handle from SpillAsync: its write must be complete (async_ops.c) */
+  if (poet_async_wait_write(token, &err) != POET_OK)
+    return make_status(ORT_RUNTIME_EXCEPTION, "%s: the write of this spill failed: %s", pre, err.msg);
 
   if (poet_spill_open(path, &rd, &err) != POET_OK) return io_status(k, &err);
   if (rd.hdr.token != token) {
@@ -515,6 +448,8 @@ static void ORT_API_CALL op_compute_v1(void *kernel, OrtKernelContext *ctx) {
 
 /* update_ops.c: the in-place optimizer updates (StepCount, AdamWUpdate, SGDUpdate) share the domain */
 OrtStatus *poet_register_update_ops(OrtCustomOpDomain *domain, const OrtApi *api);
+/* async_ops.c: write-behind spills and prefetched restores (SpillAsync, Flush, Prefetch, Await*) */
+OrtStatus *poet_register_async_ops(OrtCustomOpDomain *domain, const OrtApi *api);
 
 static PoetOp g_ops[] = {
     POET_OP_INIT(POET_KIND_SPILL, 0, "Spill"),
@@ -550,6 +485,8 @@ RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
     if (st) return st;
   }
   st = poet_register_update_ops(domain, g_ort);
+  if (st) return st;
+  st = poet_register_async_ops(domain, g_ort);
   if (st) return st;
   /* The domain must outlive every session created from these options; it is
    * deliberately never released (a few hundred bytes per registration). */

@@ -515,6 +515,8 @@ static void ORT_API_CALL op_compute_v1(void *kernel, OrtKernelContext *ctx) {
 
 /* update_ops.c: the in-place optimizer updates (StepCount, AdamWUpdate, SGDUpdate) share the domain */
 OrtStatus *poet_register_update_ops(OrtCustomOpDomain *domain, const OrtApi *api);
+/* state_ops.c: StateRead / StateWrite (the state directory's paged tensors) share the domain */
+OrtStatus *poet_register_state_ops(OrtCustomOpDomain *domain, const OrtApi *api);
 
 static PoetOp g_ops[] = {
     POET_OP_INIT(POET_KIND_SPILL, 0, "Spill"),
@@ -550,6 +552,8 @@ RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
     if (st) return st;
   }
   st = poet_register_update_ops(domain, g_ort);
+  if (st) return st;
+  st = poet_register_state_ops(domain, g_ort);
   if (st) return st;
   /* The domain must outlive every session created from these options; it is
    * deliberately never released (a few hundred bytes per registration). */

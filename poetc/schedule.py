@@ -282,10 +282,54 @@ class SimResult:
     before_bytes: list[int] = field(default_factory=list)  # live tensors as each step starts (before its writes)
     state_read_bytes: int = 0  # fused mode: paged parameters and moments read from flash (StateRead), per step
     state_write_bytes: int = 0  # ... and written back (StateWrite), per step
+    # per memory class (MEMORY_CLASSES), during each step: the part of live_bytes it holds
+    class_bytes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def total_peak_bytes(self) -> int:
         return self.fixed_bytes + self.peak_bytes
+
+
+# What the RAM of a step is made of (report.json's memory_classes, poetc.plots): the parameters (frozen
+# ones included) and the optimizer moments that the fused mode counts in the step, gradients (outputs of
+# backward ops), activations (forward outputs), and the rest (kernel workspace, Spill handles)
+MEMORY_CLASSES = ("parameters", "moments", "gradients", "activations", "other")
+
+
+def memory_class(graph: TrainGraph, name: str, roles: dict[str, str]) -> str:
+    """The MEMORY_CLASSES entry of original tensor `name`; `roles`: state tensor -> StateTensor.role."""
+    if name in roles:
+        return "moments" if roles[name] == "moment" else "parameters"
+    t = graph.tensors.get(name)
+    if t is None:
+        return "other"
+    if t.kind is TensorKind.PARAMETER:
+        return "parameters"
+    if t.kind is TensorKind.GRADIENT:
+        return "gradients"
+    if t.kind is TensorKind.ACTIVATION:
+        return "activations"
+    return "other"
+
+
+def io_by_class(graph: TrainGraph, steps: list[Step], costs: StepCosts | None) -> dict[str, dict]:
+    """Flash traffic of one step per memory class: bytes read (Restore, StateRead) and written (Spill,
+    StateWrite), their time and energy (the costs the simulator charges)."""
+    roles = {st.name: st.role for st in state_tensors(graph)}
+    out = {c: {"flash_read_bytes": 0, "flash_write_bytes": 0, "io_time_s": 0.0, "io_energy_j": 0.0}
+           for c in MEMORY_CLASSES}
+    for step in steps:
+        if step.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
+            continue
+        nbytes = graph.tensors[step.tensor].nbytes
+        entry = out[memory_class(graph, step.tensor, roles)]
+        written = step.kind in (StepKind.PAGE_OUT, StepKind.STATE_WRITE)
+        entry["flash_write_bytes" if written else "flash_read_bytes"] += nbytes
+        if costs is not None:
+            dt, de = (costs.page_out if written else costs.page_in)(nbytes)
+            entry["io_time_s"] += dt
+            entry["io_energy_j"] += de
+    return out
 
 
 class ScheduleError(InternalError):
@@ -349,8 +393,15 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
     # schedule can page them: resident ones from the start to the end of the step, paged ones from
     # each StateRead to the last reader of its copy
     state = {st.name: st for st in state_tensors(graph)}
+    roles = {name: st.role for name, st in state.items()}
     paged_state = {step.tensor for step in steps if step.kind is StepKind.STATE_READ}
     live = sum(st.nbytes for name, st in state.items() if name not in paged_state)
+    class_live = dict.fromkeys(MEMORY_CLASSES, 0)
+    buffer_class: dict[str, str] = {}
+    for name, st in state.items():
+        if name not in paged_state:
+            class_live[memory_class(graph, name, roles)] += st.nbytes
+    class_timeline: dict[str, list[int]] = {c: [] for c in MEMORY_CLASSES}
     tokens: set[str] = set()
     state_read = state_written = 0
     for i, step in enumerate(steps):
@@ -379,16 +430,25 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
             elif t is not None and t.alias_of is not None and persistent(t.alias_of):
                 buffer_of[w] = w  # alias of a persistent buffer (e.g. accumulator output): no bytes
                 buffer_bytes[w], buffer_users[w] = 0, 1
+                buffer_class[w] = "other"
             elif step.kind is StepKind.STATE_WRITE:
                 buffer_of[w], buffer_bytes[w], buffer_users[w] = w, STATE_TOKEN_BYTES, 1
                 live += STATE_TOKEN_BYTES
                 tokens.add(w)
+                buffer_class[w] = "other"
+                class_live["other"] += STATE_TOKEN_BYTES
             else:
                 size = SPILL_HANDLE_BYTES if step.kind is StepKind.PAGE_OUT else (t.alloc_bytes if t else 0)
                 buffer_of[w], buffer_bytes[w], buffer_users[w] = w, size, 1
                 live += size
-        during = live + (graph.ops[step.op].workspace_bytes if step.op is not None else 0)
+                cls = "other" if step.kind is StepKind.PAGE_OUT else memory_class(graph, original(w), roles)
+                buffer_class[w] = cls
+                class_live[cls] += size
+        workspace = graph.ops[step.op].workspace_bytes if step.op is not None else 0
+        during = live + workspace
         timeline.append(during)
+        for c in MEMORY_CLASSES:
+            class_timeline[c].append(class_live[c] + (workspace if c == "other" else 0))
         if during > peak:
             peak, peak_step = during, i
         # costs
@@ -422,11 +482,12 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
                 buf = buffer_of.pop(x)
                 buffer_users[buf] -= 1
                 if buffer_users[buf] == 0:
+                    class_live[buffer_class.pop(buf, "other")] -= buffer_bytes[buf]
                     live -= buffer_bytes.pop(buf)
                     del buffer_users[buf]
     fixed = sum(fixed_state_bytes(graph).values()) - sum(st.nbytes for st in state.values())
     return SimResult(peak, peak_step, timeline, fixed, time_s, energy_j, recompute_ops, paged, max_flash, before,
-                     state_read, state_written)
+                     state_read, state_written, class_timeline)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -464,7 +525,8 @@ class Schedule:
             if name not in state:
                 out[d.value] += 1
         out["page_in_again"] = sum(len(ps) for ps in self.repage_at.values())
-        out["paged_state"] = len(state)  # fused mode: parameters and moments read from flash (StateRead)
+        if state:  # fused mode: parameters and moments read from flash (StateRead)
+            out["paged_state"] = len(state)
         return out
 
     def to_json(self) -> dict:

@@ -112,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run training steps of compiled artifacts and save the trained checkpoint")
     p.add_argument("out", type=Path)
-    p.add_argument("--steps", type=_positive_int, default=10)
+    p.add_argument("--steps", type=_positive_int, default=10,
+                   help="steps to run; with a state directory: the step to reach (a resumed run does the rest)")
+    p.add_argument("--state", type=Path, metavar="DIR",
+                   help="train on this crash-safe state directory: created from the compiled initial state, "
+                        "resumed when it exists (default OUT/state for a paged output; see docs/state.md)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="ONNX Runtime intra-op threads (default ORT's; 1 is bitwise reproducible)")
     p.add_argument("--data", type=Path, help=".npz with the training inputs (default: seeded random)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, metavar="PATH",
@@ -352,12 +358,22 @@ def cmd_verify(args) -> int:
 
 def cmd_train(args) -> int:
     from .run import train
-    doc = train(args.out, steps=args.steps, data=args.data, seed=args.seed, save=args.save)
+    doc = train(args.out, steps=args.steps, data=args.data, seed=args.seed, save=args.save, state=args.state,
+                threads=args.threads)
     if args.json:
         print(json.dumps(doc, indent=2))
+        return 0
+    if "state_dir" in doc:
+        if doc["created"]:
+            print(f"created the state directory {doc['state_dir']} from the compiled initial state (step 0)")
+        else:
+            print(f"resumed from step {doc['resumed_from']} of {doc['state_dir']}")
+    indices = doc.get("steps_run") or range(len(doc["losses"]))
+    for i, loss, peak, secs in zip(indices, doc["losses"], doc["step_peak_bytes"], doc["step_seconds"]):
+        print(f"step {i}: loss {loss:.6f}  peak {format_size(peak)}  {format_time(secs)}")
+    if "state_dir" in doc:
+        print(f"{doc['state_dir']} is at step {doc['final_step']} (committed)")
     else:
-        for i, (loss, peak, secs) in enumerate(zip(doc["losses"], doc["step_peak_bytes"], doc["step_seconds"])):
-            print(f"step {i}: loss {loss:.6f}  peak {format_size(peak)}  {format_time(secs)}")
         print(f"saved the trained checkpoint to {doc['checkpoint']}")
     return 0
 

@@ -43,6 +43,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -327,9 +328,11 @@ class StateDir:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, library=None, lock: bool = True,
-             clean: bool = True) -> StateDir:
+             clean: bool = True, lock_wait_s: float = 0.0) -> StateDir:
         """Open the last committed generation. ``lock``: take the directory's training lock (refused if
-        another process holds it). ``clean``: remove uncommitted and superseded gen-* directories."""
+        another process still holds it after ``lock_wait_s`` seconds: a killed poetc's worker may take a
+        moment to die). ``clean``: remove uncommitted and superseded gen-* directories (only with the
+        lock)."""
         d = Path(directory)
         if not d.is_dir():
             raise StateError(f"{d} is not a state directory (it does not exist)", hint=_hint())
@@ -364,22 +367,30 @@ class StateDir:
                              f"{d / gen_dir_name(gen)} is missing", hint=_hint())
         s = cls(d, manifest, key, gen, library)
         if lock:
-            s._lock()
-        if clean:
-            s._remove_other_generations()
+            s._lock(lock_wait_s)
+            # the holder of the lock may have committed while we waited: read CURRENT again
+            s.generation = cls.open(d, library=library, lock=False, clean=False).generation
+            if clean:
+                s._remove_other_generations()
         return s
 
-    def _lock(self) -> None:
+    def _lock(self, wait_s: float) -> None:
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StateError(f"the state directory {self.path} is in use by another poetc process",
-                                 hint="wait for it to finish (or stop it); one process trains on a state "
-                                      "directory at a time") from None
-            raise
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise StateError(f"the state directory {self.path} is in use by another poetc process",
+                                     hint="wait for it to finish (or stop it); one process trains on a state "
+                                          "directory at a time") from None
+                time.sleep(0.05)
         self._lock_fd = fd
 
     def close(self) -> None:

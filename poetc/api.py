@@ -25,7 +25,7 @@ from .ir.graph import TensorKind, TrainGraph
 from .ir.lower import load_artifacts
 from .plan import BASELINES
 from .report import CompileReport, KeepAllSummary, StrategySummary, memory_breakdown, state_tensor_list
-from .run import input_specs, label_classes, measure_artifacts
+from .run import INITIAL_STATE, input_specs, label_classes, measure_artifacts
 from .runtime.contract import RUNTIME_CONTRACT
 from .schedule import Decision, SimResult, Step, StepCosts, fixed_state_bytes, simulate
 from .units import Deadline
@@ -233,7 +233,8 @@ def compile_model(model_path: Path, options: CompileOptions, *,
             model=Path(model_path).name, target=target.name, objective=options.objective, budget=budget,
             deadline=str(options.deadline), deadline_s=chosen.deadline_s, flash_bytes=int(flash),
             fixed_state_bytes=fixed_state_bytes(graph), lower_bound=chosen.bound,
-            keep_all=KeepAllSummary(keep.total_peak_bytes, keep.peak_bytes, keep.time_s, keep.energy_j),
+            keep_all=KeepAllSummary(keep.total_peak_bytes, keep.peak_bytes - keep.resident_state_bytes, keep.time_s,
+                                    keep.energy_j, keep.resident_state_bytes),
             result=StrategySummary.of(main),
             baselines={k: StrategySummary.of(v) for k, v in chosen.baselines.items()},
             candidates=len(problem.candidates),
@@ -276,7 +277,7 @@ def _write_fused_state(artifacts: Path, graph: TrainGraph, stage: Path) -> tuple
 
 
 # the state directory (poetc.runtime.statedir) inside a fused-mode output directory: generation 0
-STATE_DIR = "state"
+STATE_DIR = INITIAL_STATE  # where poetc.run looks for it
 
 
 def _write_state_dir(directory: Path, graph: TrainGraph, schedule, initial: tuple[dict, dict]) -> None:

@@ -23,8 +23,8 @@ class StrategySummary:
     strategy: str
     status: str  # optimal / feasible / heuristic / heuristic-fallback / infeasible
     fits: bool  # activation peak within the budget, time within the deadline, paged bytes within the flash
-    peak_bytes: int  # fixed state + activation peak
-    activation_peak_bytes: int
+    peak_bytes: int  # fixed state + resident parameters and moments (fused mode) + activation peak
+    activation_peak_bytes: int  # what the step allocates above what exists before it (what verify measures)
     time_s: float
     energy_j: float
     overhead_time_s: float  # above keep-all
@@ -33,12 +33,15 @@ class StrategySummary:
     bound: float | None  # lower bound on the overhead objective (MILPs)
     gap: float | None  # on the overhead
     notes: list[str]
+    # fused mode: parameters and moments resident for the whole step (bound as graph inputs before it)
+    resident_state_bytes: int = 0
 
     @classmethod
     def of(cls, r: StrategyResult) -> StrategySummary:
-        return cls(r.strategy, r.status, bool(r.fits), r.sim.total_peak_bytes, r.sim.peak_bytes, r.sim.time_s,
-                   r.sim.energy_j, r.overhead_time_s, r.overhead_energy_j, dict(r.schedule.counts()), r.bound, r.gap,
-                   list(r.notes))
+        resident = r.sim.resident_state_bytes
+        return cls(r.strategy, r.status, bool(r.fits), r.sim.total_peak_bytes, r.sim.peak_bytes - resident,
+                   r.sim.time_s, r.sim.energy_j, r.overhead_time_s, r.overhead_energy_j, dict(r.schedule.counts()),
+                   r.bound, r.gap, list(r.notes), resident)
 
     @classmethod
     def from_json(cls, doc: dict) -> StrategySummary:
@@ -47,10 +50,11 @@ class StrategySummary:
 
 @dataclass(frozen=True)
 class KeepAllSummary:
-    peak_bytes: int  # fixed state + activation peak
-    activation_peak_bytes: int
+    peak_bytes: int  # fixed state + resident parameters and moments (fused mode) + activation peak
+    activation_peak_bytes: int  # above what exists before the step
     time_s: float
     energy_j: float
+    resident_state_bytes: int = 0  # fused mode: every parameter and moment
 
 
 @dataclass(frozen=True)

@@ -284,6 +284,7 @@ class SimResult:
     state_write_bytes: int = 0  # ... and written back (StateWrite), per step
     # per memory class (MEMORY_CLASSES), during each step: the part of live_bytes it holds
     class_bytes: dict[str, list[int]] = field(default_factory=dict)
+    resident_state_bytes: int = 0  # fused mode: parameters and moments resident for the whole step (in peak_bytes)
 
     @property
     def total_peak_bytes(self) -> int:
@@ -487,7 +488,8 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
                     del buffer_users[buf]
     fixed = sum(fixed_state_bytes(graph).values()) - sum(st.nbytes for st in state.values())
     return SimResult(peak, peak_step, timeline, fixed, time_s, energy_j, recompute_ops, paged, max_flash, before,
-                     state_read, state_written, class_timeline)
+                     state_read, state_written, class_timeline,
+                     sum(st.nbytes for name, st in state.items() if name not in paged_state))
 
 
 # ---------------------------------------------------------------------------------------------------

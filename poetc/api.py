@@ -100,6 +100,7 @@ def inspect_model(model_path: Path, import_options: ImportOptions, *, measure: b
             "lower_bound": bound.to_json(),
             "largest_activations": largest_activations(graph),
             "canonicalizations": canonicalizations(artifacts),
+            "fused": _inspect_fused(artifacts, graph, target),
         }
         if measure:
             run = measure_artifacts(artifacts, graph, steps=2)
@@ -109,6 +110,35 @@ def inspect_model(model_path: Path, import_options: ImportOptions, *, measure: b
             doc["measured_ort_order_note"] = "measured on the artifacts as onnxruntime-training wrote them, " \
                 "steady state (second step); compare with keep_all_peak_ort_order_bytes - fixed_total_bytes"
         return doc
+
+
+def _inspect_fused(artifacts: Path, graph: TrainGraph, target: str) -> dict:
+    """The fused optimizer mode's view (issue #17): its fixed state, the parameters and moments by role
+    and how many the schedule may page, and its lower bound with paged state (each op holds only the
+    state it reads)."""
+    from .errors import UnsupportedModelError
+    from .ir.fused import fuse_optimizer, read_optimizer_spec, state_directory_bytes, state_tensors
+    from .plan import lower_bound
+    from .solver import build_problem
+    from .solver.problem import MIN_STATE_BYTES
+    from .targets import load_target
+    try:
+        fused = fuse_optimizer(graph, read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx"))))
+    except UnsupportedModelError as exc:
+        return {"available": False, "why": str(exc)}
+    problem = build_problem(fused, step_costs_for(fused, load_target(target), None))
+    by_role: dict[str, dict] = {}
+    for st in state_tensors(fused):
+        entry = by_role.setdefault(st.role, {"tensors": 0, "bytes": 0, "pageable_tensors": 0, "pageable_bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += st.nbytes
+        if st.pageable and st.nbytes >= MIN_STATE_BYTES:
+            entry["pageable_tensors"] += 1
+            entry["pageable_bytes"] += st.nbytes
+    return {"available": True, "fixed_total_bytes": problem.fixed_bytes, "state": by_role,
+            "state_directory_bytes": state_directory_bytes(fused),
+            "keep_all_peak_bytes": problem.keep_all.total_peak_bytes,
+            "lower_bound": lower_bound(problem).to_json()}
 
 
 # ---------------------------------------------------------------------------------------------------

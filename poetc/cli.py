@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-pass", action="append", default=[], metavar="NAME")
     p.add_argument("--dump-after", action="append", default=[], metavar="NAME")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot-classes", type=Path, metavar="FILE",
+                   help="write a PNG of RAM over one step split into parameters, moments, gradients and activations "
+                        "(keep-all and compiled)")
     p.add_argument("--plot", type=Path, metavar="FILE",
                    help="write a PNG of RAM over the step: keep-all vs compiled, budget, recomputes and pages")
     _import_args(p)
@@ -221,6 +224,18 @@ def cmd_inspect(args) -> int:
     print(f"lower bound (no schedule fits below): {format_size(b['ram_bytes'])}, set by {b['set_by']} "
           f"(fixed state + {format_size(b['floor_activation_bytes'])} no decision can drop + planning reserve)")
     print(f"largest single-op working set:       {format_size(b['largest_op_bytes'])}, {b['largest_op']}")
+    fused = doc.get("fused", {})
+    if fused.get("available"):
+        fb = fused["lower_bound"]
+        print(f"fused optimizer mode (parameters and moments the schedule may page): fixed state "
+              f"{format_size(fused['fixed_total_bytes'])}, keep-all {format_size(fused['keep_all_peak_bytes'])}")
+        for role, e in fused["state"].items():
+            print(f"  {role:<10} {e['tensors']:>4} tensors {format_size(e['bytes']):>12}, pageable {e['pageable_tensors']:>4} "
+                  f"{format_size(e['pageable_bytes']):>12}")
+        print(f"  lower bound {format_size(fb['ram_bytes'])}, set by {fb['set_by']} (of which "
+              f"{format_size(fb['floor_state_bytes'])} of state it reads; largest tensor {fb['largest_tensor']} "
+              f"{format_size(fb['largest_tensor_bytes'])}); state directory {format_size(fused['state_directory_bytes'])} "
+              f"of flash")
     _print_canonicalizations(doc["canonicalizations"])
     print("largest saved activations:")
     for a in doc["largest_activations"]:
@@ -251,6 +266,11 @@ def cmd_compile(args) -> int:
         memory_timeline(args.plot, result.timelines,
                         title=f"{report.model} on {report.target}, budget {format_size(report.budget.ram_bytes)}, "
                               f"strategy {report.result.strategy}")
+    if args.plot_classes:
+        from .plots import memory_classes_timeline
+        memory_classes_timeline(args.plot_classes, result.timelines,
+                                title=f"{report.model} on {report.target}, budget {format_size(report.budget.ram_bytes)}, "
+                                      f"{report.optimizer_mode} optimizer: RAM by class over one step")
     verified = None
     if args.verify:
         from .run import verify
@@ -264,6 +284,8 @@ def cmd_compile(args) -> int:
         _print_report(report, result.out_dir, result.timings)
         if args.plot:
             print(f"  wrote {args.plot}")
+        if args.plot_classes:
+            print(f"  wrote {args.plot_classes}")
         if verified is not None:
             _print_verify(verified.to_json())
     if verified is not None and not verified.ok:

@@ -317,3 +317,33 @@ def test_random_graphs_state_decisions_simulate_within_the_linear_count(spec, da
     assert ProfileEvaluator(problem)(choice).peak_bytes == pytest.approx(ev.peak_bytes)
     paged = {s.tensor for s in sched.steps if s.kind is StepKind.STATE_READ}
     assert paged == {c.name for i, c in enumerate(problem.candidates) if c.state and choice[i] is Decision.PAGE}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the CLI
+
+
+def _one_big_weight(path, features=1024, hidden=1024, batch=4):
+    """A forward model whose first weight (4 MiB) alone exceeds a 2 MB budget with its moments."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((hidden, features)).astype(np.float32) * 0.01, "big.weight")
+    w2 = numpy_helper.from_array(rng.standard_normal((10, hidden)).astype(np.float32) * 0.01, "head.weight")
+    nodes = [helper.make_node("Gemm", ["input", "big.weight"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "head.weight"], ["logits"], transB=1)]
+    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, features])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], [w1, w2])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_cli_names_the_tensor_and_the_smallest_budget(tmp_path, capsys):
+    from poetc.cli import main
+    model = _one_big_weight(tmp_path / "big.onnx")
+    code = main(["compile", str(model), "--ram", "8MB", "-o", str(tmp_path / "out"), "--baselines", "",
+                 "--optimizer-mode", "fused", "--deadline", "10x"])
+    err = capsys.readouterr().err
+    assert code == 6, err  # InfeasibleError
+    assert "Traceback" not in err
+    assert "'big.weight'" in err and "AdamWUpdate" in err and "smallest budget that can work" in err
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,15 @@ that reads the parameter, its gradient and its persistent optimizer state; the g
 any tensor at its last reader. `simulate` rejects a step that reads a parameter after its update (a
 recompute, for instance); the problem never makes such a recompute a candidate.
 
+Paged state (fused mode, issue #17): the parameters and AdamW moments (`ir.fused.state_tensors`) are
+counted in the step, not in the fixed state. A resident one is live from the start to the end of the
+step (its graph input's buffer); a PAGE decision on one reads it from the state directory (STATE_READ,
+poet.StateRead: a new copy) right before the first use of each of its groups of uses, the copy is freed
+after the group's last reader, and a trainable one is written back (STATE_WRITE, poet.StateWrite, after
+its update, reading the update's flag) once. A recompute that needs a paged parameter outside a group
+reads a transient copy. `simulate` rejects a read of a paged tensor's graph input and a StateRead of a
+parameter after its update.
+
 Regeneration policy (the solver's formulation mirrors it exactly):
 - readers up to lf read the original, which is freed after lf;
 - a PAGE tensor is spilled right after its producer and restored just before fb;

@@ -28,7 +28,8 @@ Time and energy, overhead only (the mandatory first computation is a constant, k
 (c_alias: Flatten/Reshape views of a regenerated tensor that backward ops read, rebuilt once.)
 Paged state (fused mode, issue #17; Candidate.state): a parameter or moment s has keep_s + page_s = 1
 (rec_s = 0). const(p) counts it resident (nbytes) at every position; page_s adds -nbytes at every
-position outside its groups of uses and (copy allocation - nbytes) inside them. Its cost c_page_s is
+position outside its groups of uses and (copy allocation - nbytes) inside them, and its StateWrite's
+token (8 bytes, a graph output) after its update. Its cost c_page_s is
 its reads (one per group) and its write (trainable: one), in the deadline and the objective; it takes
 no flash beyond the state directory, which holds two generations of all state whatever is paged
 (poetc.plan takes that off the flash before any strategy runs). rec_u + page_s <= 1 when u's
@@ -53,7 +54,7 @@ import numpy as np
 
 from ..plan import Limits
 from ..schedule import Decision
-from .problem import LinearEval, Problem
+from .problem import LinearEval, Problem, state_delta
 
 INF = float("inf")
 
@@ -337,12 +338,9 @@ def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, 
     stage_at = (np.searchsorted(stages, np.arange(problem.positions), side="right") - 1).tolist()
     for i in v.keep:
         c = cands[i]
-        if c.state:  # resident everywhere in const; paged, only over its groups (its copy)
-            inside = np.zeros(problem.positions, dtype=bool)
-            for a, b in c.state_groups:
-                inside[a: b + 1] = True
-            for p in range(problem.positions):
-                terms[p][("page", i)] = c.mem_bytes - c.nbytes if inside[p] else -c.nbytes
+        if c.state:  # resident everywhere in const; paged, only over its groups (its copy), plus its token
+            for p, delta in enumerate(state_delta(problem, i).tolist()):
+                terms[p][("page", i)] = delta
             continue
         const[c.prod: c.last_before_gap + 1] += c.mem_bytes
         const[c.first_after_gap: c.last_read + 1] += c.mem_bytes

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import InternalError
 from ..ir.graph import Role, TensorKind, TrainGraph
-from ..schedule import SPILL_HANDLE_BYTES, Decision, SimResult, StepCosts, simulate_keep_all
+from ..schedule import SPILL_HANDLE_BYTES, STATE_TOKEN_BYTES, Decision, SimResult, StepCosts, simulate_keep_all
 
 # Ops whose output differs between two runs on the same inputs: never recomputed.
 RANDOM_OPS = {"Dropout", "BitmaskDropout", "RandomNormal", "RandomNormalLike", "RandomUniform",
@@ -85,6 +85,7 @@ class Candidate:
     state_groups: list[tuple[int, int]] = field(default_factory=list)
     state_reads: int = 0  # StateReads per step when paged
     state_writes: int = 0  # StateWrites per step when paged (1 if trainable)
+    state_update: int = -1  # position of its update (trainable)
     reads_state: list[int] = field(default_factory=list)  # recomputable: state candidates its chain reads
 
 
@@ -343,7 +344,8 @@ def _add_state_candidates(graph: TrainGraph, costs: StepCosts, candidates: list[
         writes = 1 if st.trainable else 0
         cand = Candidate(st.name, st.nbytes, st.alloc_bytes, 0, -1, n, n - 1, fixed=False, recomputable=False,
                          why_not_recomputable="a parameter or optimizer moment", first_stage=n, state=st.role,
-                         state_groups=list(st.groups), state_reads=len(st.groups), state_writes=writes)
+                         state_groups=list(st.groups), state_reads=len(st.groups), state_writes=writes,
+                         state_update=st.update if st.update is not None else -1)
         cand.page_time_s = len(st.groups) * ti + writes * to
         cand.page_energy_j = len(st.groups) * ei + writes * eo
         index[st.name] = len(candidates)
@@ -355,11 +357,14 @@ def _add_state_candidates(graph: TrainGraph, costs: StepCosts, candidates: list[
 
 def state_delta(problem: Problem, i: int) -> np.ndarray:
     """Per position: memory of state candidate i paged minus kept (its copy over its groups, nothing
-    elsewhere, instead of its resident buffer everywhere)."""
+    elsewhere, instead of its resident buffer everywhere; after its update, its StateWrite's token,
+    a graph output that lives to the end of the step)."""
     c = problem.candidates[i]
     d = np.full(problem.positions, -float(c.nbytes))
     for a, b in c.state_groups:
         d[a: b + 1] += c.mem_bytes
+    if c.state_writes:
+        d[c.state_update + 1:] += STATE_TOKEN_BYTES
     return d
 
 

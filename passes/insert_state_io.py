@@ -55,7 +55,7 @@ class InsertStateIO:
                 if out is None:
                     out = tensors[step.writes[0]] = gs.Variable(step.writes[0])
                 out.dtype, out.shape = onnx.helper.tensor_dtype_to_np_dtype(t.dtype), list(t.shape)
-                order = [tensors[x] for x in _dependencies(ctx, steps, i, written_at) if x in tensors]
+                order = [tensors[x] for x in _dependencies(steps, i, written_at) if x in tensors]
                 deps += len(order)
                 ctx.gs_graph.nodes.append(gs.Node(op=op_type, name=state_read_node_name(step), domain=SPILL_DOMAIN,
                                                   attrs=attrs, inputs=order, outputs=[out]))
@@ -82,7 +82,7 @@ class InsertStateIO:
                                                 "rewired_inputs": rewired})
 
 
-def _dependencies(ctx: PassContext, steps, i: int, written_at: dict[str, int]) -> list[str]:
+def _dependencies(steps, i: int, written_at: dict[str, int]) -> list[str]:
     """Ordering inputs of the StateRead at step i: the inputs of the node it is read for (the next
     compute or recompute step) that an earlier step wrote, each once (no graph input, no other copy
     of state read for the same node)."""

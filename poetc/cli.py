@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: apply each parameter's update inside the backward pass (no gradient buffers; "
                         "Module without Optimizer); unfused: ORT's gradient buffers and Optimizer; auto (default): "
                         "fused when it lets the budget fit or lowers the objective")
+    p.add_argument("--no-page-state", action="store_true",
+                   help="fused mode: keep every parameter and optimizer moment resident (default: the schedule may "
+                        "page them from the state directory with StateRead/StateWrite)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="keep every Spill/Restore blocking (default: write-behind spills and prefetched restores "
                         "where they hide transfer time within the budget)")
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-pass", action="append", default=[], metavar="NAME")
     p.add_argument("--dump-after", action="append", default=[], metavar="NAME")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot-classes", type=Path, metavar="FILE",
+                   help="write a PNG of RAM over one step split into parameters, moments, gradients and activations "
+                        "(keep-all and compiled)")
     p.add_argument("--plot", type=Path, metavar="FILE",
                    help="write a PNG of RAM over the step: keep-all vs compiled, budget, recomputes and pages")
     _import_args(p)
@@ -112,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run training steps of compiled artifacts and save the trained checkpoint")
     p.add_argument("out", type=Path)
-    p.add_argument("--steps", type=_positive_int, default=10)
+    p.add_argument("--steps", type=_positive_int, default=10,
+                   help="steps to run; with a state directory: the step to reach (a resumed run does the rest)")
+    p.add_argument("--state", type=Path, metavar="DIR",
+                   help="train on this crash-safe state directory: created from the compiled initial state, "
+                        "resumed when it exists (default OUT/state for a paged output; see docs/state.md)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="ONNX Runtime intra-op threads (default ORT's; 1 is bitwise reproducible)")
     p.add_argument("--data", type=Path, help=".npz with the training inputs (default: seeded random)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, metavar="PATH",
@@ -215,6 +227,18 @@ def cmd_inspect(args) -> int:
     print(f"lower bound (no schedule fits below): {format_size(b['ram_bytes'])}, set by {b['set_by']} "
           f"(fixed state + {format_size(b['floor_activation_bytes'])} no decision can drop + planning reserve)")
     print(f"largest single-op working set:       {format_size(b['largest_op_bytes'])}, {b['largest_op']}")
+    fused = doc.get("fused", {})
+    if fused.get("available"):
+        fb = fused["lower_bound"]
+        print(f"fused optimizer mode (parameters and moments the schedule may page): fixed state "
+              f"{format_size(fused['fixed_total_bytes'])}, keep-all {format_size(fused['keep_all_peak_bytes'])}")
+        for role, e in fused["state"].items():
+            print(f"  {role:<10} {e['tensors']:>4} tensors {format_size(e['bytes']):>12}, pageable {e['pageable_tensors']:>4} "
+                  f"{format_size(e['pageable_bytes']):>12}")
+        print(f"  lower bound {format_size(fb['ram_bytes'])}, set by {fb['set_by']} (of which "
+              f"{format_size(fb['floor_state_bytes'])} of state it reads; largest tensor {fb['largest_tensor']} "
+              f"{format_size(fb['largest_tensor_bytes'])}); state directory {format_size(fused['state_directory_bytes'])} "
+              f"of flash")
     _print_canonicalizations(doc["canonicalizations"])
     print("largest saved activations:")
     for a in doc["largest_activations"]:
@@ -236,7 +260,7 @@ def cmd_compile(args) -> int:
         time_limit_s=parse_time(args.time_limit, what="--time-limit", bare_seconds=True), seed=args.seed, threads=args.threads,
         costs_path=args.costs, import_options=_import_options(args), force=args.force,
         disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver,
-        optimizer_mode=args.optimizer_mode, overlap=args.overlap)
+        optimizer_mode=args.optimizer_mode, page_state=not args.no_page_state, overlap=args.overlap)
     with _Progress(enabled=not args.json) as progress:
         result = compile_model(args.model, options, progress=progress)
     report = result.report
@@ -245,6 +269,11 @@ def cmd_compile(args) -> int:
         memory_timeline(args.plot, result.timelines,
                         title=f"{report.model} on {report.target}, budget {format_size(report.budget.ram_bytes)}, "
                               f"strategy {report.result.strategy}")
+    if args.plot_classes:
+        from .plots import memory_classes_timeline
+        memory_classes_timeline(args.plot_classes, result.timelines,
+                                title=f"{report.model} on {report.target}, budget {format_size(report.budget.ram_bytes)}, "
+                                      f"{report.optimizer_mode} optimizer: RAM by class over one step")
     verified = None
     if args.verify:
         from .run import verify
@@ -258,6 +287,8 @@ def cmd_compile(args) -> int:
         _print_report(report, result.out_dir, result.timings)
         if args.plot:
             print(f"  wrote {args.plot}")
+        if args.plot_classes:
+            print(f"  wrote {args.plot_classes}")
         if verified is not None:
             _print_verify(verified.to_json())
     if verified is not None and not verified.ok:
@@ -274,6 +305,7 @@ def _print_report(r, out_dir: Path, timings: dict) -> None:
     print(f"  fixed state {format_size(budget.fixed_bytes)}, planning reserve {format_size(budget.reserve_bytes)}, "
           f"activation budget {format_size(budget.activation_bytes)}; lower bound {format_size(r.lower_bound.ram_bytes)}")
     print(f"  optimizer: {r.optimizer_mode} ({r.optimizer_mode_reason})")
+    _print_memory_classes(r)
     print(f"  {'strategy':<12} {'status':<19} {'fits':<5} {'peak':>12} {'time':>12} {'energy':>12} "
           f"{'overhead':>9}  recompute/page")
     keep_row = StrategySummary("keep-all", "-", keep.peak_bytes <= budget.ram_bytes, keep.peak_bytes,
@@ -294,6 +326,25 @@ def _print_report(r, out_dir: Path, timings: dict) -> None:
         print(f"  note: {note}")
     _print_canonicalizations(r.canonicalizations, indent="  ")
     print(f"  wrote {out_dir}")
+
+
+def _print_memory_classes(r) -> None:
+    """The step's RAM and flash traffic by class (report.json memory_classes), when anything is paged
+    or the parameters and moments are in the step (fused mode)."""
+    classes = r.memory_classes
+    if not classes or not (r.state_tensors or any(c["paged_bytes"] for c in classes.values())):
+        return
+    print(f"  {'class':<12} {'resident':>11} {'paged':>11} {'at peak':>11} {'flash read':>11} {'written':>11} "
+          f"{'io time':>10} {'io energy':>11}")
+    for name in ("parameters", "moments", "gradients", "activations"):
+        c = classes[name]
+        print(f"  {name:<12} {format_size(c['resident_bytes']):>11} {format_size(c['paged_bytes']):>11} "
+              f"{format_size(c['peak_step_bytes']):>11} {format_size(c['flash_read_bytes']):>11} "
+              f"{format_size(c['flash_write_bytes']):>11} {format_time(c['io_time_s']):>10} {c['io_energy_j']:>9.4g} J")
+    paged = sum(s["paged"] for s in r.state_tensors)
+    if r.state_tensors:
+        print(f"  state: {paged} of {len(r.state_tensors)} parameters and moments paged (StateRead/StateWrite), "
+              f"state directory {r.state_dir}/")
 
 
 def _print_canonicalizations(rewrites: list[dict], indent: str = "") -> None:
@@ -332,12 +383,22 @@ def cmd_verify(args) -> int:
 
 def cmd_train(args) -> int:
     from .run import train
-    doc = train(args.out, steps=args.steps, data=args.data, seed=args.seed, save=args.save)
+    doc = train(args.out, steps=args.steps, data=args.data, seed=args.seed, save=args.save, state=args.state,
+                threads=args.threads)
     if args.json:
         print(json.dumps(doc, indent=2))
+        return 0
+    if "state_dir" in doc:
+        if doc["created"]:
+            print(f"created the state directory {doc['state_dir']} from the compiled initial state (step 0)")
+        else:
+            print(f"resumed from step {doc['resumed_from']} of {doc['state_dir']}")
+    indices = doc.get("steps_run") or range(len(doc["losses"]))
+    for i, loss, peak, secs in zip(indices, doc["losses"], doc["step_peak_bytes"], doc["step_seconds"]):
+        print(f"step {i}: loss {loss:.6f}  peak {format_size(peak)}  {format_time(secs)}")
+    if "state_dir" in doc:
+        print(f"{doc['state_dir']} is at step {doc['final_step']} (committed)")
     else:
-        for i, (loss, peak, secs) in enumerate(zip(doc["losses"], doc["step_peak_bytes"], doc["step_seconds"])):
-            print(f"step {i}: loss {loss:.6f}  peak {format_size(peak)}  {format_time(secs)}")
         print(f"saved the trained checkpoint to {doc['checkpoint']}")
     return 0
 

@@ -80,14 +80,21 @@ class OverlapPlan:
                 "prefetched_restores": sum(t.kind == "in" for t in self.transfers), "notes": list(self.notes)}
 
 
+#: transfers that stay blocking (the fused mode's paged parameters and moments): they hold the channel too
+_BLOCKING_OUT = (StepKind.PAGE_OUT, StepKind.STATE_WRITE)
+_BLOCKING_IN = (StepKind.PAGE_IN, StepKind.STATE_READ)
+
+
 def _durations(steps: list[Step], costs: StepCosts, nbytes: dict[str, int]) -> np.ndarray:
+    """Each step's own time, blocking: its op's cost, or its transfer's (`nbytes`: every transferred
+    tensor's size)."""
     d = np.zeros(len(steps))
     for i, s in enumerate(steps):
         if s.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
             d[i] = costs.op_time_s[s.op]
-        elif s.kind is StepKind.PAGE_OUT:
+        elif s.kind in _BLOCKING_OUT:
             d[i] = costs.page_out(nbytes[s.tensor])[0]
-        elif s.kind is StepKind.PAGE_IN:
+        elif s.kind in _BLOCKING_IN:
             d[i] = costs.page_in(nbytes[s.tensor])[0]
     return d
 
@@ -129,6 +136,9 @@ def channel_time(steps: list[Step], durations, transfers: list[AsyncTransfer], n
                 free = now
             else:
                 now = max(now, read_end[i]) + copy_s(t.nbytes)
+        elif s.kind in (StepKind.STATE_READ, StepKind.STATE_WRITE):
+            now = max(now, free) + durations[i]
+            free = now
         else:
             now += durations[i]
     return now
@@ -137,7 +147,8 @@ def channel_time(steps: list[Step], durations, transfers: list[AsyncTransfer], n
 def plan_overlap(steps: list[Step], sim: SimResult, costs: StepCosts, nbytes: dict[str, int],
                  activation_budget_bytes: float, *, copy_bytes_per_s: float, copy_power_w: float = 0.0) -> OverlapPlan:
     """Choose the asynchronous transfers of a schedule (see the module docstring). `nbytes`: the byte size
-    of each paged tensor; `copy_bytes_per_s`: the device's memory bandwidth (staging copies)."""
+    of every tensor a step transfers (Spill/Restore, and StateRead/StateWrite, which stay blocking);
+    `copy_bytes_per_s`: the device's memory bandwidth (staging copies)."""
     n = len(steps)
 
     def copy_s(b: int) -> float:

@@ -147,6 +147,47 @@ def memory_timeline(path: Path, timelines, *, title: str = "") -> bool:
     return True
 
 
+CLASS_STYLE = {"fixed": ("#dddddd", "fixed state (inputs, learning rate, step)"),
+               "parameters": ("#1b9e77", "parameters"), "moments": ("#7570b3", "AdamW moments"),
+               "gradients": ("#d95f02", "gradients"), "activations": ("#e6ab02", "activations"),
+               "other": ("#999999", "workspace, handles")}
+
+
+def memory_classes_timeline(path: Path, timelines, *, title: str = "") -> bool:
+    """RAM over one training step split into parameters / moments / gradients / activations (stacked,
+    on the fixed state), keep-all above and the compiled step below, with the budget. Issue #17's
+    figure: in the fused mode the parameters and moments are part of the step. `timelines` is a
+    `poetc.api.Timelines`."""
+    keep, comp = timelines.keep_all, timelines.compiled
+    if not keep.class_bytes or not comp.class_bytes:
+        return False
+    fig = _figure(10.5, 6.4)
+    axes = fig.subplots(2, 1, sharey=True)
+    budget = timelines.ram_budget_bytes / MIB
+    for ax, sim, xs, name in ((axes[0], keep, list(range(len(keep.live_bytes))), "keep-all"),
+                              (axes[1], comp, step_positions(timelines.steps), "compiled")):
+        layers = [[sim.fixed_bytes / MIB] * len(xs)]
+        labels = ["fixed"]
+        for c in ("parameters", "moments", "gradients", "activations", "other"):
+            layers.append([b / MIB for b in sim.class_bytes[c]])
+            labels.append(c)
+        ax.stackplot(xs, *layers, colors=[CLASS_STYLE[c][0] for c in labels], step="post",
+                     labels=[CLASS_STYLE[c][1] for c in labels])
+        ax.axhline(budget, color="#b2182b", ls="--", lw=1.2, label=f"budget {budget:.2f} MiB")
+        ax.axvline(timelines.backward_start - 0.5, color="#444444", ls=":", lw=1)
+        ax.set_title(f"{name}: peak {sim.total_peak_bytes / MIB:.2f} MiB", fontsize=9, loc="left")
+        ax.set_ylabel("RAM (MiB)")
+        ax.set_xlim(-1, len(keep.live_bytes))
+        ax.grid(alpha=0.3)
+    axes[1].set_xlabel("position in the training step (op index of the keep-all order); dotted: backward pass starts")
+    _legend(axes[0], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------
 # benchmark figures (rows as written by poetc.bench)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import output
-from .errors import ArtifactError, InputFileError, OutputError, RuntimeFailure
+from .errors import ArtifactError, InputFileError, OutputError, RuntimeFailure, UsageError
 from .plan import Budget
 from .report import CompileReport, InputSpec
 
@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 LIBRARY = "libpoet_spill.so"
 TRAINED_CHECKPOINT = "trained_checkpoint"
+#: the state directory `poetc train` uses for a paged output when --state is not given
+STATE_DIR = "state"
+#: where compile writes the initial state (generation 0) of a paged output (poetc.runtime.statedir)
+INITIAL_STATE = "initial_state"
+_STATE_HINT = "the state directory stays at its last committed step; nothing was trained on the refused data"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,18 +122,14 @@ _NP_DTYPES = {"float": np.float32, "double": np.float64, "float16": np.float16, 
 def training_feeds(inputs: dict[str, InputSpec], classes: int | None, seed: int = 0) -> dict[str, np.ndarray]:
     """The one seeded input generator for running artifacts: floats ~ N(0, 1), integers (labels) in
     [0, classes), bools 0/1, in name order."""
-    rng = np.random.default_rng(seed)
-    classes = classes or 2
-    feeds = {}
-    for name, spec in sorted(inputs.items()):
-        shape, dtype = tuple(spec.shape), spec.dtype
-        if dtype in ("float", "double", "float16"):
-            feeds[name] = rng.standard_normal(shape).astype(_NP_DTYPES[dtype])
-        elif dtype == "bool":
-            feeds[name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            feeds[name] = rng.integers(0, classes, shape).astype(_NP_DTYPES.get(dtype, np.int64))
-    return feeds
+    from .runtime.session import generated_feeds
+    return generated_feeds({n: (tuple(s.shape), s.dtype) for n, s in inputs.items()}, classes, seed)
+
+
+def feed_spec(inputs: dict[str, InputSpec], classes: int | None, seed: int) -> dict:
+    """What a worker needs to generate step i's batch as `training_feeds(inputs, classes, [seed, i])`."""
+    return {"inputs": {n: [list(s.shape), s.dtype] for n, s in sorted(inputs.items())}, "classes": classes,
+            "seed": int(seed)}
 
 
 
@@ -179,22 +180,71 @@ def load_data(path: Path, expected: dict[str, InputSpec]) -> dict[str, np.ndarra
 def measure_artifacts(artifacts: Path, graph=None, steps: int = 2, feeds=None,
                       spill_library: Path | None = None, spill_dir: Path | None = None,
                       intra_op_threads: int | None = None, workdir: Path | None = None,
-                      checkpoint_out: Path | None = None):
-    """Run `steps` training steps in a worker. Without `workdir` its files go to a temporary directory
+                      checkpoint_out: Path | None = None, state_dir: Path | None = None,
+                      spec: dict | None = None, keep_generations: bool = False):
+    """Run `steps` training steps in a worker (on `state_dir`: up to step `steps`, see
+    poetc.runtime.measure.measure_training). Without `workdir` its files go to a temporary directory
     that is removed before returning (then the returned run's params_npz no longer exists)."""
     from .runtime.measure import MeasurementError, measure_training
-    if feeds is None:
+    if feeds is None and spec is None:
         feeds = training_feeds(input_specs(graph), label_classes(graph))
     with tempfile.TemporaryDirectory(prefix="poetc-measure-") as tmp:
         try:
             return measure_training(artifacts, feeds, steps=steps, spill_library=spill_library,
                                     spill_dir=spill_dir, intra_op_threads=intra_op_threads,
-                                    workdir=workdir if workdir is not None else tmp, checkpoint_out=checkpoint_out)
+                                    workdir=workdir if workdir is not None else tmp, checkpoint_out=checkpoint_out,
+                                    state_dir=state_dir, feed_spec=spec, keep_generations=keep_generations)
         except MeasurementError as exc:
-            raise _runtime_failure(exc) from exc
+            raise _runtime_failure(exc, _STATE_HINT if state_dir is not None else None) from exc
 
 
-def _runtime_failure(exc) -> RuntimeFailure:
+# ---------------------------------------------------------------------------------------------------
+# state directories (poetc.runtime.statedir)
+
+
+def is_paged(out_dir: Path) -> bool:
+    """The compiled training graph reads or writes state with StateRead/StateWrite."""
+    from .runtime.session import graph_state_ops
+    reads, writes = graph_state_ops(Path(out_dir) / "training_model.onnx")
+    return bool(reads or writes)
+
+
+def create_state_dir(out_dir: Path, report: CompileReport, state_dir: Path, library: Path) -> None:
+    """A new state directory at step 0 from the compile output: its initial_state (a paged output; the
+    tensors are rewritten under a fresh MAC key, so no two runs' files are interchangeable), else the
+    fused-optimizer checkpoint (every tensor resident)."""
+    from .runtime import statedir
+    out_dir = Path(out_dir)
+    init = out_dir / INITIAL_STATE
+    if statedir.is_state_dir(init):
+        with statedir.StateDir.open(init, library=library, lock=False, clean=False) as src:
+            if src.generation != 0:
+                raise ArtifactError(f"{init} is at step {src.generation}, not the initial state", hint=_RECOMPILE_HINT)
+            infos = src.tensors
+            tensors = src.read_all()
+            meta = src.meta
+        statedir.write_initial_state(state_dir, tensors, meta, frozen={n for n, i in infos.items() if i.frozen},
+                                     paged={n for n, i in infos.items() if i.paged},
+                                     trainable={n for n, i in infos.items() if i.trainable}, library=library)
+        return
+    if report.optimizer_mode != "fused":
+        raise UsageError(f"{out_dir} was compiled with the unfused optimizer: ONNX Runtime's Optimizer holds its "
+                         f"moments, so it cannot train on a state directory",
+                         hint="recompile with --optimizer-mode fused, or train without --state")
+    from .export import _read_checkpoint
+    from .ir.fused import is_optimizer_state
+    values = _read_checkpoint(out_dir / "checkpoint", artifact=True)
+    declared = _read_checkpoint(out_dir / "reference" / "checkpoint", artifact=True)
+    trainable = {n for n, (_, t) in declared.items() if t}
+    frozen = {n for n, (_, t) in declared.items() if not t and not is_optimizer_state(n)}
+    statedir.write_initial_state(state_dir, {n: v for n, (v, _) in values.items()}, {"source": "checkpoint"},
+                                 frozen=frozen & set(values), trainable=trainable, library=library)
+
+
+_RECOMPILE_HINT = "recompile with `poetc compile ... -o DIR --force`"
+
+
+def _runtime_failure(exc, hint: str | None = None) -> RuntimeFailure:
     """One paragraph from a MeasurementError: the custom op's or ONNX Runtime's own message without
     the C++ source locations, the Python traceback and the worker's stderr (logged at -v)."""
     text = " ".join(str(exc).split("\n--- worker stderr", 1)[0].split())
@@ -204,8 +254,10 @@ def _runtime_failure(exc) -> RuntimeFailure:
         text = re.sub(r"^\d+ : [A-Z_]+ : ", "", text.rsplit("[ONNXRuntimeError] : ", 1)[1])
     if getattr(exc, "stderr_tail", ""):
         log.info("worker stderr:\n%s", exc.stderr_tail)
-    return RuntimeFailure(f"the training step failed in ONNX Runtime: {text[:600]}",
-                          hint="the run stopped there: no parameters were saved and the checkpoint is unchanged")
+    text = re.sub(r"^(StateError|RuntimeFailure): ", "", text)
+    where = "the training step failed" if hint else "the training step failed in ONNX Runtime"
+    return RuntimeFailure(f"{where}: {text[:900]}",
+                          hint=hint or "the run stopped there: no parameters were saved and the checkpoint is unchanged")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,12 +343,18 @@ def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: flo
             src = out_dir / "reference" / name  # a fused-optimizer output keeps ORT's optimizer there
             os.symlink((src if src.exists() else out_dir / name).resolve(), ref_dir / name)
         os.symlink((out_dir / "reference" / "training_model.onnx").resolve(), ref_dir / "training_model.onnx")
+        paged = is_paged(out_dir)
         runs = {}
         for key, artifacts, lib, threads in (("ref", ref_dir, None, None), ("comp", out_dir, library, None),
                                              ("ref_1", ref_dir, None, 1), ("comp_1", out_dir, library, 1)):
             wd = work / key
+            state = None
+            if paged and lib is not None:  # a paged output trains on a fresh state directory
+                state = work / f"state-{key}"
+                create_state_dir(out_dir, report, state, lib)
             runs[key] = measure_artifacts(artifacts, steps=steps, feeds=feeds, spill_library=lib,
-                                          spill_dir=spill_dir if lib else None, intra_op_threads=threads, workdir=wd)
+                                          spill_dir=spill_dir if lib else None, intra_op_threads=threads, workdir=wd,
+                                          state_dir=state)
         ref, comp, ref_1, comp_1 = runs["ref"], runs["comp"], runs["ref_1"], runs["comp_1"]
         ref_params, comp_params = dict(np.load(ref_1.params_npz)), dict(np.load(comp_1.params_npz))
     loss_diffs = [abs(a.loss - b.loss) for a, b in zip(ref_1.steps, comp_1.steps)]
@@ -309,7 +367,8 @@ def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: flo
         param_rel = max(param_rel, diff / max(float(np.max(np.abs(a))), 1e-30))
         bitwise &= a.tobytes() == b.tobytes()
     budget = report.budget
-    fixed, predicted = budget.fixed_bytes, report.result.activation_peak_bytes
+    # before the step: the fixed state and (fused mode) the resident parameters and moments
+    fixed, predicted = budget.fixed_bytes + report.result.resident_state_bytes, report.result.activation_peak_bytes
     steady = comp.steps[1:] or comp.steps  # step 1 also allocates the optimizer state
     return VerifyReport(
         steps=steps, numerics_intra_op_threads=1,
@@ -335,13 +394,29 @@ def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: flo
 
 
 def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
-          spill_dir: Path | None = None, save: Path | None = None) -> dict:
-    """Run `steps` training steps of the compiled artifacts and save the trained parameters as an ONNX
-    Runtime checkpoint: at `save`, which must not exist yet, or by default at
-    DIR/trained_checkpoint (replaced only if poetc wrote it, and recorded in DIR's manifest)."""
+          spill_dir: Path | None = None, save: Path | None = None, state: Path | None = None,
+          threads: int | None = None, keep_generations: bool = False) -> dict:
+    """Run training steps of the compiled artifacts.
+
+    Without a state directory (`state` None and an output without state ops): `steps` steps from the
+    compiled initial parameters, saved as an ONNX Runtime checkpoint at `save`, which must not exist yet,
+    or by default at DIR/trained_checkpoint (replaced only if poetc wrote it, and recorded in DIR's
+    manifest).
+
+    With a state directory (`state`, default DIR/state for a paged output): train until its committed
+    step is `steps`, one crash-safe generation per step; a missing or empty directory starts from the
+    compiled initial state, an existing one resumes from its committed step (see `train_on_state`)."""
     out_dir = Path(out_dir)
     report = load_report(out_dir)
     check_artifacts(out_dir, report)
+    if state is None and is_paged(out_dir):
+        state = out_dir / STATE_DIR
+    if state is not None:
+        if save is not None:
+            raise UsageError("--save writes an ONNX Runtime checkpoint and --state trains on a state directory; "
+                             "give one of them", hint="export a state directory with `poetc export DIR --state S -o OUT`")
+        return train_on_state(out_dir, report, Path(state), steps=steps, data=data, seed=seed, spill_dir=spill_dir,
+                              threads=threads, keep_generations=keep_generations)
     feeds = load_data(data, report.inputs) if data else training_feeds(report.inputs, report.label_classes, seed)
     target = Path(save) if save is not None else out_dir / TRAINED_CHECKPOINT
     _check_checkpoint_target(target, out_dir, explicit=save is not None)
@@ -351,7 +426,7 @@ def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
         produced = work / "trained_checkpoint"
         run = measure_artifacts(out_dir, steps=steps, feeds=feeds, spill_library=library,
                                 spill_dir=spill_dir if library else None, workdir=work / "run",
-                                checkpoint_out=produced)
+                                checkpoint_out=produced, intra_op_threads=threads)
         try:
             tmp = target.with_name(f".{target.name}.poetc-tmp")
             shutil.copyfile(produced, tmp)
@@ -363,6 +438,42 @@ def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
         output.add_to_manifest(out_dir, [target])
     return {"losses": [s.loss for s in run.steps], "step_peak_bytes": [s.peak_heap_bytes for s in run.steps],
             "step_seconds": [s.step_seconds for s in run.steps], "checkpoint": str(target)}
+
+
+def train_on_state(out_dir: Path, report: CompileReport, state: Path, *, steps: int, data: Path | None = None,
+                   seed: int = 0, spill_dir: Path | None = None, threads: int | None = None,
+                   keep_generations: bool = False) -> dict:
+    """Train on the state directory `state` until its committed step is `steps`. Step i's batch is
+    `training_feeds(inputs, classes, [seed, i])` (or the --data batch every step), so a run resumed after
+    a crash computes what an uninterrupted one does. The worker holds the directory's lock; each step
+    commits a generation (poetc.runtime.statedir), so a kill at any moment leaves the last committed step."""
+    from .runtime import statedir
+    with tempfile.TemporaryDirectory(prefix="poetc-train-") as work:
+        work = Path(work)
+        library = private_library(out_dir, report, work)
+        if library is None:
+            raise ArtifactError(f"{out_dir} has no {LIBRARY}: a state directory needs the poet op library",
+                                hint=_RECOMPILE_HINT)
+        created = False
+        if statedir.is_state_dir(state):
+            pass
+        elif os.path.lexists(state) and (not state.is_dir() or any(state.iterdir())):
+            raise OutputError(f"{state} exists and is not a poetc state directory (no {statedir.MANIFEST}); it was "
+                              f"left untouched", hint="pass a new --state directory, or the one poetc train created")
+        else:
+            create_state_dir(out_dir, report, state, library)
+            created = True
+        start = statedir.committed_step(state)  # checks MANIFEST and CURRENT before a worker starts
+        spec = None if data else feed_spec(report.inputs, report.label_classes, seed)
+        feeds = load_data(data, report.inputs) if data else None
+        run = measure_artifacts(out_dir, steps=steps, feeds=feeds, spec=spec, spill_library=library,
+                                spill_dir=spill_dir, workdir=work / "run", intra_op_threads=threads,
+                                state_dir=state, keep_generations=keep_generations)
+    return {"state_dir": str(state), "created": created, "resumed_from": run.resumed_from if not created else 0,
+            "started_at_step": start, "final_step": run.final_step,
+            "steps_run": [s.index for s in run.steps],
+            "losses": [s.loss for s in run.steps], "step_peak_bytes": [s.peak_heap_bytes for s in run.steps],
+            "step_seconds": [s.step_seconds for s in run.steps]}
 
 
 def _check_checkpoint_target(target: Path, out_dir: Path, *, explicit: bool) -> None:

@@ -36,8 +36,8 @@ import pytest
 from poetc.api import CompileOptions, compile_model, rewrite
 from poetc.ir.graph import TrainGraph
 from poetc.ir.lower import load_artifacts
-from poetc.passes import (AsyncPaging, Cleanup, InsertRecompute, InsertSpillRestore, OrderNodes, PassContext, PassError,
-                          PassManager, default_pipeline)
+from poetc.passes import (AsyncPaging, Cleanup, InsertRecompute, InsertSpillRestore, InsertStateIO, OrderNodes,
+                          PassContext, PassError, PassManager, default_pipeline)
 from poetc.runtime.contract import SPILL_DOMAIN, make_restore_node_spec, make_spill_node_spec
 from poetc.schedule import Decision, Schedule, ScheduleError, StepKind, fixed_state_bytes, simulate, simulate_keep_all
 
@@ -47,7 +47,7 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden" / "passes"
 TRAIN_STEPS = 3
 ARTIFACT_COPIES = ("eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
-PASSES = {p.name: p for p in (InsertRecompute, InsertSpillRestore, OrderNodes, AsyncPaging, Cleanup)}
+PASSES = {p.name: p for p in (InsertRecompute, InsertSpillRestore, InsertStateIO, OrderNodes, AsyncPaging, Cleanup)}
 DEFAULT_ORDER = [p.name for p in default_pipeline()]
 
 # case -> (schedule rule, passes run in that order; "default" = the pipeline poetc.api.rewrite runs)

@@ -113,18 +113,39 @@ def run(args: argparse.Namespace) -> dict:
 
     heap = HeapCounter()
     t_open = time.perf_counter()
-    sess = open_training(args.artifacts, spill_library=args.spill_library, intra_op_threads=args.threads)
+    state = None
+    if args.state_dir:
+        from poetc.runtime.session import StateSession
+        from poetc.runtime.statedir import StateDir
+        state = StateDir.open(args.state_dir, library=args.spill_library, lock_wait_s=60)
+        sess = StateSession(args.artifacts, state, args.spill_library, intra_op_threads=args.threads,
+                            keep_generations=args.keep_generations)
+    else:
+        sess = open_training(args.artifacts, spill_library=args.spill_library, intra_op_threads=args.threads)
     open_seconds = time.perf_counter() - t_open
-    with np.load(args.feeds) as npz:
-        feeds = {k: np.ascontiguousarray(npz[k]) for k in npz.files}
-    missing = [n for n in sess.input_names if n not in feeds]
-    if missing:
-        raise KeyError(f"feeds file {args.feeds} lacks training inputs {missing} "
-                       f"(model inputs: {sess.input_names}; file has {sorted(feeds)})")
-    feeds = {n: feeds[n] for n in sess.input_names}
+    feed_spec = None
+    if args.feed_spec:
+        with open(args.feed_spec) as fh:
+            feed_spec = json.load(fh)
+        feeds = None
+    else:
+        with np.load(args.feeds) as npz:
+            feeds = {k: np.ascontiguousarray(npz[k]) for k in npz.files}
+        missing = [n for n in sess.input_names if n not in feeds]
+        if missing:
+            raise KeyError(f"feeds file {args.feeds} lacks training inputs {missing} "
+                           f"(model inputs: {sess.input_names}; file has {sorted(feeds)})")
+        feeds = {n: feeds[n] for n in sess.input_names}
 
+    # on a state directory, --steps is the step count to reach (a resumed run does the rest)
+    resumed_from = state.generation if state is not None else 0
+    todo = max(0, args.steps - resumed_from) if state is not None else args.steps
     steps = []
-    for i in range(args.steps):
+    for i in range(resumed_from, resumed_from + todo):
+        if feed_spec is not None:
+            from poetc.runtime.session import generated_feeds
+            feeds = generated_feeds({k: tuple(v) for k, v in feed_spec["inputs"].items()}, feed_spec["classes"],
+                                    [int(feed_spec["seed"]), i])
         gc.collect()
         hwm_ok = _reset_hwm()
         rss_before_kib = _proc_status_kib("VmRSS")
@@ -150,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
             "rss_before_bytes": None if rss_before_kib is None else rss_before_kib * 1024,
         })
 
-    if args.checkpoint_out:
+    if args.checkpoint_out and state is None:
         from onnxruntime.training.api import CheckpointState
         CheckpointState.save_checkpoint(sess.state, args.checkpoint_out)
     params = sess.parameters()
@@ -165,6 +186,8 @@ def run(args: argparse.Namespace) -> dict:
         "params_sha256": {k: param_digest(v) for k, v in sorted(params.items())},
         "input_names": sess.input_names,
         "pid": os.getpid(),
+        "resumed_from": resumed_from,
+        "final_step": state.generation if state is not None else len(steps),
     }
 
 
@@ -193,13 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     ap = argparse.ArgumentParser(prog="python -m poetc.runtime._worker")
     ap.add_argument("--artifacts", required=True)
-    ap.add_argument("--feeds", required=True)
+    ap.add_argument("--feeds", default=None)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--result", required=True)
     ap.add_argument("--params-out", required=True)
     ap.add_argument("--spill-library", default=None)
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
     ap.add_argument("--checkpoint-out", default=None, help="save the trained state (ORT checkpoint) here")
+    ap.add_argument("--state-dir", default=None, help="train on this state directory (--steps: the step to reach)")
+    ap.add_argument("--feed-spec", default=None, help="JSON {inputs, classes, seed}: generate each step's batch")
+    ap.add_argument("--keep-generations", action="store_true", help="keep every committed generation (tests)")
     args = ap.parse_args(argv)
     # the worker's stderr is the parent's log of it (poetc.runtime.measure keeps its tail)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)

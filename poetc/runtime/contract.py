@@ -79,6 +79,68 @@ def make_restore_node_spec(dtype: int, key: str | None = None, keep_file: bool =
 
 
 # ---------------------------------------------------------------------------------------------------
+# the state directory's ops (poetc/runtime/native/state_ops.c; the directory itself: poetc.runtime.statedir)
+
+#: StateRead op type per produced ONNX element type (same dtype set as Restore).
+STATE_READ_OP_TYPES: dict[int, str] = {d: "StateRead" + t[len("Restore"):] for d, t in RESTORE_OP_TYPES.items()}
+STATE_WRITE_OP_TYPE = "StateWrite"
+#: StateWrite's output: int64 [1], the generation written. Make it a graph output (nothing consumes it).
+STATE_WRITE_OUTPUT_SHAPE = (1,)
+#: Longest state key (the tensor's name) in bytes; the file header stores it.
+STATE_KEY_MAX_BYTES = 255
+
+
+def _check_key(key: str) -> str:
+    k = str(key)
+    if not k or len(k.encode()) > STATE_KEY_MAX_BYTES or "\0" in k:
+        raise ValueError(f"state key {key!r} must be a non-empty name of at most {STATE_KEY_MAX_BYTES} bytes")
+    return k
+
+
+def make_state_read_node_spec(dtype: int, key: str) -> tuple[str, dict]:
+    """``(op_type, attrs)`` of the node that reads the paged state tensor ``key`` (domain
+    :data:`SPILL_DOMAIN`).
+
+    Rules both sides rely on:
+
+    - Output: the value of ``key`` as of the START of the current step (the state directory's last
+      committed generation g), with the static shape the graph declares for it (the stored shape must
+      match; the node should declare it). One op type per element type: ``StateRead`` (float),
+      ``StateRead_<dtype>`` for the others, as for Restore.
+    - Inputs: zero or more tensors of any type, read by nobody: explicit ordering dependencies
+      (ORT runs nodes in file order under the contract; the dependencies make the order a data
+      dependency too). The first input may be omitted entirely.
+    - May run any number of times in one step for the same key (a parameter dropped after its forward
+      use and read again before its backward use): every read returns the generation-g value, never a
+      value StateWrite wrote in this step.
+    - A frozen parameter is read from the directory's ``frozen/`` files (written once by
+      :func:`poetc.runtime.statedir.write_initial_state`); the op finds it there by itself.
+    - Any problem (missing, torn, truncated, foreign, stale-generation or mismatched file) fails the
+      run with a message naming the file; poetc reports it as a RuntimeFailure (exit 9).
+    """
+    d = _check_dtype(dtype)
+    return STATE_READ_OP_TYPES[d], {"key": _check_key(key)}
+
+
+def make_state_write_node_spec(dtype: int, key: str) -> tuple[str, dict]:
+    """``(op_type, attrs)`` of the node that writes the new value of the paged state tensor ``key``.
+
+    - Inputs: ``X`` (any supported dtype; ``dtype`` is checked here), then zero or more ordering
+      dependencies of any type (e.g. the bool flag of the AdamWUpdate that updated X in place, so the
+      write runs after the update).
+    - Output: int64 [1] (the generation written, g+1); make it a graph output so no pass prunes the node.
+    - Writes X as the value of ``key`` for generation g+1 (the step being run). A trainable parameter is
+      written once per step right after its update; a moment is read (StateRead) right before its
+      update, updated in place and written right after; a frozen parameter is never written. Every
+      non-frozen paged tensor must be written exactly once per step: the runtime refuses to commit a
+      generation that lacks one.
+    - Nothing written is visible before the runtime commits the generation after the run (fsync, atomic
+      rename of CURRENT); a crash at any point leaves generation g committed.
+    """
+    _check_dtype(dtype)
+    return STATE_WRITE_OP_TYPE, {"key": _check_key(key)}
+
+
 # asynchronous paging (poetc/runtime/native/async_ops.c): write-behind spills and prefetched restores
 
 SPILL_ASYNC_OP_TYPE = "SpillAsync"

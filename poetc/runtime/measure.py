@@ -89,6 +89,9 @@ class MeasuredRun:
     #: spill files of the worker still in spill_dir afterwards (a Spill
     #: without a matching Restore); only checked when spill_dir was given
     spill_leftovers: list[Path] = field(default_factory=list)
+    #: on a state directory: the committed step the run started from and the one it ended at
+    resumed_from: int = 0
+    final_step: int = 0
 
     @property
     def losses(self) -> list[float]:
@@ -181,7 +184,10 @@ def measure_training(artifacts_dir: str | os.PathLike,
                      heap_counter: str | os.PathLike | None = None,
                      extra_env: Mapping[str, str] | None = None,
                      intra_op_threads: int | None = None,
-                     checkpoint_out: str | os.PathLike | None = None) -> MeasuredRun:
+                     checkpoint_out: str | os.PathLike | None = None,
+                     state_dir: str | os.PathLike | None = None,
+                     feed_spec: Mapping | None = None,
+                     keep_generations: bool = False) -> MeasuredRun:
     """Run ``steps`` training steps of ``artifacts_dir`` in a fresh process.
 
     ``feeds_npz``: ``.npz`` whose keys are the training model's user input
@@ -196,6 +202,13 @@ def measure_training(artifacts_dir: str | os.PathLike,
     bitwise-reproducible numerics, see ``contract_session_options``).
     ``checkpoint_out``: the worker also saves the trained state there (an
     ONNX Runtime checkpoint, parameters only).
+    ``state_dir``: train on this state directory (poetc.runtime.statedir; it
+    must exist): ``steps`` is then the step count to reach, a resumed run
+    does only the rest, every step commits a generation.  ``feed_spec``:
+    ``{"inputs": {name: [shape, dtype]}, "classes": int|None, "seed": int}``
+    -- the worker generates each step's batch from ``[seed, step]``
+    (``feeds_npz`` is then ignored).  ``keep_generations``: keep every
+    committed generation (to compare a resumed run step by step).
     Raises :class:`MeasurementError` if the worker fails or times out.  An
     interrupt (KeyboardInterrupt, poetc's SIGTERM handler) stops the worker's
     whole process group before it propagates: no orphan keeps training.
@@ -204,7 +217,10 @@ def measure_training(artifacts_dir: str | os.PathLike,
         raise ValueError("steps must be >= 1")
     wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="poetc-measure-"))
     wd.mkdir(parents=True, exist_ok=True)
-    if isinstance(feeds_npz, Mapping):
+    if feed_spec is not None:
+        feeds_path = wd / "feed_spec.json"
+        feeds_path.write_text(json.dumps(dict(feed_spec), sort_keys=True))
+    elif isinstance(feeds_npz, Mapping):
         feeds_path = wd / "feeds.npz"
         np.savez(feeds_path, **{k: np.asarray(v) for k, v in feeds_npz.items()})
     else:
@@ -219,7 +235,7 @@ def measure_training(artifacts_dir: str | os.PathLike,
 
     cmd = [sys.executable, "-m", "poetc.runtime._worker",
            "--artifacts", str(Path(artifacts_dir).resolve()),
-           "--feeds", str(feeds_path.resolve()),
+           "--feed-spec" if feed_spec is not None else "--feeds", str(feeds_path.resolve()),
            "--steps", str(int(steps)),
            "--result", str(result_path.resolve()),
            "--params-out", str(params_path.resolve())]
@@ -229,6 +245,10 @@ def measure_training(artifacts_dir: str | os.PathLike,
         cmd += ["--threads", str(int(intra_op_threads))]
     if checkpoint_out is not None:
         cmd += ["--checkpoint-out", str(Path(checkpoint_out).resolve())]
+    if state_dir is not None:
+        cmd += ["--state-dir", str(Path(state_dir).resolve())]
+    if keep_generations:
+        cmd += ["--keep-generations"]
 
     env = heap_counter_env(counter, extra_env)
     root = str(_repo_root())
@@ -295,6 +315,8 @@ def measure_training(artifacts_dir: str | os.PathLike,
         wall_seconds=wall,
         stderr_tail=tail,
         spill_leftovers=leftovers,
+        resumed_from=int(data.get("resumed_from", 0)),
+        final_step=int(data.get("final_step", len(data["steps"]))),
     )
     for s in run.steps:
         hwm = "n/a" if s.vmhwm_peak_bytes is None else f"{s.vmhwm_peak_bytes / 2**20:.1f} MiB"

@@ -378,7 +378,7 @@ def build_spill_library(arch: str = "host", cache_dir: str | os.PathLike | None 
     cc = _compiler(arch)
     inc = ensure_headers(cache_dir)
     sources = [NATIVE_DIR / "spill_ops.c", NATIVE_DIR / "io_core.c", NATIVE_DIR / "update_ops.c",
-               NATIVE_DIR / "async_ops.c", NATIVE_DIR / "op_util.c"]
+               NATIVE_DIR / "state_ops.c", NATIVE_DIR / "async_ops.c", NATIVE_DIR / "op_util.c"]
     deps = sources + [NATIVE_DIR / "io_core.h", NATIVE_DIR / "op_util.h"]
     # nodelete: ORT unloads a custom-op library with the last session options that registered it;
     # staying loaded keeps the per-process MAC key, so one session may restore what another spilled.

@@ -130,3 +130,104 @@ def open_training(artifacts_dir: str | os.PathLike,
     logger.debug("opened training artifacts %s; inputs %s", d, names)
     return TrainingSession(artifacts_dir=d, state=state, module=module, optimizer=optimizer,
                            session_options=so, input_names=names)
+
+
+# ---------------------------------------------------------------------------------------------------
+# training on a state directory (poetc.runtime.statedir): resident state bound as graph inputs, paged
+# state through StateRead/StateWrite, one crash-safe generation per step
+
+
+def graph_state_ops(model_path: str | os.PathLike) -> tuple[set[str], set[str]]:
+    """Keys the training graph reads with StateRead and writes with StateWrite (empty: not paged)."""
+    import onnx
+
+    from .contract import SPILL_DOMAIN, STATE_READ_OP_TYPES, STATE_WRITE_OP_TYPE
+    m = onnx.load(str(model_path), load_external_data=False)
+    reads, writes = set(), set()
+    for n in m.graph.node:
+        if n.domain != SPILL_DOMAIN:
+            continue
+        key = next((a.s.decode() for a in n.attribute if a.name == "key"), "")
+        if n.op_type in STATE_READ_OP_TYPES.values():
+            reads.add(key)
+        elif n.op_type == STATE_WRITE_OP_TYPE:
+            writes.add(key)
+    return reads, writes
+
+
+def generated_feeds(specs: Mapping[str, tuple[tuple[int, ...], str]], classes: int | None,
+                    seed) -> dict[str, np.ndarray]:
+    """poetc's one seeded input generator: floats ~ N(0, 1), integers (labels) in [0, classes), bools 0/1,
+    in name order. ``specs``: name -> (shape, dtype name). ``seed``: an int, or ``[seed, step]`` for the
+    batch of one step (so a resumed run sees the batches an uninterrupted one does)."""
+    rng = np.random.default_rng(seed)
+    classes = classes or 2
+    np_types = {"float": np.float32, "double": np.float64, "float16": np.float16, "int64": np.int64,
+                "int32": np.int32, "int8": np.int8, "uint8": np.uint8}
+    feeds = {}
+    for name, (shape, dtype) in sorted(specs.items()):
+        shape = tuple(shape)
+        if dtype in ("float", "double", "float16"):
+            feeds[name] = rng.standard_normal(shape).astype(np_types[dtype])
+        elif dtype == "bool":
+            feeds[name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[name] = rng.integers(0, classes, shape).astype(np_types.get(dtype, np.int64))
+    return feeds
+
+
+class StateSession:
+    """A compiled training graph driven as a plain InferenceSession on a state directory.
+
+    Resident state tensors (graph inputs named in the state manifest) live in numpy buffers this object
+    owns, read from the committed generation at open and bound without copies (ORT's in-place updates,
+    poet.AdamWUpdate / SGDUpdate / StepCount, write into them). Paged ones are StateRead/StateWrite'd by
+    the graph. :meth:`step` runs one step as one generation: begin g+1, run, persist every non-frozen
+    resident tensor into g+1, commit (statedir.StateDir.commit), so a crash leaves g or g+1 committed."""
+
+    def __init__(self, artifacts_dir: str | os.PathLike, state, spill_library: str | os.PathLike,
+                 intra_op_threads: int | None = None, keep_generations: bool = False) -> None:
+        d = Path(artifacts_dir)
+        self.state = state
+        self.keep_generations = keep_generations
+        so = contract_session_options(spill_library, intra_op_threads)
+        self.session = ort.InferenceSession(str(d / TRAINING_MODEL), so, providers=["CPUExecutionProvider"])
+        graph_inputs = [i.name for i in self.session.get_inputs()]
+        self.resident = [n for n in graph_inputs if n in state.tensors]
+        paged_inputs = [n for n in self.resident if state.tensors[n].paged]
+        if paged_inputs:
+            raise ValueError(f"state tensors {paged_inputs} are marked paged in {state.path}/MANIFEST.json "
+                             f"but are graph inputs of {d / TRAINING_MODEL}")
+        self.input_names = [n for n in graph_inputs if n not in state.tensors and n != "lazy_reset_grad"]
+        self.buffers = {n: state.read(n) for n in self.resident}
+        self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.buffers.items()}
+        if "lazy_reset_grad" in graph_inputs:
+            self._values["lazy_reset_grad"] = ort.OrtValue.ortvalue_from_numpy(np.array([True]))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def step_index(self) -> int:
+        """Steps completed (the committed generation)."""
+        return self.state.generation
+
+    def step(self, feeds: Mapping[str, np.ndarray]) -> float:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise KeyError(f"feeds lack training inputs {missing}; expected {self.input_names}")
+        gen = self.state.begin_step()
+        values = dict(self._values)
+        for n in self.input_names:
+            values[n] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[n]))
+        outputs = self.session.run_with_ort_values(self.output_names, values)
+        loss = float(np.asarray(outputs[0].numpy()).reshape(-1)[0])
+        del outputs
+        for n in self.resident:
+            if not self.state.tensors[n].frozen:
+                self.state.write(n, self.buffers[n], gen)
+        self.state.commit(gen, keep_previous=self.keep_generations)
+        return loss
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Current parameter values by name (copies), optimizer state excluded."""
+        return {n: (np.array(self.buffers[n]) if n in self.buffers else self.state.read(n))
+                for n in sorted(self.state.tensors) if OPTIMIZER_STATE_MARK not in n}

@@ -448,6 +448,8 @@ static void ORT_API_CALL op_compute_v1(void *kernel, OrtKernelContext *ctx) {
 
 /* update_ops.c: the in-place optimizer updates (StepCount, AdamWUpdate, SGDUpdate) share the domain */
 OrtStatus *poet_register_update_ops(OrtCustomOpDomain *domain, const OrtApi *api);
+/* state_ops.c: StateRead / StateWrite (the state directory's paged tensors) share the domain */
+OrtStatus *poet_register_state_ops(OrtCustomOpDomain *domain, const OrtApi *api);
 /* async_ops.c: write-behind spills and prefetched restores (SpillAsync, Flush, Prefetch, Await*) */
 OrtStatus *poet_register_async_ops(OrtCustomOpDomain *domain, const OrtApi *api);
 
@@ -485,6 +487,8 @@ RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
     if (st) return st;
   }
   st = poet_register_update_ops(domain, g_ort);
+  if (st) return st;
+  st = poet_register_state_ops(domain, g_ort);
   if (st) return st;
   st = poet_register_async_ops(domain, g_ort);
   if (st) return st;

@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the trained parameters as an ONNX Runtime checkpoint and an inference model")
     p.add_argument("out", type=Path, help="the directory written by `poetc compile -o DIR`")
     p.add_argument("--checkpoint", type=Path, metavar="PATH",
-                   help="the parameters to export (default DIR/trained_checkpoint, else DIR/checkpoint)")
+                   help="the parameters to export (default DIR/state, else DIR/trained_checkpoint, else DIR/checkpoint)")
+    p.add_argument("--state", type=Path, metavar="DIR",
+                   help="export the committed step of this state directory (`poetc train --state DIR`)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
                    help="directory to write checkpoint and inference_model.onnx into (must not exist)")
     p.add_argument("--force", action="store_true", help="replace OUTDIR if poetc wrote it, unchanged")
@@ -357,7 +359,7 @@ def cmd_train(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export
-    doc = export(args.out, args.output, checkpoint=args.checkpoint, force=args.force)
+    doc = export(args.out, args.output, checkpoint=args.checkpoint, force=args.force, state=args.state)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

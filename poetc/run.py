@@ -36,7 +36,7 @@ TRAINED_CHECKPOINT = "trained_checkpoint"
 #: the state directory `poetc train` uses for a paged output when --state is not given
 STATE_DIR = "state"
 #: where compile writes the initial state (generation 0) of a paged output (poetc.runtime.statedir)
-INITIAL_STATE = "initial_state"
+INITIAL_STATE = "initial_state"  # == poetc.runtime.statedir.INITIAL_STATE (run.py does not import it eagerly)
 _STATE_HINT = "the state directory stays at its last committed step; nothing was trained on the refused data"
 
 
@@ -122,7 +122,7 @@ _NP_DTYPES = {"float": np.float32, "double": np.float64, "float16": np.float16, 
 def training_feeds(inputs: dict[str, InputSpec], classes: int | None, seed: int = 0) -> dict[str, np.ndarray]:
     """The one seeded input generator for running artifacts: floats ~ N(0, 1), integers (labels) in
     [0, classes), bools 0/1, in name order."""
-    from .runtime.session import generated_feeds
+    from .runtime.feeds import generated_feeds
     return generated_feeds({n: (tuple(s.shape), s.dtype) for n, s in inputs.items()}, classes, seed)
 
 
@@ -204,7 +204,7 @@ def measure_artifacts(artifacts: Path, graph=None, steps: int = 2, feeds=None,
 
 def is_paged(out_dir: Path) -> bool:
     """The compiled training graph reads or writes state with StateRead/StateWrite."""
-    from .runtime.session import graph_state_ops
+    from .runtime.statedir import graph_state_ops
     reads, writes = graph_state_ops(Path(out_dir) / "training_model.onnx")
     return bool(reads or writes)
 

@@ -29,9 +29,10 @@ def page_by_hand(out_dir: Path, params: list[str], library: Path) -> set[str]:
     path = out_dir / "training_model.onnx"
     m = onnx.load(str(path))
     g = m.graph
+    inputs = {i.name for i in g.input}
     paged = set()
     for p in params:
-        paged |= {p, *moment_names(p)}
+        paged |= {p} | ({*moment_names(p)} & inputs)  # a frozen parameter has no moments
     types = {i.name: i for i in g.input if i.name in paged}
     assert set(types) == paged, f"not all of {sorted(paged)} are graph inputs"
     kept_inputs = [i for i in g.input if i.name not in paged]

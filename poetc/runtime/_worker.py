@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
     steps = []
     for i in range(resumed_from, resumed_from + todo):
         if feed_spec is not None:
-            from poetc.runtime.session import generated_feeds
+            from poetc.runtime.feeds import generated_feeds
             feeds = generated_feeds({k: tuple(v) for k, v in feed_spec["inputs"].items()}, feed_spec["classes"],
                                     [int(feed_spec["seed"]), i])
         gc.collect()
@@ -212,8 +212,18 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _skip_ortmodule_import() -> None:
+    """The training build's import-time package check imports ORTModule and with it torch (about 6 s of
+    start-up on the shared test machine, measured with `python -X importtime`); a state-directory run
+    uses only InferenceSession and the ctypes state functions, so it tells Python that module is absent
+    (the check then skips it)."""
+    sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
+    if "--state-dir" in (sys.argv[1:] if argv is None else argv):
+        _skip_ortmodule_import()
     ap = argparse.ArgumentParser(prog="python -m poetc.runtime._worker")
     ap.add_argument("--artifacts", required=True)
     ap.add_argument("--feeds", default=None)

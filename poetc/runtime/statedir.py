@@ -58,6 +58,9 @@ MANIFEST = "MANIFEST.json"
 CURRENT = "CURRENT"
 FROZEN_DIR = "frozen"
 LOCK = "LOCK"
+#: where a compile writes its output's initial state (generation 0) with write_initial_state:
+#: OUT/initial_state; `poetc train` starts every new state directory from it (under a fresh MAC key)
+INITIAL_STATE = "initial_state"
 _GEN_RE = re.compile(r"^gen-(\d{8,})$")
 _ERRBUF = 2048
 
@@ -501,10 +504,28 @@ class StateDir:
             shutil.rmtree(self.path / gen_dir_name(old), ignore_errors=True)
 
 
+def graph_state_ops(model_path: str | os.PathLike) -> tuple[set[str], set[str]]:
+    """Keys the training graph reads with StateRead and writes with StateWrite (empty: not paged)."""
+    import onnx
+
+    from .contract import SPILL_DOMAIN, STATE_READ_OP_TYPES, STATE_WRITE_OP_TYPE
+    m = onnx.load(str(model_path), load_external_data=False)
+    reads, writes = set(), set()
+    for n in m.graph.node:
+        if n.domain != SPILL_DOMAIN:
+            continue
+        key = next((a.s.decode() for a in n.attribute if a.name == "key"), "")
+        if n.op_type in STATE_READ_OP_TYPES.values():
+            reads.add(key)
+        elif n.op_type == STATE_WRITE_OP_TYPE:
+            writes.add(key)
+    return reads, writes
+
+
 def committed_step(directory: str | os.PathLike) -> int:
     """The committed step of a state directory (checked as by :meth:`StateDir.open`, without the lock)."""
     return StateDir.open(directory, lock=False, clean=False).generation
 
 
-__all__ = ["StateDir", "StateError", "TensorInfo", "committed_step", "copy_state_dir", "file_name", "is_state_dir",
-           "read_tensor", "write_initial_state", "write_tensor"]
+__all__ = ["INITIAL_STATE", "StateDir", "StateError", "TensorInfo", "committed_step", "copy_state_dir", "file_name",
+           "graph_state_ops", "is_state_dir", "read_tensor", "write_initial_state", "write_tensor"]

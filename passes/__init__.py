@@ -7,13 +7,14 @@ order they run.
 from .cleanup import Cleanup
 from .insert_recompute import InsertRecompute
 from .insert_spill_restore import InsertSpillRestore
+from .insert_state_io import InsertStateIO
 from .manager import PassContext, PassError, PassManager, PassResult
 from .order import OrderNodes
 
 
 def default_pipeline() -> list:
-    return [InsertRecompute(), InsertSpillRestore(), OrderNodes(), Cleanup()]
+    return [InsertRecompute(), InsertSpillRestore(), InsertStateIO(), OrderNodes(), Cleanup()]
 
 
-__all__ = ["Cleanup", "InsertRecompute", "InsertSpillRestore", "OrderNodes", "PassContext", "PassError",
+__all__ = ["Cleanup", "InsertRecompute", "InsertSpillRestore", "InsertStateIO", "OrderNodes", "PassContext", "PassError",
            "PassManager", "PassResult", "default_pipeline"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from poetc.schedule import StepKind, recompute_node_name
 
+from .insert_state_io import state_read_node_name, state_write_node_name
 from .manager import PassContext, PassResult
 
 
@@ -18,6 +19,10 @@ def step_node_name(ctx: PassContext, step) -> str:
         return ctx.graph.ops[step.op].name
     if step.kind is StepKind.RECOMPUTE:
         return recompute_node_name(ctx.graph.ops[step.op].name, step.writes[0])
+    if step.kind is StepKind.STATE_READ:
+        return state_read_node_name(step)
+    if step.kind is StepKind.STATE_WRITE:
+        return state_write_node_name(step)
     return f"{step.writes[0]}__spill" if step.kind is StepKind.PAGE_OUT else f"{step.writes[0]}__restore"
 
 

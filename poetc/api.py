@@ -24,8 +24,8 @@ from .importer import ImportOptions, canonicalizations, import_model
 from .ir.graph import TensorKind, TrainGraph
 from .ir.lower import load_artifacts
 from .plan import BASELINES
-from .report import CompileReport, KeepAllSummary, StrategySummary
-from .run import input_specs, label_classes, measure_artifacts
+from .report import CompileReport, KeepAllSummary, StrategySummary, memory_breakdown, state_tensor_list
+from .run import INITIAL_STATE, input_specs, label_classes, measure_artifacts
 from .runtime.contract import RUNTIME_CONTRACT
 from .schedule import Decision, SimResult, Step, StepCosts, fixed_state_bytes, simulate
 from .units import Deadline
@@ -138,6 +138,9 @@ class CompileOptions:
     # gradient buffers and Optimizer, "auto" takes fused when it fits where unfused does not or lowers
     # the objective (poetc.plan.choose_optimizer_mode)
     optimizer_mode: str = "auto"
+    # fused mode: the parameters and moments are decidable (resident or paged from the state directory);
+    # False keeps them all resident (the fused mode before issue #17)
+    page_state: bool = True
 
 
 @dataclass
@@ -188,7 +191,7 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         flash = options.flash_bytes if options.flash_bytes is not None else target.flash_bytes
 
         def plan_graph(g: TrainGraph):
-            problem = build_problem(g, step_costs_for(g, target, options.costs_path))
+            problem = build_problem(g, step_costs_for(g, target, options.costs_path), page_state=options.page_state)
             say(f"solving ({options.strategy}, {g.optimizer_mode} optimizer)")
             return plan(problem, Budget.from_ram(options.ram_bytes, problem.fixed_bytes), options.deadline,
                         flash_bytes=flash, objective=options.objective, strategy=options.strategy, baselines=(),
@@ -214,13 +217,13 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         (stage / "reference").mkdir()
         shutil.copy2(artifacts / "training_model.onnx", stage / "reference" / "training_model.onnx")
         if fused:  # Module alone drives it; verify's reference keeps ORT's optimizer and checkpoint
-            _write_fused_state(artifacts, graph, stage)
+            initial_state = _write_fused_state(artifacts, graph, stage)
         else:
             for name in ("optimizer_model.onnx", "checkpoint"):
                 shutil.copy2(artifacts / name, stage / name)
         shutil.copy2(artifacts / "eval_model.onnx", stage / "eval_model.onnx")
         onnx.save(model, str(stage / "training_model.onnx"))
-        uses_paging = any(d is Decision.PAGE for d in main.schedule.decisions.values())
+        uses_paging = any(d is Decision.PAGE for d in main.schedule.decisions.values())  # (state included)
         libraries = output.copy_native_libraries(stage, required=uses_paging or fused)
         _write_json(stage / "schedule.json", main.schedule.to_json())
         encoding = main.schedule.compact_encoding(graph)
@@ -230,7 +233,8 @@ def compile_model(model_path: Path, options: CompileOptions, *,
             model=Path(model_path).name, target=target.name, objective=options.objective, budget=budget,
             deadline=str(options.deadline), deadline_s=chosen.deadline_s, flash_bytes=int(flash),
             fixed_state_bytes=fixed_state_bytes(graph), lower_bound=chosen.bound,
-            keep_all=KeepAllSummary(keep.total_peak_bytes, keep.peak_bytes, keep.time_s, keep.energy_j),
+            keep_all=KeepAllSummary(keep.total_peak_bytes, keep.peak_bytes - keep.resident_state_bytes, keep.time_s,
+                                    keep.energy_j, keep.resident_state_bytes),
             result=StrategySummary.of(main),
             baselines={k: StrategySummary.of(v) for k, v in chosen.baselines.items()},
             candidates=len(problem.candidates),
@@ -239,24 +243,50 @@ def compile_model(model_path: Path, options: CompileOptions, *,
             passes=[{k: v for k, v in r.items() if k != "seconds"} for r in pass_records],
             native_libraries=libraries, runtime_contract=RUNTIME_CONTRACT, label_classes=label_classes(graph),
             inputs=input_specs(graph), optimizer_mode=mode, optimizer_mode_reason=mode_reason,
-            canonicalizations=canonicalizations(artifacts))
+            canonicalizations=canonicalizations(artifacts),
+            memory_classes=memory_breakdown(graph, main.schedule, main.sim, problem.costs),
+            state_tensors=state_tensor_list(graph, main.schedule), state_dir=STATE_DIR if fused else "")
         timings = {"compile_s": round(time.perf_counter() - t0, 3), "solve_s": round(main.solve_time_s, 3),
                    "passes": {r["name"]: r.get("seconds") for r in pass_records}}
         timelines = Timelines(keep, main.sim, main.schedule.steps, problem.backward_start, budget.ram_bytes)
         _write_json(stage / "runtime.json", dict(RUNTIME_CONTRACT, **_optimizer_contract(graph)))
         report = dataclasses.replace(report, artifacts=output.artifact_hashes(stage))
+        if fused:  # after the hashes: training changes it, and its MAC key is random (not hashed)
+            _write_state_dir(stage / STATE_DIR, graph, main.schedule, initial_state)
         _write_json(stage / "report.json", report.to_json())
         tx.commit()
     return CompileResult(out_dir, report, timings, timelines, optimizer_mode=mode)
 
 
-def _write_fused_state(artifacts: Path, graph: TrainGraph, stage: Path) -> None:
-    from .ir.fused import read_optimizer_spec, write_fused_checkpoint
+def _write_fused_state(artifacts: Path, graph: TrainGraph, stage: Path) -> tuple[dict, dict]:
+    """The fused checkpoint and the reference's optimizer and checkpoint; returns the initial state
+    (every parameter, zero moments, learning rate, step counter) and the state directory's meta."""
+    from .ir.fused import fused_state_arrays, read_optimizer_spec, write_fused_checkpoint
     from .ir.lower import read_checkpoint_parameters
     spec = read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx")))
-    write_fused_checkpoint(read_checkpoint_parameters(artifacts / "checkpoint"), graph, spec, stage / "checkpoint")
+    parameters = read_checkpoint_parameters(artifacts / "checkpoint")
+    write_fused_checkpoint(parameters, graph, spec, stage / "checkpoint")
     for name in ("optimizer_model.onnx", "checkpoint"):
         shutil.copy2(artifacts / name, stage / "reference" / name)
+    tensors = {name: value for name, (value, _) in parameters.items()}
+    tensors.update(fused_state_arrays(parameters, graph, spec))
+    meta = {"optimizer": spec.kind, "attributes": {k: _json_default(v) if not isinstance(v, (int, float)) else v
+                                                   for k, v in sorted(spec.attributes.items())},
+            "learning_rate": spec.learning_rate}
+    return tensors, meta
+
+
+# the state directory (poetc.runtime.statedir) inside a fused-mode output directory: generation 0
+STATE_DIR = INITIAL_STATE  # where poetc.run looks for it
+
+
+def _write_state_dir(directory: Path, graph: TrainGraph, schedule, initial: tuple[dict, dict]) -> None:
+    from .runtime import statedir
+    from .schedule import StepKind
+    tensors, meta = initial
+    paged = sorted({s.tensor for s in schedule.steps if s.kind is StepKind.STATE_READ})
+    statedir.write_initial_state(directory, tensors, meta, frozen=set(graph.frozen_parameter_names), paged=paged,
+                                 trainable=set(graph.parameter_names))
 
 
 def _optimizer_contract(graph: TrainGraph) -> dict:
@@ -267,7 +297,11 @@ def _optimizer_contract(graph: TrainGraph) -> dict:
             "optimizer": "inside training_model.onnx: poet.AdamWUpdate / poet.SGDUpdate update each parameter and its "
                          "moments in place during the backward pass; drive it with Module alone (no Optimizer, no "
                          "optimizer_model.onnx) and the op library registered; parameters, moments, "
-                         "__poet_learning_rate and __poet_step are non-trainable checkpoint state"}
+                         "__poet_learning_rate and __poet_step are non-trainable checkpoint state",
+            "state_dir": STATE_DIR,
+            "paged_state": "parameters and moments that are not graph inputs are read with poet.StateRead (the value "
+                           "at the start of the step) and written with poet.StateWrite from the state directory "
+                           "(poetc.runtime.statedir); the runtime persists the resident ones and commits each step"}
 
 
 def _infeasible_message(chosen) -> str:

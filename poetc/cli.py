@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: apply each parameter's update inside the backward pass (no gradient buffers; "
                         "Module without Optimizer); unfused: ORT's gradient buffers and Optimizer; auto (default): "
                         "fused when it lets the budget fit or lowers the objective")
+    p.add_argument("--no-page-state", action="store_true",
+                   help="fused mode: keep every parameter and optimizer moment resident (default: the schedule may "
+                        "page them from the state directory with StateRead/StateWrite)")
     p.add_argument("--strategy", default="poet", choices=STRATEGIES)
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help="comma-separated strategies to run for the report ('' for none)")
@@ -241,7 +244,7 @@ def cmd_compile(args) -> int:
         time_limit_s=parse_time(args.time_limit, what="--time-limit", bare_seconds=True), seed=args.seed, threads=args.threads,
         costs_path=args.costs, import_options=_import_options(args), force=args.force,
         disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver,
-        optimizer_mode=args.optimizer_mode)
+        optimizer_mode=args.optimizer_mode, page_state=not args.no_page_state)
     with _Progress(enabled=not args.json) as progress:
         result = compile_model(args.model, options, progress=progress)
     report = result.report
@@ -279,6 +282,7 @@ def _print_report(r, out_dir: Path, timings: dict) -> None:
     print(f"  fixed state {format_size(budget.fixed_bytes)}, planning reserve {format_size(budget.reserve_bytes)}, "
           f"activation budget {format_size(budget.activation_bytes)}; lower bound {format_size(r.lower_bound.ram_bytes)}")
     print(f"  optimizer: {r.optimizer_mode} ({r.optimizer_mode_reason})")
+    _print_memory_classes(r)
     print(f"  {'strategy':<12} {'status':<19} {'fits':<5} {'peak':>12} {'time':>12} {'energy':>12} "
           f"{'overhead':>9}  recompute/page")
     keep_row = StrategySummary("keep-all", "-", keep.peak_bytes <= budget.ram_bytes, keep.peak_bytes,
@@ -299,6 +303,25 @@ def _print_report(r, out_dir: Path, timings: dict) -> None:
         print(f"  note: {note}")
     _print_canonicalizations(r.canonicalizations, indent="  ")
     print(f"  wrote {out_dir}")
+
+
+def _print_memory_classes(r) -> None:
+    """The step's RAM and flash traffic by class (report.json memory_classes), when anything is paged
+    or the parameters and moments are in the step (fused mode)."""
+    classes = r.memory_classes
+    if not classes or not (r.state_tensors or any(c["paged_bytes"] for c in classes.values())):
+        return
+    print(f"  {'class':<12} {'resident':>11} {'paged':>11} {'at peak':>11} {'flash read':>11} {'written':>11} "
+          f"{'io time':>10} {'io energy':>11}")
+    for name in ("parameters", "moments", "gradients", "activations"):
+        c = classes[name]
+        print(f"  {name:<12} {format_size(c['resident_bytes']):>11} {format_size(c['paged_bytes']):>11} "
+              f"{format_size(c['peak_step_bytes']):>11} {format_size(c['flash_read_bytes']):>11} "
+              f"{format_size(c['flash_write_bytes']):>11} {format_time(c['io_time_s']):>10} {c['io_energy_j']:>9.4g} J")
+    paged = sum(s["paged"] for s in r.state_tensors)
+    if r.state_tensors:
+        print(f"  state: {paged} of {len(r.state_tensors)} parameters and moments paged (StateRead/StateWrite), "
+              f"state directory {r.state_dir}/")
 
 
 def _print_canonicalizations(rewrites: list[dict], indent: str = "") -> None:

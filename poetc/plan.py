@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -129,16 +131,23 @@ class LowerBound:
     set_by: str
     largest_op_bytes: int
     largest_op: str
+    largest_tensor: str = ""  # the largest tensor op `set_by` reads or writes
+    largest_tensor_bytes: int = 0
+    floor_state_bytes: int = 0  # fused mode: pageable parameters and moments in the floor (op set_by reads them)
 
     def to_json(self) -> dict:
         return {"ram_bytes": self.ram_bytes, "fixed_bytes": self.fixed_bytes,
                 "floor_activation_bytes": self.floor_activation_bytes, "position": self.position,
-                "set_by": self.set_by, "largest_op_bytes": self.largest_op_bytes, "largest_op": self.largest_op}
+                "set_by": self.set_by, "largest_op_bytes": self.largest_op_bytes, "largest_op": self.largest_op,
+                "largest_tensor": self.largest_tensor, "largest_tensor_bytes": self.largest_tensor_bytes,
+                "floor_state_bytes": self.floor_state_bytes}
 
     @classmethod
     def from_json(cls, doc: dict) -> LowerBound:
         return cls(int(doc["ram_bytes"]), int(doc["fixed_bytes"]), int(doc["floor_activation_bytes"]),
-                   int(doc["position"]), doc["set_by"], int(doc["largest_op_bytes"]), doc["largest_op"])
+                   int(doc["position"]), doc["set_by"], int(doc["largest_op_bytes"]), doc["largest_op"],
+                   doc.get("largest_tensor", ""), int(doc.get("largest_tensor_bytes", 0)),
+                   int(doc.get("floor_state_bytes", 0)))
 
 
 def lower_bound(problem: Problem) -> LowerBound:
@@ -146,8 +155,17 @@ def lower_bound(problem: Problem) -> LowerBound:
     what stays resident when every decidable tensor is dropped wherever a decision can drop it."""
     graph = problem.graph
     floor = problem.const_bytes.copy()
+    state_floor = np.zeros(problem.positions)  # pageable state that stays resident at each position (its uses)
     for c in problem.candidates:
         if c.fixed:
+            continue
+        if c.state:  # resident in const everywhere; paged, only during its groups (the smaller of the two)
+            outside = np.ones(problem.positions, dtype=bool)
+            for a, b in c.state_groups:
+                outside[a: b + 1] = False
+            floor[outside] -= c.nbytes
+            state_floor[~outside] += min(c.nbytes, c.mem_bytes)
+            floor[~outside] += min(c.nbytes, c.mem_bytes) - c.nbytes
             continue
         floor[c.prod: c.last_before_gap + 1] += c.mem_bytes
         floor[c.first_after_gap: c.last_read + 1] += c.mem_bytes
@@ -164,7 +182,16 @@ def lower_bound(problem: Problem) -> LowerBound:
             largest, largest_op = size, f"{op.op_type} {op.name}"
     op = graph.ops[p]
     ram = Budget.smallest_for(floor_bytes, problem.fixed_bytes).ram_bytes
-    return LowerBound(ram, problem.fixed_bytes, floor_bytes, p, f"{op.op_type} {op.name}", largest, largest_op)
+    # what it holds there: the largest tensor the op reads or writes (a weight, for instance), and the
+    # state no decision can drop there
+    sizes = {}
+    for x in op.inputs + op.outputs:
+        if x:
+            r = graph.storage_root(x)
+            sizes[r] = graph.tensors[r].nbytes
+    largest_tensor = max(sorted(sizes), key=lambda r: sizes[r], default="")
+    return LowerBound(ram, problem.fixed_bytes, floor_bytes, p, f"{op.op_type} {op.name}", largest, largest_op,
+                      largest_tensor, sizes.get(largest_tensor, 0), int(state_floor[p]))
 
 
 def check_budget(problem: Problem, budget: Budget) -> LowerBound:
@@ -174,8 +201,13 @@ def check_budget(problem: Problem, budget: Budget) -> LowerBound:
         raise InfeasibleError(
             f"budget {format_size(budget.ram_bytes)} is below the lower bound {format_size(bound.ram_bytes)} set by "
             f"{bound.set_by!r} (position {bound.position}): fixed state {format_size(bound.fixed_bytes)} plus "
-            f"{format_size(bound.floor_activation_bytes)} of tensors no schedule can drop there, plus the planning "
-            f"reserve ({RESERVE_FRACTION:.0%} of the activation budget and {RESERVE_BYTES // 1024} KiB)",
+            f"{format_size(bound.floor_activation_bytes)} of tensors no schedule can drop there"
+            + (f" (of which {format_size(bound.floor_state_bytes)} of parameters and optimizer moments the op reads)"
+               if bound.floor_state_bytes else "")
+            + (f"; its largest tensor is {bound.largest_tensor!r} ({format_size(bound.largest_tensor_bytes)})"
+               if bound.largest_tensor else "")
+            + f", plus the planning reserve ({RESERVE_FRACTION:.0%} of the activation budget and "
+            f"{RESERVE_BYTES // 1024} KiB); the smallest budget that can work is {format_size(bound.ram_bytes)}",
             hint=f"try --ram {math.ceil(bound.ram_bytes / 1e4) / 100:.2f}MB")
     return bound
 
@@ -205,6 +237,13 @@ class Plan:
 def limits_for(problem: Problem, budget: Budget, deadline: Deadline, flash_bytes: float,
                objective: str = "energy") -> tuple[Limits, float]:
     """(Limits, deadline in seconds); InfeasibleError when the deadline is below keep-all's step time."""
+    from .ir.fused import state_directory_bytes
+    state_dir = state_directory_bytes(problem.graph)
+    if state_dir and flash_bytes < state_dir:
+        raise InfeasibleError(f"the flash ({format_size(int(flash_bytes))}) cannot hold the state directory: two "
+                              f"generations of the parameters and optimizer state need {format_size(state_dir)}",
+                              hint="give more flash (--flash) or use --optimizer-mode unfused")
+    flash_bytes = flash_bytes - state_dir  # what is left for Spill files
     deadline_s = deadline.resolve(problem.base_time_s)
     overhead = deadline_s - problem.base_time_s
     if overhead < 0:

@@ -13,7 +13,7 @@ from .plan import Budget, LowerBound
 if TYPE_CHECKING:
     from .solver.strategies import StrategyResult
 
-REPORT_FORMAT = "poetc-report/2"
+REPORT_FORMAT = "poetc-report/3"
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,8 @@ class StrategySummary:
     strategy: str
     status: str  # optimal / feasible / heuristic / heuristic-fallback / infeasible
     fits: bool  # activation peak within the budget, time within the deadline, paged bytes within the flash
-    peak_bytes: int  # fixed state + activation peak
-    activation_peak_bytes: int
+    peak_bytes: int  # fixed state + resident parameters and moments (fused mode) + activation peak
+    activation_peak_bytes: int  # what the step allocates above what exists before it (what verify measures)
     time_s: float
     energy_j: float
     overhead_time_s: float  # above keep-all
@@ -33,12 +33,15 @@ class StrategySummary:
     bound: float | None  # lower bound on the overhead objective (MILPs)
     gap: float | None  # on the overhead
     notes: list[str]
+    # fused mode: parameters and moments resident for the whole step (bound as graph inputs before it)
+    resident_state_bytes: int = 0
 
     @classmethod
     def of(cls, r: StrategyResult) -> StrategySummary:
-        return cls(r.strategy, r.status, bool(r.fits), r.sim.total_peak_bytes, r.sim.peak_bytes, r.sim.time_s,
-                   r.sim.energy_j, r.overhead_time_s, r.overhead_energy_j, dict(r.schedule.counts()), r.bound, r.gap,
-                   list(r.notes))
+        resident = r.sim.resident_state_bytes
+        return cls(r.strategy, r.status, bool(r.fits), r.sim.total_peak_bytes, r.sim.peak_bytes - resident,
+                   r.sim.time_s, r.sim.energy_j, r.overhead_time_s, r.overhead_energy_j, dict(r.schedule.counts()),
+                   r.bound, r.gap, list(r.notes), resident)
 
     @classmethod
     def from_json(cls, doc: dict) -> StrategySummary:
@@ -47,10 +50,11 @@ class StrategySummary:
 
 @dataclass(frozen=True)
 class KeepAllSummary:
-    peak_bytes: int  # fixed state + activation peak
-    activation_peak_bytes: int
+    peak_bytes: int  # fixed state + resident parameters and moments (fused mode) + activation peak
+    activation_peak_bytes: int  # above what exists before the step
     time_s: float
     energy_j: float
+    resident_state_bytes: int = 0  # fused mode: every parameter and moment
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,13 @@ class CompileReport:
     optimizer_mode_reason: str = ""
     canonicalizations: list[dict] = field(default_factory=list)  # exact rewrites import applied: name, count, nodes, why
     artifacts: dict[str, str] = field(default_factory=dict)  # file -> SHA-256, checked by train and verify
+    # the step's RAM and flash traffic by class (parameters, moments, gradients, activations, other):
+    # see memory_breakdown and docs/report.md
+    memory_classes: dict[str, dict] = field(default_factory=dict)
+    # fused mode: every parameter and moment, resident or paged (name, role, shape, dtype, bytes, paged,
+    # reads_per_step, writes_per_step), and the state directory poetc wrote ("" if none)
+    state_tensors: list[dict] = field(default_factory=list)
+    state_dir: str = ""
     format: str = REPORT_FORMAT
 
     def to_json(self) -> dict:
@@ -115,4 +126,52 @@ class CompileReport:
                                  hint="compile the model again; do not edit report.json") from None
 
 
-__all__ = ["REPORT_FORMAT", "CompileReport", "InputSpec", "KeepAllSummary", "StrategySummary"]
+def memory_breakdown(graph, schedule, sim, costs) -> dict[str, dict]:
+    """report.json's memory_classes for a compiled schedule: per class (poetc.schedule.MEMORY_CLASSES)
+    `resident_bytes` (parameters and moments resident for the whole step; gradients and activations
+    the schedule decides about and keeps), `paged_bytes` (paged state; paged gradients and
+    activations), `recomputed_bytes`, `peak_step_bytes` (its share of RAM at the step's simulated
+    peak), `max_bytes` (its own largest share during the step), and the step's flash traffic:
+    `flash_read_bytes`, `flash_write_bytes`, `io_time_s`, `io_energy_j`."""
+    from .ir.fused import state_tensors
+    from .schedule import MEMORY_CLASSES, Decision, StepKind, io_by_class, memory_class
+    roles = {st.name: st.role for st in state_tensors(graph)}
+    paged_state = {s.tensor for s in schedule.steps if s.kind is StepKind.STATE_READ}
+    out = {c: {"resident_bytes": 0, "paged_bytes": 0, "recomputed_bytes": 0} for c in MEMORY_CLASSES}
+    for name in roles:
+        out[memory_class(graph, name, roles)]["paged_bytes" if name in paged_state else "resident_bytes"] += \
+            graph.tensors[name].nbytes
+    for h in graph.decidable_tensors():
+        d = schedule.decisions.get(h.name, Decision.KEEP)
+        key = {Decision.KEEP: "resident_bytes", Decision.PAGE: "paged_bytes", Decision.RECOMPUTE: "recomputed_bytes"}[d]
+        out[memory_class(graph, h.name, roles)][key] += graph.tensors[h.name].nbytes
+    io = io_by_class(graph, schedule.steps, costs)
+    for c in MEMORY_CLASSES:
+        series = sim.class_bytes.get(c) or [0]
+        out[c]["peak_step_bytes"] = int(series[sim.peak_step]) if sim.peak_step < len(series) else 0
+        out[c]["max_bytes"] = int(max(series))
+        out[c].update(io[c])
+    return out
+
+
+def state_tensor_list(graph, schedule) -> list[dict]:
+    """report.json's state_tensors: every parameter and moment of a fused-mode graph (empty otherwise)."""
+    from .ir.fused import state_tensors
+    from .schedule import StepKind
+    reads: dict[str, int] = {}
+    writes: dict[str, int] = {}
+    for s in schedule.steps:
+        if s.kind is StepKind.STATE_READ:
+            reads[s.tensor] = reads.get(s.tensor, 0) + 1
+        elif s.kind is StepKind.STATE_WRITE:
+            writes[s.tensor] = writes.get(s.tensor, 0) + 1
+    out = []
+    for st in state_tensors(graph):
+        t = graph.tensors[st.name]
+        out.append({"name": st.name, "role": st.role, "shape": list(t.shape), "dtype": t.dtype_name,
+                    "bytes": st.nbytes, "trainable": st.trainable, "paged": st.name in reads,
+                    "reads_per_step": reads.get(st.name, 0), "writes_per_step": writes.get(st.name, 0)})
+    return out
+
+
+__all__ = ["REPORT_FORMAT", "memory_breakdown", "state_tensor_list", "CompileReport", "InputSpec", "KeepAllSummary", "StrategySummary"]

@@ -367,7 +367,8 @@ def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: flo
         param_rel = max(param_rel, diff / max(float(np.max(np.abs(a))), 1e-30))
         bitwise &= a.tobytes() == b.tobytes()
     budget = report.budget
-    fixed, predicted = budget.fixed_bytes, report.result.activation_peak_bytes
+    # before the step: the fixed state and (fused mode) the resident parameters and moments
+    fixed, predicted = budget.fixed_bytes + report.result.resident_state_bytes, report.result.activation_peak_bytes
     steady = comp.steps[1:] or comp.steps  # step 1 also allocates the optimizer state
     return VerifyReport(
         steps=steps, numerics_intra_op_threads=1,

@@ -46,9 +46,11 @@ import json
 from dataclasses import dataclass, field
 
 from .errors import InternalError
+from .ir.fused import state_read_name, state_tensors, state_token_name
 from .ir.graph import Role, TensorKind, TrainGraph
 
 SPILL_HANDLE_BYTES = 16  # Spill returns an int64[2] handle
+STATE_TOKEN_BYTES = 8  # StateWrite returns an int64[1] token (a graph output: never freed)
 
 
 class Decision(str, enum.Enum):
@@ -62,6 +64,8 @@ class StepKind(str, enum.Enum):
     RECOMPUTE = "recompute"
     PAGE_OUT = "page_out"
     PAGE_IN = "page_in"
+    STATE_READ = "state_read"  # a paged parameter or moment read from flash (poet.StateRead)
+    STATE_WRITE = "state_write"  # a paged trainable one written back after its update (poet.StateWrite)
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,11 @@ class StepBuilder:
         self._counter: dict[str, int] = {}
         self.held = {h.name: h for h in graph.decidable_tensors()}
         self.position = 0  # the op being scheduled
+        # paged state (fused mode): read before each group of uses, written after the update
+        self.state = {s.name: s for s in state_tensors(graph) if decisions.get(s.name) is Decision.PAGE}
+        self.group_end = {(s.name, a): b for s in self.state.values() for a, b in s.groups}
+        self.state_live: dict[str, tuple[str, int]] = {}  # paged state tensor -> (its read copy, group end)
+        self._reads: dict[str, int] = {}
 
     def decision(self, name: str) -> Decision:
         return self.decisions.get(self.g.storage_root(name), Decision.KEEP)
@@ -138,12 +147,42 @@ class StepBuilder:
                 reads = tuple(op.inputs)
             else:
                 reads = tuple(self.resolve(x) for x in op.inputs)
+            reads = tuple(self.read_state(x) if x in self.state else x for x in reads)
             self.steps.append(Step(StepKind.COMPUTE, op.index, None, reads, tuple(op.outputs)))
+            self.after_state_use(op)
             for out in op.outputs:
                 if self.decisions.get(out) is Decision.PAGE:
                     self.steps.append(Step(StepKind.PAGE_OUT, None, out, (out,), (handle_name(out),)))
                     self.origin[handle_name(out)] = out
         return self.steps
+
+    def read_state(self, name: str) -> str:
+        """The resident copy of paged state tensor `name` for the op at the current position: the one
+        its group read, or a new StateRead (at the first use of a group, the group's copy, kept until
+        the group's last use; elsewhere, for a recompute, a transient copy freed after it)."""
+        live = self.state_live.get(name)
+        if live is not None:
+            return live[0]
+        k = self._reads[name] = self._reads.get(name, 0) + 1
+        copy = state_read_name(name, k)
+        self.steps.append(Step(StepKind.STATE_READ, None, name, (), (copy,)))
+        self.origin[copy] = name
+        end = self.group_end.get((name, self.position))
+        if end is not None:
+            self.state_live[name] = (copy, end)
+        return copy
+
+    def after_state_use(self, op) -> None:
+        """After a compute op: write back the paged state its update changed, end the groups it closes."""
+        for name in [x for x in op.inputs if x in self.state_live]:
+            copy, end = self.state_live[name]
+            s = self.state[name]
+            if s.update == op.index:
+                token = state_token_name(name)
+                self.steps.append(Step(StepKind.STATE_WRITE, None, name, (copy, op.outputs[0]), (token,)))
+                self.origin[token] = token
+            if end <= op.index:
+                del self.state_live[name]
 
     def resolve(self, name: str) -> str:
         """The version of `name` to read at the current position: the original while it is still
@@ -176,7 +215,9 @@ class StepBuilder:
         op = self.g.ops[producer]
         reads = []
         for x in op.inputs:
-            if not x or self.g.tensors[x].kind.is_persistent:
+            if x in self.state:
+                reads.append(self.read_state(x))
+            elif not x or self.g.tensors[x].kind.is_persistent:
                 reads.append(x)
             elif self.g.storage_root(x) in self.held:
                 reads.append(self.resolve(x))
@@ -227,7 +268,9 @@ class StepCosts:
 
 @dataclass
 class SimResult:
-    peak_bytes: int  # activation peak above fixed state
+    # peak above the fixed state; in the fused mode the parameters and moments are not fixed state
+    # (the schedule may page them): this peak counts them, resident or paged in
+    peak_bytes: int
     peak_step: int
     live_bytes: list[int]  # during each step: live tensors, that step's new outputs and its kernel workspace
     fixed_bytes: int
@@ -237,10 +280,57 @@ class SimResult:
     paged_bytes: int = 0
     max_flash_bytes: int = 0
     before_bytes: list[int] = field(default_factory=list)  # live tensors as each step starts (before its writes)
+    state_read_bytes: int = 0  # fused mode: paged parameters and moments read from flash (StateRead), per step
+    state_write_bytes: int = 0  # ... and written back (StateWrite), per step
+    # per memory class (MEMORY_CLASSES), during each step: the part of live_bytes it holds
+    class_bytes: dict[str, list[int]] = field(default_factory=dict)
+    resident_state_bytes: int = 0  # fused mode: parameters and moments resident for the whole step (in peak_bytes)
 
     @property
     def total_peak_bytes(self) -> int:
         return self.fixed_bytes + self.peak_bytes
+
+
+# What the RAM of a step is made of (report.json's memory_classes, poetc.plots): the parameters (frozen
+# ones included) and the optimizer moments that the fused mode counts in the step, gradients (outputs of
+# backward ops), activations (forward outputs), and the rest (kernel workspace, Spill handles)
+MEMORY_CLASSES = ("parameters", "moments", "gradients", "activations", "other")
+
+
+def memory_class(graph: TrainGraph, name: str, roles: dict[str, str]) -> str:
+    """The MEMORY_CLASSES entry of original tensor `name`; `roles`: state tensor -> StateTensor.role."""
+    if name in roles:
+        return "moments" if roles[name] == "moment" else "parameters"
+    t = graph.tensors.get(name)
+    if t is None:
+        return "other"
+    if t.kind is TensorKind.PARAMETER:
+        return "parameters"
+    if t.kind is TensorKind.GRADIENT:
+        return "gradients"
+    if t.kind is TensorKind.ACTIVATION:
+        return "activations"
+    return "other"
+
+
+def io_by_class(graph: TrainGraph, steps: list[Step], costs: StepCosts | None) -> dict[str, dict]:
+    """Flash traffic of one step per memory class: bytes read (Restore, StateRead) and written (Spill,
+    StateWrite), their time and energy (the costs the simulator charges)."""
+    roles = {st.name: st.role for st in state_tensors(graph)}
+    out = {c: {"flash_read_bytes": 0, "flash_write_bytes": 0, "io_time_s": 0.0, "io_energy_j": 0.0}
+           for c in MEMORY_CLASSES}
+    for step in steps:
+        if step.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
+            continue
+        nbytes = graph.tensors[step.tensor].nbytes
+        entry = out[memory_class(graph, step.tensor, roles)]
+        written = step.kind in (StepKind.PAGE_OUT, StepKind.STATE_WRITE)
+        entry["flash_write_bytes" if written else "flash_read_bytes"] += nbytes
+        if costs is not None:
+            dt, de = (costs.page_out if written else costs.page_in)(nbytes)
+            entry["io_time_s"] += dt
+            entry["io_energy_j"] += de
+    return out
 
 
 class ScheduleError(InternalError):
@@ -276,8 +366,8 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
     def original(name: str) -> str:
         return origin.get(name, name)
 
-    def persistent(name: str) -> bool:
-        t = tensors.get(original(name))
+    def persistent(name: str) -> bool:  # a paged-in copy of a state tensor is not: its step allocates it
+        t = tensors.get(name) if name not in origin else None
         return t is not None and t.kind.is_persistent
 
     last_read: dict[str, int] = {}
@@ -293,7 +383,6 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
     buffer_of: dict[str, str] = {}
     buffer_bytes: dict[str, int] = {}
     buffer_users: dict[str, int] = {}
-    live = 0
     peak, peak_step = 0, 0
     timeline: list[int] = []
     before: list[int] = []
@@ -301,12 +390,31 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
     recompute_ops = paged = flash = max_flash = 0
     update_op = {pos: name for name, pos in graph.parameter_updates().items()}  # fused optimizer mode
     updated: set[str] = set()
+    # fused mode: the parameters and moments are counted here (not in the fixed state) so that the
+    # schedule can page them: resident ones from the start to the end of the step, paged ones from
+    # each StateRead to the last reader of its copy
+    state = {st.name: st for st in state_tensors(graph)}
+    roles = {name: st.role for name, st in state.items()}
+    paged_state = {step.tensor for step in steps if step.kind is StepKind.STATE_READ}
+    live = sum(st.nbytes for name, st in state.items() if name not in paged_state)
+    class_live = dict.fromkeys(MEMORY_CLASSES, 0)
+    buffer_class: dict[str, str] = {}
+    for name, st in state.items():
+        if name not in paged_state:
+            class_live[memory_class(graph, name, roles)] += st.nbytes
+    class_timeline: dict[str, list[int]] = {c: [] for c in MEMORY_CLASSES}
+    tokens: set[str] = set()
+    state_read = state_written = 0
     for i, step in enumerate(steps):
         for x in step.reads:
             if x and not persistent(x) and x not in buffer_of:
                 raise ScheduleError(f"step {i} ({step.kind.value}) reads {x!r}, which is not resident")
             if x in updated:
                 raise ScheduleError(f"step {i} ({step.kind.value}) reads parameter {x!r} after its in-graph update")
+            if x in paged_state:
+                raise ScheduleError(f"step {i} ({step.kind.value}) reads paged state {x!r} without a StateRead")
+        if step.kind is StepKind.STATE_READ and step.tensor in updated:
+            raise ScheduleError(f"step {i} reads paged parameter {step.tensor!r} after its update (StateWrite)")
         if step.kind is StepKind.COMPUTE and step.op in update_op:
             updated.add(update_op[step.op])
         before.append(live)
@@ -323,12 +431,25 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
             elif t is not None and t.alias_of is not None and persistent(t.alias_of):
                 buffer_of[w] = w  # alias of a persistent buffer (e.g. accumulator output): no bytes
                 buffer_bytes[w], buffer_users[w] = 0, 1
+                buffer_class[w] = "other"
+            elif step.kind is StepKind.STATE_WRITE:
+                buffer_of[w], buffer_bytes[w], buffer_users[w] = w, STATE_TOKEN_BYTES, 1
+                live += STATE_TOKEN_BYTES
+                tokens.add(w)
+                buffer_class[w] = "other"
+                class_live["other"] += STATE_TOKEN_BYTES
             else:
                 size = SPILL_HANDLE_BYTES if step.kind is StepKind.PAGE_OUT else (t.alloc_bytes if t else 0)
                 buffer_of[w], buffer_bytes[w], buffer_users[w] = w, size, 1
                 live += size
-        during = live + (graph.ops[step.op].workspace_bytes if step.op is not None else 0)
+                cls = "other" if step.kind is StepKind.PAGE_OUT else memory_class(graph, original(w), roles)
+                buffer_class[w] = cls
+                class_live[cls] += size
+        workspace = graph.ops[step.op].workspace_bytes if step.op is not None else 0
+        during = live + workspace
         timeline.append(during)
+        for c in MEMORY_CLASSES:
+            class_timeline[c].append(class_live[c] + (workspace if c == "other" else 0))
         if during > peak:
             peak, peak_step = during, i
         # costs
@@ -338,7 +459,8 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
                 energy_j += costs.op_energy_j[step.op]
             else:
                 nbytes = tensors[step.tensor].nbytes
-                dt, de = (costs.page_out if step.kind is StepKind.PAGE_OUT else costs.page_in)(nbytes)
+                out = step.kind in (StepKind.PAGE_OUT, StepKind.STATE_WRITE)
+                dt, de = (costs.page_out if out else costs.page_in)(nbytes)
                 time_s += dt
                 energy_j += de
         if step.kind is StepKind.RECOMPUTE:
@@ -349,18 +471,25 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
             max_flash = max(max_flash, flash)
         elif step.kind is StepKind.PAGE_IN and last_page_in[step.tensor] == i:
             flash -= tensors[step.tensor].nbytes
+        elif step.kind is StepKind.STATE_READ:
+            state_read += tensors[step.tensor].nbytes
+        elif step.kind is StepKind.STATE_WRITE:
+            state_written += tensors[step.tensor].nbytes
         # frees: reads whose last reader is this step, and writes nobody reads
         for x in set(step.reads) | set(step.writes):
-            if not x or x not in buffer_of or x in outputs:
+            if not x or x not in buffer_of or x in outputs or x in tokens:
                 continue
             if last_read.get(x, -1) <= i:
                 buf = buffer_of.pop(x)
                 buffer_users[buf] -= 1
                 if buffer_users[buf] == 0:
+                    class_live[buffer_class.pop(buf, "other")] -= buffer_bytes[buf]
                     live -= buffer_bytes.pop(buf)
                     del buffer_users[buf]
-    fixed = sum(fixed_state_bytes(graph).values())
-    return SimResult(peak, peak_step, timeline, fixed, time_s, energy_j, recompute_ops, paged, max_flash, before)
+    fixed = sum(fixed_state_bytes(graph).values()) - sum(st.nbytes for st in state.values())
+    return SimResult(peak, peak_step, timeline, fixed, time_s, energy_j, recompute_ops, paged, max_flash, before,
+                     state_read, state_written, class_timeline,
+                     sum(st.nbytes for name, st in state.items() if name not in paged_state))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -392,10 +521,14 @@ class Schedule:
                    repage_at)
 
     def counts(self) -> dict[str, int]:
+        state = {s.tensor for s in self.steps if s.kind is StepKind.STATE_READ}
         out = {d.value: 0 for d in Decision}
-        for d in self.decisions.values():
-            out[d.value] += 1
+        for name, d in self.decisions.items():
+            if name not in state:
+                out[d.value] += 1
         out["page_in_again"] = sum(len(ps) for ps in self.repage_at.values())
+        if state:  # fused mode: parameters and moments read from flash (StateRead)
+            out["paged_state"] = len(state)
         return out
 
     def to_json(self) -> dict:

@@ -269,3 +269,97 @@ def write_fused_checkpoint(parameters: dict[str, tuple[np.ndarray, bool]], graph
     values.update(fused_state_arrays(parameters, graph, spec))
     protos = [onnx.numpy_helper.from_array(np.ascontiguousarray(v), name) for name, v in values.items()]
     save_checkpoint(([], protos), str(dest))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paged state (issue #17): parameters and moments the schedule may keep on flash between their uses
+
+# ops between two uses of a state tensor that allocate less than this (the update's dependency Shape
+# tokens, the step counter) cannot move a peak: the two uses form one group (one read)
+STATE_GROUP_SLACK_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """A parameter (trainable or frozen) or an AdamW moment of a fused-mode graph, as the schedule sees
+    it. Resident, it is a graph input bound to the runtime's buffer for the whole step. Paged, it is
+    read from flash (poet.StateRead) before each group of uses (`groups`: (first, last) positions) and
+    dropped after the last use of the group; a trainable one is written (poet.StateWrite) right after
+    its update (position `update`)."""
+
+    name: str
+    role: str  # "parameter" | "frozen" | "moment"
+    nbytes: int
+    alloc_bytes: int  # heap a paged-in copy occupies (allocation_bytes)
+    uses: tuple[int, ...]
+    groups: tuple[tuple[int, int], ...]
+    update: int | None  # position of the op that updates it in place (None: frozen)
+    why_not_pageable: str = ""
+
+    @property
+    def pageable(self) -> bool:
+        return not self.why_not_pageable
+
+    @property
+    def trainable(self) -> bool:
+        return self.update is not None
+
+
+def state_tensors(graph: TrainGraph) -> list[StateTensor]:
+    """The parameters and moments of a fused-mode graph (empty for an unfused one), in name order of
+    the parameters, each followed by its moments. See StateTensor."""
+    if graph.optimizer_mode != "fused":
+        return []
+    updates = graph.parameter_updates()
+    members: dict[str, list[str]] = {}
+    for name in graph.tensors:
+        members.setdefault(graph.storage_root(name), []).append(name)
+    allocates = [op.workspace_bytes + sum(graph.tensors[o].alloc_bytes for o in op.outputs
+                                          if o and graph.tensors[o].alias_of is None) for op in graph.ops]
+
+    def make(name: str, role: str, update: int | None) -> StateTensor:
+        t = graph.tensors[name]
+        uses = tuple(sorted({c for m in members.get(name, [name]) for c in graph.tensors[m].consumers}))
+        why = ""
+        views = [m for m in members.get(name, [name]) if m != name]
+        if views:
+            why = f"it is read through a view ({views[0]!r}), which would need rebuilding after each read"
+        elif not uses:
+            why = "no op reads it"
+        groups: list[tuple[int, int]] = []
+        for u in uses:
+            if groups and sum(allocates[groups[-1][1] + 1: u]) < STATE_GROUP_SLACK_BYTES:
+                groups[-1] = (groups[-1][0], u)
+            else:
+                groups.append((u, u))
+        return StateTensor(name, role, t.nbytes, t.alloc_bytes, uses, tuple(groups), update, why)
+
+    out: list[StateTensor] = []
+    trainable = set(graph.parameter_names)
+    for p in sorted(n for n, t in graph.tensors.items() if t.kind is TensorKind.PARAMETER):
+        if p in trainable:
+            out.append(make(p, "parameter", updates.get(p)))
+            for m in moment_names(p):
+                if m in graph.tensors:
+                    out.append(make(m, "moment", updates.get(p)))
+        else:
+            out.append(make(p, "frozen", None))
+    return out
+
+
+def state_read_name(name: str, k: int) -> str:
+    """The k-th paged-in copy of state tensor `name` within a step."""
+    return f"{name}{STATE_MARK}read{k}"
+
+
+def state_token_name(name: str) -> str:
+    """The token output of the StateWrite of `name` (a graph output, so the node is not pruned)."""
+    return f"{name}{STATE_MARK}written"
+
+
+def state_directory_bytes(graph: TrainGraph) -> int:
+    """Flash the state directory takes during a step of a fused-mode graph: two generations (the last
+    committed one and the one being written) of every parameter and all optimizer state."""
+    if graph.optimizer_mode != "fused":
+        return 0
+    return 2 * (graph.bytes_of_kind(TensorKind.PARAMETER) + graph.optimizer_state_bytes)

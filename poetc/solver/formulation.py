@@ -26,6 +26,13 @@ Time and energy, overhead only (the mandatory first computation is a constant, k
   sum (rec_i, outside groups) * c_rec_i + sum run_g * c_rec_g + sum rec_i * c_alias_i + page_i * c_page_i
   <= deadline - keep-all time;  the same sum in energy is the objective;  sum page_i * m_i <= flash
 (c_alias: Flatten/Reshape views of a regenerated tensor that backward ops read, rebuilt once.)
+Paged state (fused mode, issue #17; Candidate.state): a parameter or moment s has keep_s + page_s = 1
+(rec_s = 0). const(p) counts it resident (nbytes) at every position; page_s adds -nbytes at every
+position outside its groups of uses and (copy allocation - nbytes) inside them. Its cost c_page_s is
+its reads (one per group) and its write (trainable: one), in the deadline and the objective; it takes
+no flash beyond the state directory, which holds two generations of all state whatever is paged
+(poetc.plan takes that off the flash before any strategy runs). rec_u + page_s <= 1 when u's
+recompute reads s (a recompute reads a resident parameter).
 Page in again: for each pair (a, b) of a pageable tensor's consecutive backward readers with ops
 between them (Candidate.inner), a binary drop[i,j] <= page_i: the tensor is not resident over (a, b)
 (a term -m_i in those rows) and is paged in again before b (one more page-in in time and energy);
@@ -193,6 +200,8 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
         v.rec[i] = m.add_var(f"rec_{i}", ub=1.0 if (c.recomputable and limits.allow_recompute) else 0.0, integer=True)
         v.page[i] = m.add_var(f"page_{i}", ub=1.0 if (c.pageable and limits.allow_page) else 0.0, integer=True)
         row(1.0, 1.0, (v.keep[i], 1.0), (v.rec[i], 1.0), (v.page[i], 1.0))
+        if c.state:
+            continue  # no gap, no stage: its rows are in memory_rows
         if c.pageable and limits.allow_page:
             for j in range(len(c.inner)):
                 v.drop[(i, j)] = m.add_var(f"drop_{i}_{j}", integer=True)
@@ -216,6 +225,8 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
         c = cands[u]
         if not c.recomputable or not limits.allow_recompute:
             continue
+        for s in c.reads_state:  # a recompute reads a resident parameter
+            row(-INF, 1.0, (v.rec[u], 1.0), (v.page[s], 1.0))
         for b in c.boundary:
             t = cands[b]
             for p in range(t.last_read + 1, c.first_after_gap + 1):  # read after b's own last reader: b stays resident
@@ -304,8 +315,9 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
     overhead_time = overhead(lambda c: c.rec_time_s, lambda c: c.alias_time_s, lambda c: c.page_time_s,
                              lambda c: c.repage_time_s)
     m.add_row(overhead_time, -INF, max(limits.overhead_time_s, 0.0))
-    if limits.flash_bytes < sum(cands[i].nbytes for i in decidable):
-        m.add_row({v.page[i]: cands[i].nbytes / max(limits.flash_bytes, 1.0) for i in decidable}, -INF, 1.0)
+    spillable = [i for i in decidable if not cands[i].state]  # paged state lives in the state directory
+    if limits.flash_bytes < sum(cands[i].nbytes for i in spillable):
+        m.add_row({v.page[i]: cands[i].nbytes / max(limits.flash_bytes, 1.0) for i in spillable}, -INF, 1.0)
     if limits.objective == "time":
         m.obj = overhead_time
     else:
@@ -325,6 +337,13 @@ def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, 
     stage_at = (np.searchsorted(stages, np.arange(problem.positions), side="right") - 1).tolist()
     for i in v.keep:
         c = cands[i]
+        if c.state:  # resident everywhere in const; paged, only over its groups (its copy)
+            inside = np.zeros(problem.positions, dtype=bool)
+            for a, b in c.state_groups:
+                inside[a: b + 1] = True
+            for p in range(problem.positions):
+                terms[p][("page", i)] = c.mem_bytes - c.nbytes if inside[p] else -c.nbytes
+            continue
         const[c.prod: c.last_before_gap + 1] += c.mem_bytes
         const[c.first_after_gap: c.last_read + 1] += c.mem_bytes
         for p in range(c.last_before_gap + 1, c.first_after_gap):

@@ -10,6 +10,12 @@ Positions are indices into graph.ops (the execution order). Candidates are the d
 Under KEEP, t is resident over [prod, lb]. Otherwise it is resident over [prod, lf] (plus the
 Spill right after prod), and again over [fb, lb] once regenerated — or from an earlier "stage" in its
 gap when a recomputation of another tensor needs it (see schedule.py for the policy this mirrors).
+Paged state (fused optimizer mode, issue #17): the parameters and AdamW moments are candidates too
+(Candidate.state, appended after the activations and gradients; they have no gap and no stage). Kept,
+one is resident for the whole step (the keep-all simulation, hence const_bytes, counts it); paged, it
+is resident only over its groups of uses (its copy's allocation) and costs its reads and write. A
+recompute that reads a parameter needs it resident (the MILP: rec_u + page_s <= 1).
+
 Stages are the distinct fb positions: the only places where regeneration happens; first_stage (s0)
 is the earliest stage at which a candidate may have to be materialized.
 A PAGE candidate may also be dropped between two of its backward readers far apart and paged in
@@ -70,6 +76,16 @@ class Candidate:
     inner_conflicts: list[list[int]] = field(default_factory=list)
     repage_time_s: float = 0.0
     repage_energy_j: float = 0.0
+    # paged state (fused mode, issue #17): a parameter or moment the schedule may keep on flash between
+    # its groups of uses ("parameter" | "frozen" | "moment"; "" for an activation or gradient). Its
+    # decision is KEEP (resident for the whole step: counted in const_bytes) or PAGE (read before each
+    # group in `state_groups`, (first, last) positions, dropped after it; a trainable one written once
+    # after its update). page_* are the step's reads and write; nbytes is what one read moves.
+    state: str = ""
+    state_groups: list[tuple[int, int]] = field(default_factory=list)
+    state_reads: int = 0  # StateReads per step when paged
+    state_writes: int = 0  # StateWrites per step when paged (1 if trainable)
+    reads_state: list[int] = field(default_factory=list)  # recomputable: state candidates its chain reads
 
 
 @dataclass
@@ -152,7 +168,13 @@ def _alias_closure(graph: TrainGraph) -> dict[str, list[str]]:
     return members
 
 
-def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: int = 0) -> Problem:
+# parameters and moments smaller than this stay resident: paging them would add a column to every
+# memory row for almost nothing (BatchNorm scales and biases: a few KiB)
+MIN_STATE_BYTES = 16 * 1024
+
+
+def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: int = 0,
+                  page_state: bool = True) -> Problem:
     held = graph.decidable_tensors()
     members = _alias_closure(graph)
     outputs = {o.name for o in graph.model.graph.output}
@@ -292,17 +314,53 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
                      if o not in own and graph.tensors[o].alias_of is None)
         cand.transient_bytes = others + max((graph.ops[i].workspace_bytes for i in cand.chain_ops), default=0)
     regen_order = [by_producer[p] for p in sorted(by_producer, reverse=True)]
+    if page_state:
+        _add_state_candidates(graph, costs, candidates)
 
     # decision-independent memory: keep-all simulation minus every candidate's keep-all lifetime
     sim = simulate_keep_all(graph, costs)
     const = np.array(sim.live_bytes, dtype=np.float64)
     before = np.array(sim.before_bytes, dtype=np.float64)
     for cand in candidates:
-        if not cand.fixed:
+        if not cand.fixed and not cand.state:
             const[cand.prod: cand.last_read + 1] -= cand.mem_bytes
             before[cand.prod + 1: cand.last_read + 1] -= cand.mem_bytes
     return Problem(graph, costs, candidates, stages, const, backward_start, sim.fixed_bytes,
                    sim.time_s, sim.energy_j, sim.peak_bytes, sim, groups, regen_order, before[stages])
+
+
+def _add_state_candidates(graph: TrainGraph, costs: StepCosts, candidates: list[Candidate]) -> None:
+    """Append the pageable parameters and moments (ir.fused.state_tensors) as state candidates and
+    record, for every recomputable candidate, the state candidates its chain reads."""
+    from ..ir.fused import state_tensors
+    n = len(graph.ops)
+    index: dict[str, int] = {}
+    for st in state_tensors(graph):
+        if not st.pageable or st.nbytes < MIN_STATE_BYTES:
+            continue
+        ti, ei = costs.page_in(st.nbytes)
+        to, eo = costs.page_out(st.nbytes)
+        writes = 1 if st.trainable else 0
+        cand = Candidate(st.name, st.nbytes, st.alloc_bytes, 0, -1, n, n - 1, fixed=False, recomputable=False,
+                         why_not_recomputable="a parameter or optimizer moment", first_stage=n, state=st.role,
+                         state_groups=list(st.groups), state_reads=len(st.groups), state_writes=writes)
+        cand.page_time_s = len(st.groups) * ti + writes * to
+        cand.page_energy_j = len(st.groups) * ei + writes * eo
+        index[st.name] = len(candidates)
+        candidates.append(cand)
+    for cand in candidates:
+        if cand.recomputable and not cand.state:
+            cand.reads_state = sorted({index[x] for i in cand.chain_ops for x in graph.ops[i].inputs if x in index})
+
+
+def state_delta(problem: Problem, i: int) -> np.ndarray:
+    """Per position: memory of state candidate i paged minus kept (its copy over its groups, nothing
+    elsewhere, instead of its resident buffer everywhere)."""
+    c = problem.candidates[i]
+    d = np.full(problem.positions, -float(c.nbytes))
+    for a, b in c.state_groups:
+        d[a: b + 1] += c.mem_bytes
+    return d
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,7 +389,7 @@ def materialization_stage(problem: Problem, choice: list[Decision],
     candidate -> stage index in its gap it is regenerated at ahead of need (Schedule.regenerate_at)."""
     cands = problem.candidates
     stage_index = {s: k for k, s in enumerate(problem.stages)}
-    first: list[int | None] = [None if choice[i] is Decision.KEEP else stage_index[c.first_after_gap]
+    first: list[int | None] = [None if choice[i] is Decision.KEEP or c.state else stage_index[c.first_after_gap]
                                for i, c in enumerate(cands)]
     for i, k in (early or {}).items():
         if first[i] is not None:
@@ -372,6 +430,12 @@ def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, i
     flash = 0
     for i, c in enumerate(cands):
         if c.fixed:
+            continue
+        if c.state:
+            if choice[i] is Decision.PAGE:
+                res += state_delta(problem, i)
+                time_s += c.page_time_s
+                energy += c.page_energy_j
             continue
         res[c.prod: c.last_before_gap + 1] += c.mem_bytes
         res[c.first_after_gap: c.last_read + 1] += c.mem_bytes
@@ -434,7 +498,12 @@ class ProfileEvaluator:
         cands = problem.candidates
         stage_index = {s: k for k, s in enumerate(problem.stages)}
         n = problem.positions
-        self.live = np.array([i for i, c in enumerate(cands) if not c.fixed], dtype=np.int64)
+        self.live = np.array([i for i, c in enumerate(cands) if not c.fixed and not c.state], dtype=np.int64)
+        # paged state: a dense delta per state candidate (state_delta), its costs, the recomputes it bars
+        self.state = [i for i, c in enumerate(cands) if c.state]
+        self.state_delta = np.array([state_delta(problem, i) for i in self.state]).reshape(len(self.state), n)
+        self.state_t = np.array([cands[i].page_time_s for i in self.state])
+        self.state_e = np.array([cands[i].page_energy_j for i in self.state])
         live = [cands[i] for i in self.live]
         self.last_before_gap = np.array([c.last_before_gap for c in live], dtype=np.int64)
         self.first_after_gap = np.array([c.first_after_gap for c in live], dtype=np.int64)
@@ -525,17 +594,27 @@ class ProfileEvaluator:
             d[cands[b].last_read + 1] += cands[b].mem_bytes
             d[to + 1] -= cands[b].mem_bytes
         op_rows = self.base + np.cumsum(d)[:n]
+        barred = False
+        if self.state:
+            paged = np.array([choice[i] is Decision.PAGE for i in self.state])
+            if paged.any():
+                op_rows = op_rows + self.state_delta[paged].sum(axis=0)
+                time_s += float(self.state_t[paged].sum())
+                energy += float(self.state_e[paged].sum())
+                barred = any(choice[s] is Decision.PAGE for i in rec for s in cands[i].reads_state)
         pre = problem.pre_const_bytes + (op_rows - problem.const_bytes)[self.stages] + trans
         prof = op_rows.copy()
         prof[self.stages] = np.maximum(prof[self.stages], pre)
         k = int(np.argmax(prof))
-        return LinearEval(float(prof[k]), k, prof, time_s, energy, flash, {}, {}, {}, {}, op_rows, pre)
+        # a recompute reading a paged parameter is not a schedule the MILP has (rec_u + page_s <= 1)
+        peak = float("inf") if barred else float(prof[k])
+        return LinearEval(peak, k, prof, time_s, energy, flash, {}, {}, {}, {}, op_rows, pre)
 
 
 def chen_checkpoints(problem: Problem) -> list[Decision]:
     """Chen et al.'s sqrt(n) checkpointing: keep every ceil(sqrt(n))-th saved forward activation,
     recompute the rest (gradients are kept, as in the paper)."""
-    order = sorted((i for i, c in enumerate(problem.candidates) if not c.gradient),
+    order = sorted((i for i, c in enumerate(problem.candidates) if not c.gradient and not c.state),
                    key=lambda i: problem.candidates[i].prod)
     k = max(1, math.ceil(math.sqrt(len(order))))
     choice = [Decision.KEEP] * len(problem.candidates)

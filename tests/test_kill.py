@@ -54,6 +54,25 @@ def paged_out(tmp_path_factory) -> tuple[Path, Path]:
     return out, lib
 
 
+@pytest.fixture(scope="module")
+def compiled_paged_out(tmp_path_factory) -> tuple[Path, Path]:
+    """examples/mlp.onnx compiled by poetc itself into a paged schedule (the compiler's paging rewrite):
+    at 12 MB with a loose deadline the MILP pages AdamW moments of the large layers."""
+    from poetc.api import CompileOptions, compile_model
+    from poetc.runtime.statedir import StateDir
+    from poetc.units import parse_deadline
+    out = tmp_path_factory.mktemp("kill-compiled") / "out"
+    try:
+        compile_model(MLP, CompileOptions(ram_bytes=12_000_000, out_dir=out, baselines=(), optimizer_mode="fused",
+                                          deadline=parse_deadline("20x")))
+    except Exception as exc:  # noqa: BLE001 - e.g. the op library cannot be built here
+        pytest.skip(f"cannot compile a paged schedule of examples/mlp.onnx here: {exc}")
+    lib = out / "libpoet_spill.so"
+    with StateDir.open(out / "initial_state", library=lib, lock=False, clean=False) as s:
+        assert any(i.paged for i in s.tensors.values()), "the 12 MB schedule pages nothing: the premise changed"
+    return out, lib
+
+
 def _reference(out: Path, lib: Path, tmp: Path, steps: int) -> StateDir:
     """An uninterrupted run that keeps every generation."""
     from poetc.run import train
@@ -121,7 +140,7 @@ def _kill_campaign(paged_out, tmp_path, kills: int, steps: int, seed: int) -> di
     else:
         assert f"resumed from step {start} of {d}" in last.stdout
     assert _assert_same_as_reference(d, ref, lib)[0] == steps
-    summary = {"kills": landed, "steps": steps, "committed_steps_seen": seen, "kills_with_uncommitted_generation":
+    summary = {"kills": landed, "steps": steps, "committed_steps_seen": seen, "kills_leaving_another_generation_dir":
                mid_step, "runs_finished_before_kill": done, "uninterrupted_wall_s": round(wall, 2)}
     print(f"kill campaign: {summary}")
     return summary
@@ -154,6 +173,11 @@ def test_kill_fast(paged_out, tmp_path):
 @pytest.mark.slow
 def test_kill_many(paged_out, tmp_path):
     _kill_campaign(paged_out, tmp_path, kills=25, steps=16, seed=17)
+
+
+@pytest.mark.slow
+def test_kill_many_compiled_schedule(compiled_paged_out, tmp_path):
+    _kill_campaign(compiled_paged_out, tmp_path, kills=25, steps=16, seed=23)
 
 
 # ---------------------------------------------------------------------------------------------------

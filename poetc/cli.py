@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resumed when it exists (default OUT/state for a paged output; see docs/state.md)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="ONNX Runtime intra-op threads (default ORT's; 1 is bitwise reproducible)")
+    p.add_argument("--commit-every", type=_positive_int, default=1, metavar="K",
+                   help="with a state directory: persist the resident state and commit every K steps (default 1; "
+                        "a crash loses at most K-1 steps)")
     p.add_argument("--data", type=Path, help=".npz with the training inputs (default: seeded random)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, metavar="PATH",
@@ -361,7 +364,7 @@ def cmd_verify(args) -> int:
 def cmd_train(args) -> int:
     from .run import train
     doc = train(args.out, steps=args.steps, data=args.data, seed=args.seed, save=args.save, state=args.state,
-                threads=args.threads)
+                threads=args.threads, commit_every=args.commit_every)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -371,8 +374,10 @@ def cmd_train(args) -> int:
         else:
             print(f"resumed from step {doc['resumed_from']} of {doc['state_dir']}")
     indices = doc.get("steps_run") or range(len(doc["losses"]))
-    for i, loss, peak, secs in zip(indices, doc["losses"], doc["step_peak_bytes"], doc["step_seconds"]):
-        print(f"step {i}: loss {loss:.6f}  peak {format_size(peak)}  {format_time(secs)}")
+    persist = doc.get("persist_seconds") or [None] * len(doc["losses"])
+    for i, loss, peak, secs, commit in zip(indices, doc["losses"], doc["step_peak_bytes"], doc["step_seconds"], persist):
+        extra = f" (of which persist + commit {format_time(commit)})" if commit is not None else ""
+        print(f"step {i}: loss {loss:.6f}  peak {format_size(peak)}  {format_time(secs)}{extra}")
     if "state_dir" in doc:
         print(f"{doc['state_dir']} is at step {doc['final_step']} (committed)")
     else:

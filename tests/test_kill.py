@@ -96,7 +96,7 @@ def _assert_same_as_reference(d: Path, ref: StateDir, lib: Path) -> int:
     return k, leftovers
 
 
-def _kill_campaign(paged_out, tmp_path, kills: int, steps: int, seed: int) -> dict:
+def _kill_campaign(paged_out, tmp_path, kills: int, steps: int, seed: int, commit_every: int = 1) -> dict:
     out, lib = paged_out
     ref = _reference(out, lib, tmp_path, steps)
     # an uninterrupted CLI run: equal to the reference, and its wall time scales the kill moments
@@ -115,8 +115,8 @@ def _kill_campaign(paged_out, tmp_path, kills: int, steps: int, seed: int) -> di
         tries += 1
         assert tries <= 4 * kills, f"only {landed} of {tries} SIGKILLs hit a running poetc train"
         proc = subprocess.Popen([sys.executable, "-m", "poetc", "train", str(out), "--state", str(d), "--steps",
-                                 str(steps), "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env)
+                                 str(steps), "--threads", "1", "--commit-every", str(commit_every)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         time.sleep(rng.uniform(0.0, wall))
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -127,6 +127,7 @@ def _kill_campaign(paged_out, tmp_path, kills: int, steps: int, seed: int) -> di
             done += 1
         if statedir.is_state_dir(d):
             k, leftovers = _assert_same_as_reference(d, ref, lib)
+            assert k % commit_every == 0 or k == steps, f"step {k} was committed with --commit-every {commit_every}"
             seen.append(k)
             mid_step += bool(leftovers)
             if k == steps:
@@ -140,7 +141,7 @@ def _kill_campaign(paged_out, tmp_path, kills: int, steps: int, seed: int) -> di
     else:
         assert f"resumed from step {start} of {d}" in last.stdout
     assert _assert_same_as_reference(d, ref, lib)[0] == steps
-    summary = {"kills": landed, "steps": steps, "committed_steps_seen": seen, "kills_leaving_another_generation_dir":
+    summary = {"kills": landed, "steps": steps, "commit_every": commit_every, "committed_steps_seen": seen, "kills_leaving_another_generation_dir":
                mid_step, "runs_finished_before_kill": done, "uninterrupted_wall_s": round(wall, 2)}
     print(f"kill campaign: {summary}")
     return summary
@@ -173,6 +174,11 @@ def test_kill_fast(paged_out, tmp_path):
 @pytest.mark.slow
 def test_kill_many(paged_out, tmp_path):
     _kill_campaign(paged_out, tmp_path, kills=25, steps=16, seed=17)
+
+
+@pytest.mark.slow
+def test_kill_many_commit_every_3(paged_out, tmp_path):
+    _kill_campaign(paged_out, tmp_path, kills=20, steps=16, seed=29, commit_every=3)
 
 
 @pytest.mark.slow

@@ -152,7 +152,10 @@ def run(args: argparse.Namespace) -> dict:
         heap_before = heap.current()
         heap.reset_peak()
         t0 = time.perf_counter()
-        loss = sess.step(feeds)
+        if state is not None:  # commit every --commit-every steps and at the last one
+            loss = sess.step(feeds, commit=(i + 1) % args.commit_every == 0 or i + 1 == resumed_from + todo)
+        else:
+            loss = sess.step(feeds)
         dt = time.perf_counter() - t0
         heap_peak = heap.peak()
         hwm_kib = _proc_status_kib("VmHWM")
@@ -169,6 +172,7 @@ def run(args: argparse.Namespace) -> dict:
             "step_seconds": dt,
             "vmhwm_peak_bytes": vm_peak,
             "rss_before_bytes": None if rss_before_kib is None else rss_before_kib * 1024,
+            "persist_seconds": getattr(sess, "last_persist_seconds", None),
         })
 
     if args.checkpoint_out and state is None:
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", default=None, help="train on this state directory (--steps: the step to reach)")
     ap.add_argument("--feed-spec", default=None, help="JSON {inputs, classes, seed}: generate each step's batch")
     ap.add_argument("--keep-generations", action="store_true", help="keep every committed generation (tests)")
+    ap.add_argument("--commit-every", type=int, default=1, help="state directory: commit every K steps")
     args = ap.parse_args(argv)
     # the worker's stderr is the parent's log of it (poetc.runtime.measure keeps its tail)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -165,13 +166,18 @@ class StateSession:
         if "lazy_reset_grad" in graph_inputs:
             self._values["lazy_reset_grad"] = ort.OrtValue.ortvalue_from_numpy(np.array([True]))
         self.output_names = [o.name for o in self.session.get_outputs()]
+        #: wall time of the last step's persist + commit (resident state written, fsync, CURRENT renamed)
+        self.last_persist_seconds = 0.0
 
     @property
     def step_index(self) -> int:
-        """Steps completed (the committed generation)."""
-        return self.state.generation
+        """Steps completed (the latest generation, committed or not)."""
+        return self.state.latest
 
-    def step(self, feeds: Mapping[str, np.ndarray]) -> float:
+    def step(self, feeds: Mapping[str, np.ndarray], commit: bool = True) -> float:
+        """One step as generation L+1. ``commit``: persist the resident state into it and commit it (a crash
+        then resumes here); False: only advance to it (its paged files feed the next step; a crash returns to
+        the last commit, whose steps the resumed run recomputes bit for bit)."""
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise KeyError(f"feeds lack training inputs {missing}; expected {self.input_names}")
@@ -182,10 +188,15 @@ class StateSession:
         outputs = self.session.run_with_ort_values(self.output_names, values)
         loss = float(np.asarray(outputs[0].numpy()).reshape(-1)[0])
         del outputs
-        for n in self.resident:
-            if not self.state.tensors[n].frozen:
-                self.state.write(n, self.buffers[n], gen)
-        self.state.commit(gen, keep_previous=self.keep_generations)
+        t0 = time.perf_counter()
+        if commit:
+            for n in self.resident:
+                if not self.state.tensors[n].frozen:
+                    self.state.write(n, self.buffers[n], gen)
+            self.state.commit(gen, keep_previous=self.keep_generations)
+        else:
+            self.state.advance(gen, keep_previous=self.keep_generations)
+        self.last_persist_seconds = time.perf_counter() - t0
         return loss
 
     def parameters(self) -> dict[str, np.ndarray]:

@@ -321,6 +321,8 @@ class StateDir:
         self.manifest = manifest
         self.mac_key = mac_key
         self.generation = generation
+        #: the generation the next step reads: the committed one, or a later one advanced to without commit
+        self.latest = generation
         self.library = library
         self.tensors = {n: TensorInfo(n, int(t["dtype"]), tuple(int(s) for s in t["shape"]), bool(t["trainable"]),
                                       bool(t["paged"]), bool(t["frozen"]))
@@ -372,7 +374,7 @@ class StateDir:
         if lock:
             s._lock(lock_wait_s)
             # the holder of the lock may have committed while we waited: read CURRENT again
-            s.generation = cls.open(d, library=library, lock=False, clean=False).generation
+            s.generation = s.latest = cls.open(d, library=library, lock=False, clean=False).generation
             if clean:
                 s._remove_other_generations()
         return s
@@ -454,13 +456,35 @@ class StateDir:
     # -- one step -----------------------------------------------------------------------------------
 
     def begin_step(self) -> int:
-        """Prepare gen-<g+1> (empty) and point the ops at it: they read g, write g+1. Returns g+1."""
-        new = self.generation + 1
+        """Prepare gen-<L+1> (empty; L the latest generation: the committed one, or one advanced past it
+        without a commit) and point the ops at it: they read L, write L+1. Returns L+1."""
+        new = self.latest + 1
         gdir = self.path / gen_dir_name(new)
         shutil.rmtree(gdir, ignore_errors=True)
         gdir.mkdir(mode=0o700)
-        self.configure_ops(self.generation, new)
+        self.configure_ops(self.latest, new)
         return new
+
+    def advance(self, generation: int, *, keep_previous: bool = False) -> None:
+        """Make ``generation`` (== latest + 1) the one the next step's StateReads see, WITHOUT committing it:
+        its paged files must all be there (resident state stays in RAM); a crash before the next commit
+        returns to the committed generation. The committed generation's directory is kept until then."""
+        if generation != self.latest + 1:
+            raise ValueError(f"advance to generation {generation} after {self.latest}")
+        self._check_written(generation, [n for n, i in self.tensors.items() if i.paged and not i.frozen])
+        old = self.latest
+        self.latest = generation
+        if not keep_previous and old != self.generation:
+            shutil.rmtree(self.path / gen_dir_name(old), ignore_errors=True)
+
+    def _check_written(self, generation: int, names) -> None:
+        gdir = self.path / gen_dir_name(generation)
+        missing = sorted(n for n in names if not (gdir / file_name(n, self.library)).is_file())
+        if missing:
+            raise StateError(f"the step did not write every state tensor: {missing[:5]} "
+                             f"{'...' if len(missing) > 5 else ''}missing from {gdir}; generation "
+                             f"{self.generation} stays committed",
+                             hint="the compiled graph must StateWrite every non-frozen paged tensor once per step")
 
     def configure_ops(self, read_gen: int, write_gen: int) -> None:
         err = ctypes.create_string_buffer(_ERRBUF)
@@ -480,17 +504,13 @@ class StateDir:
         write_tensor(self.tensor_path(name, generation), name, a, generation, self.mac_key, library=self.library)
 
     def commit(self, generation: int, *, keep_previous: bool = False) -> None:
-        """Make ``generation`` (== committed + 1, fully written) the committed one, crash-safely."""
-        if generation != self.generation + 1:
-            raise ValueError(f"commit of generation {generation} after {self.generation}")
+        """Make ``generation`` (== latest + 1, every non-frozen tensor written) the committed one: fsync its
+        files and directory, then write CURRENT.tmp, fsync, rename onto CURRENT, fsync the directory; then
+        remove the generations before it (``keep_previous``: keep them, for tests)."""
+        if generation != self.latest + 1:
+            raise ValueError(f"commit of generation {generation} after {self.latest}")
         gdir = self.path / gen_dir_name(generation)
-        missing = [n for n, i in sorted(self.tensors.items())
-                   if not i.frozen and not (gdir / file_name(n, self.library)).is_file()]
-        if missing:
-            raise StateError(f"the step did not write every state tensor: {missing[:5]} "
-                             f"{'...' if len(missing) > 5 else ''}missing from {gdir}; generation "
-                             f"{self.generation} stays committed",
-                             hint="the compiled graph must StateWrite every non-frozen paged tensor once per step")
+        self._check_written(generation, [n for n, i in self.tensors.items() if not i.frozen])
         for f in gdir.iterdir():
             _fsync_path(f)
         _fsync_path(gdir, directory=True)
@@ -498,10 +518,9 @@ class StateDir:
                    "manifest_sha256": hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()}
         current["mac"] = _mac(self.mac_key, current)
         _write_atomic(self.path / CURRENT, json.dumps(current, sort_keys=True).encode())
-        old = self.generation
-        self.generation = generation
+        self.generation = self.latest = generation
         if not keep_previous:
-            shutil.rmtree(self.path / gen_dir_name(old), ignore_errors=True)
+            self._remove_other_generations()
 
 
 def graph_state_ops(model_path: str | os.PathLike) -> tuple[set[str], set[str]]:

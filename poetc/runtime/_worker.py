@@ -5,6 +5,7 @@ Started by :func:`poetc.runtime.measure.measure_training` as
     python -m poetc.runtime._worker --artifacts DIR --feeds FEEDS.npz \
         --steps N --result RESULT.json --params-out PARAMS.npz \
         [--spill-library LIB.so] [--threads N] [--checkpoint-out PATH]
+        [--state-dir DIR [--feed-spec SPEC.json] [--commit-every K] [--keep-generations]]
 
 with ``LD_PRELOAD`` set to poetc's heap counter and
 ``MALLOC_MMAP_THRESHOLD_=65536``.  For every step it records the loss, the
@@ -15,6 +16,11 @@ VmHWM growth after resetting the high-water mark through
 ``PARAMS.npz`` and writes everything as JSON to ``RESULT.json``.  Errors
 (including custom-op failures such as a Restore checksum mismatch) go to
 stderr and make the exit status non-zero.
+
+With ``--state-dir`` it trains on a state directory (poetc.runtime.statedir) through
+:class:`poetc.runtime.session.StateSession` instead of ``Module``: ``--steps`` is then the step to
+reach, each step commits (or, between ``--commit-every`` commits, advances) a generation, and
+``--feed-spec`` makes it generate step i's batch from ``[seed, i]``.
 
 Kept small on purpose: it imports only numpy, onnxruntime and
 :mod:`poetc.runtime.session`, so the worker's own footprint stays low.

@@ -22,7 +22,9 @@ tell the ops (`poet_state_configure`: read g, write g+1); run the graph (StateWr
 into gen-<g+1>); write every resident tensor into gen-<g+1>; check every non-frozen tensor has its file
 there; fsync each file and the directory; write CURRENT.tmp, fsync, rename onto CURRENT, fsync D; remove
 gen-<g>. A crash before the rename leaves g committed (gen-<g+1> is garbage, removed on the next open);
-after it, g+1. Opening removes every gen-* directory other than the committed one.
+after it, g+1. Opening removes every gen-* directory other than the committed one. A step may also only
+*advance* (`StateDir.advance`, `poetc train --commit-every K`): its paged files feed the next step, nothing
+is persisted or committed, and a crash returns to the last commit.
 
 Refusals (all :class:`StateError`, a RuntimeFailure: exit 9): a missing or damaged MANIFEST.json or
 CURRENT, a CURRENT whose MAC fails or that names a missing generation, and any tensor file that is torn,
@@ -279,36 +281,6 @@ def write_initial_state(directory: str | os.PathLike, tensors: Mapping[str, np.n
     return d
 
 
-def copy_state_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy the committed generation of ``src`` (checked) into the new state directory ``dst`` with the
-    same MAC key (it is the same training run's state); the copy's CURRENT is ``src``'s."""
-    s = StateDir.open(src, lock=False)
-    d = Path(dst)
-    if d.exists() and (not d.is_dir() or any(d.iterdir())):
-        raise StateError(f"cannot create the state directory {d}: it exists and is not empty",
-                         hint="choose a new directory (poetc never overwrites a state directory)")
-    d.parent.mkdir(parents=True, exist_ok=True)
-    stage = d.with_name(f".{d.name}.poetc-tmp-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(mode=0o700)
-    try:
-        s.verify()
-        for sub in (FROZEN_DIR, gen_dir_name(s.generation)):
-            shutil.copytree(s.path / sub, stage / sub)
-            for f in (stage / sub).iterdir():
-                _fsync_path(f)
-            _fsync_path(stage / sub, directory=True)
-        for name in (MANIFEST, CURRENT):
-            _write_atomic(stage / name, (s.path / name).read_bytes())
-        if d.exists():
-            d.rmdir()
-        os.replace(stage, d)
-        _fsync_path(d.parent, directory=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return d
-
-
 # ---------------------------------------------------------------------------------------------------
 # an open state directory
 
@@ -546,5 +518,5 @@ def committed_step(directory: str | os.PathLike) -> int:
     return StateDir.open(directory, lock=False, clean=False).generation
 
 
-__all__ = ["INITIAL_STATE", "StateDir", "StateError", "TensorInfo", "committed_step", "copy_state_dir", "file_name",
+__all__ = ["INITIAL_STATE", "StateDir", "StateError", "TensorInfo", "committed_step", "file_name",
            "graph_state_ops", "is_state_dir", "read_tensor", "write_initial_state", "write_tensor"]

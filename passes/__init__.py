@@ -5,6 +5,7 @@ order they run.
 """
 
 from .cleanup import Cleanup
+from .drop_unread_outputs import DropUnreadOutputs
 from .insert_recompute import InsertRecompute
 from .insert_spill_restore import InsertSpillRestore
 from .manager import PassContext, PassError, PassManager, PassResult
@@ -12,8 +13,8 @@ from .order import OrderNodes
 
 
 def default_pipeline() -> list:
-    return [InsertRecompute(), InsertSpillRestore(), OrderNodes(), Cleanup()]
+    return [InsertRecompute(), InsertSpillRestore(), DropUnreadOutputs(), OrderNodes(), Cleanup()]
 
 
-__all__ = ["Cleanup", "InsertRecompute", "InsertSpillRestore", "OrderNodes", "PassContext", "PassError",
+__all__ = ["Cleanup", "DropUnreadOutputs", "InsertRecompute", "InsertSpillRestore", "OrderNodes", "PassContext", "PassError",
            "PassManager", "PassResult", "default_pipeline"]

@@ -33,9 +33,10 @@ PREDICTION_TOLERANCE = 0.01
 def run_case(name: str, batch: int, work: Path) -> dict:
     """inspect, compile for rpi4 and for host at 50% of the keep-all activations, verify the host
     output; the figures of one corpus row."""
-    from poetc.api import CompileOptions, compile_model, inspect_model, verify
+    from poetc.api import CompileOptions, compile_model, inspect_model
     from poetc.errors import InfeasibleError
     from poetc.importer import ImportOptions, canonicalize, load_onnx
+    from poetc.run import verify
 
     entry = CORPUS[name]
     path = export_corpus(name, work / f"{name}.onnx", batch)
@@ -54,7 +55,7 @@ def run_case(name: str, batch: int, work: Path) -> dict:
                 shutil.rmtree(out, ignore_errors=True)
                 result = compile_model(path, CompileOptions(ram_bytes=ram, out_dir=out, target=target,
                                                             time_limit_s=20, import_options=options, baselines=()))
-                summary = result.report["result"]
+                summary = result.report.to_json()["result"]
                 row[target] = {"status": summary["status"], "fits": summary["fits"],
                                "decisions": summary["decisions"],
                                "predicted_activation_peak_bytes": summary["activation_peak_bytes"]}
@@ -64,7 +65,7 @@ def run_case(name: str, batch: int, work: Path) -> dict:
             continue
         row["ram_budget_bytes"], row["budget_fraction"] = ram, fraction
         break
-    check = verify(work / f"{name}-b{batch}-host", steps=3).doc
+    check = verify(work / f"{name}-b{batch}-host", steps=3).to_json()
     predicted = check["predicted_step_peak_bytes"]
     steady = check["measured_step_peak_bytes"][check["steady_state_from_step"]:]
     row["verify"] = {

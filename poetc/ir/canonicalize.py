@@ -11,6 +11,7 @@ computation is unchanged (each accumulator reads the same values), only the node
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -400,6 +401,40 @@ def check_cpu_gradients(model: onnx.ModelProto, trainable: set[str]) -> None:
                     f"and the loss, and onnxruntime-training 1.19 cannot compute its gradient on CPU",
                     hint=_NO_CPU_GRADIENT[node.op_type])
             reached.update(o for o in node.output if o)
+
+
+# random ops and the type of their `seed` attribute
+_SEEDABLE = {"Dropout": "int", "RandomNormal": "float", "RandomUniform": "float", "RandomNormalLike": "float",
+             "RandomUniformLike": "float", "Bernoulli": "float", "Multinomial": "float"}
+
+
+def _derived_seed(model: onnx.ModelProto, index: int, node: onnx.NodeProto) -> int:
+    """A seed for one node, from the model: its graph name, the node's position, name and outputs."""
+    key = "|".join([model.graph.name, str(index), node.name, node.op_type, *node.output])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def seed_random_ops(model: onnx.ModelProto) -> list[Canonicalization]:
+    """Give every random op without a `seed` attribute one derived from the model.
+
+    Without a seed, ONNX Runtime's CPU Dropout (and the Random* ops) draw from one process-wide
+    generator seeded from the clock: two runs of the same training graph draw different masks, and a
+    graph whose ops run in another order hands the draws to other nodes. With a seed each node owns a
+    generator that advances once per call, so the reference and the compiled training graph draw the
+    same masks at every step (poetc never recomputes a random op: a rerun would draw again,
+    poetc.solver.problem.RANDOM_OPS). Exact in the sense that matters: the mask is a draw either way,
+    and the model's function is unchanged."""
+    done = Canonicalization("seed-random-ops", "Dropout/Random* without a seed draw from ONNX Runtime's clock-seeded "
+                            "global generator (not reproducible, order-dependent); each got a fixed seed derived from "
+                            "the model")
+    for index, node in enumerate(model.graph.node):
+        kind = _SEEDABLE.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if kind is None or any(a.name == "seed" for a in node.attribute):
+            continue
+        seed = _derived_seed(model, index, node)
+        node.attribute.append(onnx.helper.make_attribute("seed", seed if kind == "int" else float(seed)))
+        done.nodes.append(node.name or node.op_type)
+    return [done] if done.nodes else []
 
 
 def expose_optional_outputs(model: onnx.ModelProto) -> list[Canonicalization]:

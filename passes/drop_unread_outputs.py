@@ -8,46 +8,35 @@ which now reads the recomputed mask), ConcatTraining's per_input_length. Measure
 at batch 8 (docs/memory-model.md): the two forward MaxPool masks, 0.38 MiB, stayed allocated through
 the backward peak, 6% above the simulator's prediction, which frees a write nobody reads at once.
 
-Rewrites: such an output, where the op's schema marks it optional, is replaced by the empty name
+Rewrites: such an output, where it is optional and ONNX Runtime's kernel runs without it (`_DROPPABLE`:
+MaxPool's Indices, ConcatTraining's per_input_length), is replaced by the empty name
 (ONNX's "not produced"); the kernel then does not compute or allocate it. Values of the other outputs
-are unchanged (MaxPool's Y, ConcatTraining's concatenation and BatchNormalization's Y do not depend
-on whether the optional outputs are requested). A required output nothing reads is left and counted
-in the stats (`unread_required`); on the corpus and the project's models the only ones are the fused
-optimizer's update outputs, in-place aliases of the parameters that hold no bytes of their own.
+are unchanged (MaxPool's Y and ConcatTraining's concatenation do not depend on whether the optional
+output is requested). A required output nothing reads is left and counted
+in the stats (`unread_required`): on the corpus these are the fused optimizer's update outputs
+(in-place aliases of the parameters, no bytes of their own) and BatchNormInternal's running statistics
+(4 bytes per channel, within the planning reserve).
 """
 
 from __future__ import annotations
 
-import onnx
 import onnx_graphsurgeon as gs
 
 from .manager import PassContext, PassResult
 
-# optional outputs of ONNX Runtime's training ops (contrib schemas are not visible from Python):
-# op type -> indices of optional outputs
-_CONTRIB_OPTIONAL = {
-    "ConcatTraining": {1},
-    "BatchNormInternal": {1, 2, 3, 4},
-    "SoftmaxCrossEntropyLossInternal": {1},
-    "LayerNormalization": {1, 2},
-    "SimplifiedLayerNormalization": {1},
-    "BiasDropout": {1},
-    "BitmaskDropout": {1},
+# op type -> indices of outputs that may be left out, checked against ONNX Runtime 1.19.2's CPU kernels
+# (the training step loads, runs and trains bitwise identically on the corpus). Not every output the
+# schemas call optional can be: BatchNormInternal without its running statistics fails to load.
+_DROPPABLE = {
+    ("", "MaxPool"): {1},  # Indices
+    ("com.microsoft", "ConcatTraining"): {1},  # per_input_length
 }
 
 
 def optional_output(node: gs.Node, index: int) -> bool:
-    """Whether output `index` of `node` may be left unproduced (empty name) per its op's schema."""
-    domain = node.domain or ""
-    if domain in ("", "ai.onnx"):
-        try:
-            schema = onnx.defs.get_schema(node.op, domain="")
-        except onnx.defs.SchemaError:
-            return False
-        if index >= len(schema.outputs):
-            return schema.outputs and schema.outputs[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic
-        return schema.outputs[index].option == onnx.defs.OpSchema.FormalParameterOption.Optional
-    return index in _CONTRIB_OPTIONAL.get(node.op, ())
+    """Whether output `index` of `node` may be left unproduced (empty name)."""
+    domain = "" if node.domain in (None, "", "ai.onnx") else node.domain
+    return index in _DROPPABLE.get((domain, node.op), ())
 
 
 class DropUnreadOutputs:

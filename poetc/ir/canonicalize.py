@@ -93,6 +93,7 @@ class _Builder:
     def __init__(self, names: _Names, node: onnx.NodeProto, opset: int):
         self.names, self.node, self.opset, self.nodes = names, node, opset, []
         self.stem = node.name or node.op_type
+        self.rule: tuple[str, str] | None = None  # (name, why) when a function applied another rewrite
 
     def const(self, value: np.ndarray, tag: str) -> str:
         out = self.names(f"{self.stem}/{tag}")
@@ -321,6 +322,197 @@ def _nearest_resize(b: _Builder, model) -> bool:
     return True
 
 
+def _reduce(b: _Builder, op_type: str, x: str, axes: list[int], tag: str, output: str | None = None,
+            keepdims: int = 1) -> str:
+    """A Reduce* node with `axes` as an attribute (opset < 18) or an input (opset >= 18)."""
+    if b.opset >= 18 or op_type == "ReduceSum" and b.opset >= 13:
+        return b.op(op_type, [x, b.const(np.array(axes, np.int64), f"{tag}_axes")], tag, output=output,
+                    keepdims=keepdims)
+    return b.op(op_type, [x], tag, output=output, axes=axes, keepdims=keepdims)
+
+
+def _instance_norm(b: _Builder, model) -> bool:
+    """y = scale_c * (x - mean) / sqrt(var + epsilon) + B_c, mean and (population) variance over the
+    spatial axes of each (n, c): ReduceMean, Sub, Mul, Add, Sqrt, Div, Mul, Add."""
+    x, scale, bias = b.node.input[:3]
+    shape = _shape_of(model, x)
+    if shape is None or len(shape) < 3:
+        return False
+    dtype = _elem_dtype(model, x)
+    spatial = list(range(2, len(shape)))
+    centered = b.op("Sub", [x, _reduce(b, "ReduceMean", x, spatial, "mean")], "centered")
+    var = _reduce(b, "ReduceMean", b.op("Mul", [centered, centered], "squared"), spatial, "var")
+    std = b.op("Sqrt", [b.op("Add", [var, b.scalar(_attr(b.node, "epsilon", 1e-5), dtype, "epsilon")], "var_eps")],
+               "std")
+    normed = b.op("Div", [centered, std], "normalized")
+    per_channel = np.array([-1] + [1] * len(spatial), np.int64)  # [C, 1, ...] broadcasts over N and space
+    s = b.op("Reshape", [scale, b.const(per_channel, "scale_shape")], "scale_c")
+    c = b.op("Reshape", [bias, b.const(per_channel, "bias_shape")], "bias_c")
+    b.op("Add", [b.op("Mul", [normed, s], "scaled"), c], "shifted", output=b.node.output[0])
+    return True
+
+
+def _reduce_max(b: _Builder, model) -> bool:
+    """ReduceMax as TopK(k=1) along one axis (TopK has a gradient; the value is the same max): the
+    reduced axes moved to the end and merged when there are several."""
+    node = b.node
+    x = node.input[0]
+    shape = _shape_of(model, x)
+    if shape is None:
+        return False
+    axes = _attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = constant_value(model, node.input[1])
+        if value is None:
+            return False
+        axes = [int(a) for a in value.reshape(-1)]
+    rank = len(shape)
+    if not axes and _attr(node, "noop_with_empty_axes", 0):
+        return False  # an identity; left as it is
+    axes = sorted({a % rank for a in axes}) if axes else list(range(rank))
+    keepdims = _attr(node, "keepdims", 1)
+    kept = [a for a in range(rank) if a not in axes]
+    flat = b.op("Transpose", [x], "to_end", perm=kept + axes) if kept + axes != list(range(rank)) else x
+    if len(axes) > 1:
+        flat = b.op("Reshape", [flat, b.const(np.array([shape[a] for a in kept] + [-1], np.int64), "merged_shape")],
+                    "merge")
+    top = b.names(f"{b.stem}/top")
+    b.nodes.append(onnx.helper.make_node("TopK", [flat, b.const(np.array([1], np.int64), "k")],
+                                         [top, b.names(f"{b.stem}/top_index")], name=b.names(f"{b.stem}/topk"),
+                                         axis=-1, largest=1, sorted=1))
+    out_shape = [1 if a in axes else shape[a] for a in range(rank)] if keepdims else [shape[a] for a in kept]
+    b.op("Reshape", [top, b.const(np.array(out_shape, np.int64), "out_shape")], "out", output=node.output[0])
+    return True
+
+
+def _cumsum(b: _Builder, model) -> bool:
+    """CumSum along an axis of static length L as a MatMul with a fixed L x L 0/1 triangular matrix
+    (exclusive: strictly triangular; reverse: the transposed triangle), the axis moved last."""
+    node = b.node
+    x = node.input[0]
+    shape = _shape_of(model, x)
+    axis = constant_value(model, node.input[1]) if len(node.input) > 1 else None
+    if shape is None or axis is None:
+        return False
+    rank = len(shape)
+    axis = int(np.asarray(axis).reshape(-1)[0]) % rank
+    n = shape[axis]
+    exclusive, reverse = _attr(node, "exclusive", 0), _attr(node, "reverse", 0)
+    i, j = np.indices((n, n))  # y[..., j] = sum over i of x[..., i] * m[i, j]
+    m = (i > j) if reverse else (i < j)
+    if not exclusive:
+        m = m | (i == j)
+    matrix = b.const(m.astype(_elem_dtype(model, x)), "triangle")
+    perm = [a for a in range(rank) if a != axis] + [axis]
+    moved = b.op("Transpose", [x], "to_end", perm=perm) if axis != rank - 1 else x
+    summed = b.op("MatMul", [moved, matrix], "matmul", output=node.output[0] if axis == rank - 1 else None)
+    if axis != rank - 1:
+        b.op("Transpose", [summed], "back", output=node.output[0], perm=list(np.argsort(perm)))
+    return True
+
+
+def _depth_space(b: _Builder, model) -> bool:
+    """DepthToSpace / SpaceToDepth by their definition in the ONNX spec: Reshape, Transpose, Reshape."""
+    node = b.node
+    x = node.input[0]
+    shape = _shape_of(model, x)
+    if shape is None or len(shape) != 4:
+        return False
+    _, c, h, w = shape
+    k = int(_attr(node, "blocksize", 1))
+    if node.op_type == "DepthToSpace":
+        crd = _attr(node, "mode", b"DCR") in (b"CRD", "CRD")
+        if crd:
+            split, perm = [-1, c // (k * k), k, k, h, w], [0, 1, 4, 2, 5, 3]
+        else:
+            split, perm = [-1, k, k, c // (k * k), h, w], [0, 3, 4, 1, 5, 2]
+        out = [-1, c // (k * k), h * k, w * k]
+    else:
+        split, perm, out = [-1, c, h // k, k, w // k, k], [0, 3, 5, 1, 2, 4], [-1, c * k * k, h // k, w // k]
+    t = b.op("Reshape", [x, b.const(np.array(split, np.int64), "split_shape")], "split")
+    t = b.op("Transpose", [t], "move", perm=perm)
+    b.op("Reshape", [t, b.const(np.array(out, np.int64), "out_shape")], "merge", output=node.output[0])
+    return True
+
+
+def _linear_weights(n_in: int, n_out: int, scale: float, ctm: str) -> np.ndarray | None:
+    """The [n_out, n_in] matrix of 1-D linear interpolation ONNX Resize computes for one axis."""
+    m = np.zeros((n_out, n_in), np.float64)
+    for o in range(n_out):
+        if ctm == "half_pixel":
+            src = (o + 0.5) / scale - 0.5
+        elif ctm == "pytorch_half_pixel":
+            src = (o + 0.5) / scale - 0.5 if n_out > 1 else 0.0
+        elif ctm == "align_corners":
+            src = o * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        elif ctm == "asymmetric":
+            src = o / scale
+        else:
+            return None
+        src = min(max(src, 0.0), n_in - 1)
+        lo = int(np.floor(src))
+        hi = min(lo + 1, n_in - 1)
+        frac = src - lo
+        m[o, lo] += 1 - frac
+        m[o, hi] += frac
+    return m
+
+
+def _linear_resize(b: _Builder, model) -> bool:
+    """Resize in linear mode (no antialias) over the last two axes of a static shape as two MatMuls
+    with fixed interpolation matrices: Y = A_h @ X @ A_w^T (MatMul has a gradient; ResizeGrad is
+    CUDA-only in ORT 1.19)."""
+    node = b.node
+    if _attr(node, "mode", b"nearest") not in (b"linear", "linear") or _attr(node, "antialias", 0):
+        return False
+    ctm = _attr(node, "coordinate_transformation_mode", b"half_pixel")
+    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
+    x = node.input[0]
+    shape = _shape_of(model, x)
+    if shape is None or len(shape) < 3 or node.op_type != "Resize":
+        return False
+    scales = constant_value(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    sizes = constant_value(model, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if scales is not None and scales.size == len(shape):
+        scales = [float(v) for v in scales]
+        sizes = [int(np.floor(d * s)) for d, s in zip(shape, scales)]
+    elif sizes is not None and sizes.size == len(shape):
+        sizes = [int(v) for v in sizes]
+        scales = [o / i for o, i in zip(sizes, shape)]
+    else:
+        return False
+    if any(s != d for s, d in zip(sizes[:-2], shape[:-2])):
+        return False  # only the last two axes are interpolated
+    dtype = _elem_dtype(model, x)
+    y = x
+    for axis in (-2, -1):
+        n_in, n_out = shape[axis], sizes[axis]
+        if n_in == n_out and scales[axis] == 1.0:
+            continue
+        m = _linear_weights(n_in, n_out, scales[axis], ctm)
+        if m is None:
+            return False
+        last = axis == -1 or sizes[-1] == shape[-1]
+        if axis == -2:
+            y = b.op("MatMul", [b.const(m.astype(dtype), "rows"), y], "interp_rows",
+                     output=node.output[0] if last else None)
+        else:
+            y = b.op("MatMul", [y, b.const(m.T.astype(dtype), "columns")], "interp_columns", output=node.output[0])
+    if y == x:
+        b.op("Identity", [x], "identity", output=node.output[0])
+    return True
+
+
+def _resize(b: _Builder, model) -> bool:
+    if _nearest_resize(b, model):
+        return True
+    if _linear_resize(b, model):
+        b.rule = ("linear-resize-to-matmul", "Resize in linear mode has no CPU gradient kernel in "
+                  "onnxruntime-training 1.19; two MatMuls with fixed interpolation matrices")
+        return True
+    return False
+
+
 # op type -> (rewrite name, why, function). The function appends replacement nodes to the builder
 # and returns False when it cannot rewrite this instance (the node is then kept unchanged).
 _NO_GRADIENT_REWRITES = {
@@ -344,9 +536,20 @@ _NO_GRADIENT_REWRITES = {
                  "Relu(x) + log(1 + exp(-|x|))", _softplus),
     "Mish": ("mish-decompose", "Mish has no gradient in onnxruntime-training 1.19; x * tanh(softplus(x))", _mish),
     "Resize": ("nearest-resize-to-expand", "Resize has no CPU gradient kernel in onnxruntime-training 1.19; "
-               "nearest upsampling by whole factors is Unsqueeze + Expand + Reshape", _nearest_resize),
+               "nearest upsampling by whole factors is Unsqueeze + Expand + Reshape", _resize),
     "Upsample": ("nearest-resize-to-expand", "Upsample has no gradient in onnxruntime-training 1.19; nearest "
                  "upsampling by whole factors is Unsqueeze + Expand + Reshape", _nearest_resize),
+    "InstanceNormalization": ("instancenorm-decompose", "InstanceNormalization has no gradient in "
+                              "onnxruntime-training 1.19; ReduceMean/Sub/Mul/Sqrt/Div with a per-channel scale "
+                              "and bias", _instance_norm),
+    "ReduceMax": ("reducemax-to-topk", "ReduceMax has no gradient in onnxruntime-training 1.19; TopK with k=1 "
+                  "over the reduced axes (moved last)", _reduce_max),
+    "CumSum": ("cumsum-to-matmul", "CumSum has no gradient in onnxruntime-training 1.19; a MatMul with a fixed "
+               "triangular 0/1 matrix", _cumsum),
+    "DepthToSpace": ("depthtospace-to-reshape", "DepthToSpace has no gradient in onnxruntime-training 1.19; "
+                     "Reshape + Transpose + Reshape (its definition)", _depth_space),
+    "SpaceToDepth": ("spacetodepth-to-reshape", "SpaceToDepth has no gradient in onnxruntime-training 1.19; "
+                     "Reshape + Transpose + Reshape (its definition)", _depth_space),
     "GlobalMaxPool": ("globalmaxpool-to-maxpool", "GlobalMaxPool has no gradient in onnxruntime-training 1.19; "
                       "a MaxPool whose kernel is the whole spatial extent", _global_max_pool),
 }
@@ -368,8 +571,9 @@ def rewrite_without_gradients(model: onnx.ModelProto) -> list[Canonicalization]:
         if rule is not None:
             b = _Builder(names, node, opset)
             if rule[2](b, model):
+                name, why = b.rule or rule[:2]
                 nodes.extend(b.nodes)
-                done.setdefault(rule[0], Canonicalization(rule[0], rule[1])).nodes.append(node.name or node.op_type)
+                done.setdefault(name, Canonicalization(name, why)).nodes.append(node.name or node.op_type)
                 continue
         nodes.append(node)
     del model.graph.node[:]

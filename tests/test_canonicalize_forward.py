@@ -321,3 +321,43 @@ def test_depth_space_rewrites_are_bitwise_and_train_like_torch(op, mode, shape, 
         X = saved
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     np.testing.assert_allclose(grads["W"], ref["W"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("equation,shapes", [
+    ("bij,bjk->bik", ((3, 4, 5), (3, 5, 2))),          # batched matmul
+    ("bhqd,bhkd->bhqk", ((2, 3, 4, 5), (2, 3, 6, 5))),  # attention scores
+    ("ij,kj->ki", ((4, 5), (6, 5))),                    # contraction, output order swapped
+    ("abc,c->ba", ((2, 3, 4), (4,))),                   # matrix-vector with a transposed output
+    ("ijk->ik", ((3, 4, 5),)),                          # one operand: a sum (ORT's own kernel fails on
+    ("ijk->kji", ((3, 4, 5),)),                         # a sum and a transpose at once, e.g. ijk->ki)
+    ("ab,cd->abd", ((2, 3), (4, 5))),                   # outer product with c summed away
+])
+def test_einsum_rewrite_matches_ort_and_torch(equation, shapes, tmp_path):
+    """Einsum as ReduceSum/Transpose/Reshape/MatMul: forward against ORT's Einsum kernel, the gradient
+    of the first operand (times a trained W) against torch.einsum's autograd."""
+    rng = np.random.default_rng(11)
+    values = [rng.standard_normal(sh).astype(np.float32) for sh in shapes]
+    w = (rng.standard_normal(shapes[0]) * 0.5 + 1).astype(np.float32)
+    names = ["x"] + [f"c{k}" for k in range(1, len(shapes))]
+    nodes = [oh.make_node("Mul", ["x", "W"], ["xw"], name="scale"),
+             oh.make_node("Einsum", ["xw"] + names[1:], ["y"], name="the_op", equation=equation)]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, list(shapes[0]))],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [nh.from_array(w, "W")] + [nh.from_array(v, n) for v, n in zip(values[1:], names[1:])])
+    model = onnx.shape_inference.infer_shapes(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    model.ir_version = 8
+    canonical, notes = canonicalize(copy.deepcopy(model), ImportOptions(loss="mse"))
+    assert [n.name for n in notes] == ["einsum-to-matmul"] and "Einsum" not in {n.op_type for n in canonical.graph.node}
+    want = ort_forward(model, {"x": values[0]})
+    np.testing.assert_allclose(ort_forward(canonical, {"x": values[0]}), want, rtol=2e-6, atol=2e-6)
+    labels = rng.standard_normal(want.shape).astype(np.float32)
+    global X
+    saved, X = X, values[0]
+    try:
+        consts = [torch.tensor(v) for v in values[1:]]
+        loss, grads = ort_gradients(canonical, tmp_path, labels)
+        ref_loss, ref = torch_gradients(lambda x, W: torch.einsum(equation, x * W, *consts), labels, {"W": w})
+    finally:
+        X = saved
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    np.testing.assert_allclose(grads["W"], ref["W"], rtol=1e-4, atol=1e-6)

@@ -129,6 +129,9 @@ def _shape_of(model: onnx.ModelProto, name: str) -> tuple[int, ...] | None:
             dims = vi.type.tensor_type.shape.dim
             if all(d.HasField("dim_value") for d in dims):
                 return tuple(int(d.dim_value) for d in dims)
+    for t in model.graph.initializer:
+        if t.name == name:
+            return tuple(int(d) for d in t.dims)
     return None
 
 
@@ -503,6 +506,74 @@ def _linear_resize(b: _Builder, model) -> bool:
     return True
 
 
+def _einsum(b: _Builder, model) -> bool:
+    """Einsum of one or two operands (no ellipsis, no index repeated within an operand) as ReduceSum,
+    Transpose, Reshape and one batched MatMul: the classic contraction of batch, free and summed
+    indices. Static shapes only."""
+    node = b.node
+    eq = _attr(node, "equation", b"")
+    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return False
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    xs = list(node.input)
+    shapes = [_shape_of(model, x) for x in xs]
+    if len(terms) not in (1, 2) or len(terms) != len(xs) or any(sh is None or len(sh) != len(t)
+                                                                    for sh, t in zip(shapes, terms)):
+        return False
+    if any(len(set(t)) != len(t) for t in terms + [out]):
+        return False
+    dims = {}
+    for t, sh in zip(terms, shapes):
+        for c, d in zip(t, sh):
+            if dims.setdefault(c, d) != d:
+                return False  # broadcasting a 1 against a size: not handled
+    # sum away what only one operand has and the output does not
+    operands = []
+    for k, (t, x) in enumerate(zip(terms, xs)):
+        others = set(out) | set("".join(terms[:k] + terms[k + 1:]))
+        gone = [i for i, c in enumerate(t) if c not in others]
+        if gone:
+            x = _reduce(b, "ReduceSum", x, gone, f"sum{k}", keepdims=0)
+            t = "".join(c for c in t if c in others)
+        operands.append((t, x))
+
+    def arrange(t, x, order, tag):
+        perm = [t.index(c) for c in order]
+        return b.op("Transpose", [x], tag, perm=perm) if perm != list(range(len(t))) else x
+
+    def finish(t, x):  # t: the indices of x, all in out
+        if t == out:
+            b.op("Identity", [x], "identity", output=node.output[0])
+        else:
+            b.op("Transpose", [x], "to_output", output=node.output[0], perm=[t.index(c) for c in out])
+
+    if len(operands) == 1:
+        finish(*operands[0])
+        return True
+    (ta, a), (tb, xb) = operands
+    batch = [c for c in out if c in ta and c in tb]
+    contract = [c for c in ta if c in tb and c not in out]
+    left = [c for c in ta if c not in tb]
+    right = [c for c in tb if c not in ta]
+
+    def size(cs):
+        return int(np.prod([dims[c] for c in cs], dtype=np.int64))
+
+    bd = [dims[c] for c in batch]
+    a = arrange(ta, a, batch + left + contract, "arrange_a")
+    a = b.op("Reshape", [a, b.const(np.array(bd + [size(left), size(contract)], np.int64), "a_shape")], "a_matrix")
+    xb = arrange(tb, xb, batch + contract + right, "arrange_b")
+    xb = b.op("Reshape", [xb, b.const(np.array(bd + [size(contract), size(right)], np.int64), "b_shape")], "b_matrix")
+    product = b.op("MatMul", [a, xb], "matmul")
+    result = "".join(batch + left + right)
+    shaped = b.op("Reshape", [product, b.const(np.array([dims[c] for c in result], np.int64), "result_shape")],
+                  "result")
+    finish(result, shaped)
+    return True
+
+
 def _resize(b: _Builder, model) -> bool:
     if _nearest_resize(b, model):
         return True
@@ -550,6 +621,8 @@ _NO_GRADIENT_REWRITES = {
                      "Reshape + Transpose + Reshape (its definition)", _depth_space),
     "SpaceToDepth": ("spacetodepth-to-reshape", "SpaceToDepth has no gradient in onnxruntime-training 1.19; "
                      "Reshape + Transpose + Reshape (its definition)", _depth_space),
+    "Einsum": ("einsum-to-matmul", "Einsum has no gradient in onnxruntime-training 1.19; ReduceSum, Transpose, "
+               "Reshape and one batched MatMul", _einsum),
     "GlobalMaxPool": ("globalmaxpool-to-maxpool", "GlobalMaxPool has no gradient in onnxruntime-training 1.19; "
                       "a MaxPool whose kernel is the whole spatial extent", _global_max_pool),
 }

@@ -685,9 +685,10 @@ _SEEDABLE = {"Dropout": "int", "RandomNormal": "float", "RandomUniform": "float"
              "RandomUniformLike": "float", "Bernoulli": "float", "Multinomial": "float"}
 
 
-def _derived_seed(model: onnx.ModelProto, index: int, node: onnx.NodeProto) -> int:
-    """A seed for one node, from the model: its graph name, the node's position, name and outputs."""
-    key = "|".join([model.graph.name, str(index), node.name, node.op_type, *node.output])
+def _derived_seed(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    """A seed for one node, from the model: its graph name, the op and its first output's name (unique
+    in the graph, and unchanged by the other rewrites, which add optional outputs or move nodes)."""
+    key = "|".join([model.graph.name, node.op_type, node.output[0]])
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
@@ -704,11 +705,11 @@ def seed_random_ops(model: onnx.ModelProto) -> list[Canonicalization]:
     done = Canonicalization("seed-random-ops", "Dropout/Random* without a seed draw from ONNX Runtime's clock-seeded "
                             "global generator (not reproducible, order-dependent); each got a fixed seed derived from "
                             "the model")
-    for index, node in enumerate(model.graph.node):
+    for node in model.graph.node:
         kind = _SEEDABLE.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if kind is None or any(a.name == "seed" for a in node.attribute):
             continue
-        seed = _derived_seed(model, index, node)
+        seed = _derived_seed(model, node)
         node.attribute.append(onnx.helper.make_attribute("seed", seed if kind == "int" else float(seed)))
         done.nodes.append(node.name or node.op_type)
     return [done] if done.nodes else []

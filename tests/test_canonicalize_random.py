@@ -125,3 +125,34 @@ def test_the_seed_reaches_the_training_graph_and_two_training_runs_agree(tmp_pat
     assert first == second
     assert len(set(first)) == 3  # the masks (and so the losses) change from step to step
 
+
+
+def test_a_seeded_dropout_is_never_recomputed(tmp_path):
+    """A seeded Dropout's kernel advances its own generator per call: a recompute node (a second
+    kernel with the same seed) would draw the first step's mask again. The problem never offers a
+    recompute that reruns it: the Dropout's outputs and everything regenerated through it are not
+    recomputable, with the reason."""
+    from poetc.api import open_graph, step_costs_for
+    from poetc.solver import build_problem
+    from poetc.targets import load_target
+
+    rng = np.random.default_rng(6)
+    nodes = [oh.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             oh.make_node("Dropout", ["h", "ratio", "train"], ["d", "mask"], name="drop"),
+             oh.make_node("Relu", ["d"], ["r"], name="relu"),
+             oh.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+                          [nh.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W1"),
+                           nh.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W2"),
+                           nh.from_array(np.array(0.5, np.float32), "ratio"), nh.from_array(np.array(True), "train")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    _, g = open_graph(tmp_path / "m.onnx", tmp_path / "work", ImportOptions(loss="mse"))
+    problem = build_problem(g, step_costs_for(g, load_target("rpi4"), None))
+    drop = next(op for op in g.ops if op.op_type == "Dropout")
+    through = [c for c in problem.candidates if g.tensors[c.name].producer == drop.index or c.name == "r"]
+    assert {c.name for c in through} >= {"mask", "r"}, [c.name for c in problem.candidates]
+    for c in through:
+        assert not c.recomputable and "random" in c.why_not_recomputable, (c.name, c.why_not_recomputable)

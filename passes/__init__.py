@@ -6,6 +6,7 @@ order they run.
 
 from .async_paging import AsyncPaging
 from .cleanup import Cleanup
+from .drop_unread_outputs import DropUnreadOutputs
 from .insert_recompute import InsertRecompute
 from .insert_spill_restore import InsertSpillRestore
 from .insert_state_io import InsertStateIO
@@ -14,8 +15,10 @@ from .order import OrderNodes
 
 
 def default_pipeline() -> list:
-    return [InsertRecompute(), InsertSpillRestore(), InsertStateIO(), OrderNodes(), AsyncPaging(), Cleanup()]
+    return [InsertRecompute(), InsertSpillRestore(), InsertStateIO(), DropUnreadOutputs(), OrderNodes(), AsyncPaging(),
+            Cleanup()]
 
 
-__all__ = ["AsyncPaging", "Cleanup", "InsertRecompute", "InsertSpillRestore", "InsertStateIO", "OrderNodes", "PassContext", "PassError",
+__all__ = ["AsyncPaging", "Cleanup", "DropUnreadOutputs", "InsertRecompute", "InsertSpillRestore", "InsertStateIO",
+           "OrderNodes", "PassContext", "PassError",
            "PassManager", "PassResult", "default_pipeline"]

@@ -24,7 +24,7 @@ import onnx
 
 from .errors import InputFileError, UnsupportedModelError, UsageError
 from .ir.canonicalize import (Canonicalization, _attr, _Names, check_cpu_gradients, constant_value, expose_optional_outputs,
-                              rewrite_without_gradients)
+                              rewrite_without_gradients, seed_random_ops)
 from .ir.lower import ARTIFACT_FILES
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> tuple[onnx.M
     model = onnx.shape_inference.infer_shapes(model)
     notes += expose_optional_outputs(model)
     notes += rewrite_without_gradients(model)
+    notes += seed_random_ops(model)
     _drop_unused_initializers(model)
     rebatched = next((n for n in notes if n.name == "rebatch-check"), None)
     if rebatched is not None:

@@ -26,6 +26,9 @@ RNG = np.random.default_rng(7)
 X = RNG.standard_normal(SHAPE).astype(np.float32)
 W = (RNG.standard_normal((1, SHAPE[1], 1, 1)) * 0.5 + 1.0).astype(np.float32)
 SLOPE = (RNG.standard_normal((SHAPE[1], 1, 1)) * 0.2).astype(np.float32)
+GAMMA = (RNG.standard_normal(SHAPE[1]) * 0.3 + 1.0).astype(np.float32)
+BETA = (RNG.standard_normal(SHAPE[1]) * 0.3).astype(np.float32)
+EXTRA_PARAMS = {"S": SLOPE, "G": GAMMA, "B": BETA}  # trainable initializers a case's model may add
 
 
 def one_op_model(op: str, attrs: dict | None = None, extra_inputs: list[str] = (), inits: dict | None = None,
@@ -127,6 +130,29 @@ CASES = {
         lambda: one_op_model("Resize", dict(mode="nearest"), extra_inputs=["", "scales"],
                              inits={"scales": np.array([1, 1, 3, 1], np.float32)}),
         "nearest-resize-to-expand", lambda x, W: F.interpolate(x * W, scale_factor=(3, 1), mode="nearest")),
+    "InstanceNorm": (lambda: one_op_model("InstanceNormalization", dict(epsilon=1e-3), extra_inputs=["G", "B"],
+                                          inits={"G": GAMMA, "B": BETA}), "instancenorm-decompose",
+                     lambda x, W, G, B: F.instance_norm(x * W, weight=G, bias=B, eps=1e-3)),
+    "ReduceMaxAxis1": (lambda: one_op_model("ReduceMax", dict(axes=[1], keepdims=1)), "reducemax-to-topk",
+                       lambda x, W: (x * W).amax(1, keepdim=True)),
+    "ReduceMaxSpatialOpset18": (lambda: one_op_model("ReduceMax", dict(keepdims=0), extra_inputs=["axes"],
+                                                     inits={"axes": np.array([2, 3], np.int64)}, opset=18),
+                                "reducemax-to-topk", lambda x, W: (x * W).amax((2, 3))),
+    "CumSumAxis2": (lambda: one_op_model("CumSum", extra_inputs=["axis"], inits={"axis": np.array(2, np.int64)}),
+                    "cumsum-to-matmul", lambda x, W: torch.cumsum(x * W, 2)),
+    "CumSumLastReverseExclusive": (
+        lambda: one_op_model("CumSum", dict(exclusive=1, reverse=1), extra_inputs=["axis"],
+                             inits={"axis": np.array(-1, np.int64)}),
+        "cumsum-to-matmul", lambda x, W: torch.flip(torch.cumsum(torch.flip(x * W, (3,)), 3), (3,)) - x * W),
+    "ResizeLinearHalfPixel": (
+        lambda: one_op_model("Resize", dict(mode="linear"), extra_inputs=["", "scales"],
+                             inits={"scales": np.array([1, 1, 2, 2], np.float32)}),
+        "linear-resize-to-matmul",
+        lambda x, W: F.interpolate(x * W, scale_factor=2, mode="bilinear", align_corners=False)),
+    "ResizeLinearAlignCornersSizes": (
+        lambda: one_op_model("Resize", dict(mode="linear", coordinate_transformation_mode="align_corners"),
+                             extra_inputs=["", "", "sizes"], inits={"sizes": np.array([2, 6, 3, 8], np.int64)}),
+        "linear-resize-to-matmul", lambda x, W: F.interpolate(x * W, size=(3, 8), mode="bilinear", align_corners=True)),
 }
 
 
@@ -148,7 +174,7 @@ def test_rewrite_is_exact(case, tmp_path):
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
     # gradients: ORT's training graph of the rewritten model against torch autograd
     labels = np.random.default_rng(1).standard_normal(want.shape).astype(np.float32)
-    params = {"W": W} | ({"S": SLOPE} if "S" in fn.__code__.co_varnames else {})
+    params = {"W": W} | {k: v for k, v in EXTRA_PARAMS.items() if k in fn.__code__.co_varnames}
     loss, grads = ort_gradients(canonical, tmp_path, labels)
     ref_loss, ref_grads = torch_gradients(fn, labels, params)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
@@ -164,9 +190,9 @@ def test_two_input_sum_is_bitwise_one_add():
     assert ort_forward(canonical, {"x": X}).tobytes() == ort_forward(original, {"x": X}).tobytes()
 
 
-def test_bilinear_resize_on_a_trained_path_is_named_with_the_fix(tmp_path):
+def test_cubic_resize_on_a_trained_path_is_named_with_the_fix(tmp_path):
     from poetc.errors import UnsupportedModelError
-    model = one_op_model("Resize", dict(mode="linear"), extra_inputs=["", "scales"],
+    model = one_op_model("Resize", dict(mode="cubic"), extra_inputs=["", "scales"],
                          inits={"scales": np.array([1, 1, 2, 2], np.float32)})
     canonical, notes = canonicalize(model, ImportOptions(loss="mse"))
     assert "Resize" in {n.op_type for n in canonical.graph.node} and not notes
@@ -225,7 +251,7 @@ def test_layernorm_and_dropout_get_their_optional_outputs(tmp_path):
     model.ir_version = 8
     canonical, notes = canonicalize(model, ImportOptions(loss="mse"))
     assert sorted(n.name for n in notes) == ["dropout-optional-outputs", "layernormalization-optional-outputs",
-                                             "layernormalization-zero-bias"]
+                                             "layernormalization-zero-bias", "seed-random-ops"]
     assert [len(n.output) for n in canonical.graph.node if n.op_type != "Constant"] == [1, 3, 2]
     labels = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
     loss, grads = ort_gradients(canonical, tmp_path, labels)
@@ -255,3 +281,83 @@ def test_import_records_the_rewrites_for_the_reports(tmp_path):
     assert (Path(out) / IMPORT_NOTES).exists()
     assert [c["name"] for c in canonicalizations(out)] == ["hardswish-to-clip"]
     assert canonicalizations(tmp_path) == []  # an artifacts directory given as input: nothing rewritten
+
+
+@pytest.mark.parametrize("op,mode,shape", [("DepthToSpace", "DCR", (2, 8, 3, 4)), ("DepthToSpace", "CRD", (2, 8, 3, 4)),
+                                           ("SpaceToDepth", None, (2, 3, 4, 6))])
+def test_depth_space_rewrites_are_bitwise_and_train_like_torch(op, mode, shape, tmp_path):
+    """DepthToSpace/SpaceToDepth by their spec definition (Reshape, Transpose, Reshape): pure data
+    movement, so the forward output is bitwise ORT's kernel's; gradients equal torch's."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = (rng.standard_normal((1, shape[1], 1, 1)) + 1).astype(np.float32)
+    attrs = {"blocksize": 2} | ({"mode": mode} if mode else {})
+    nodes = [oh.make_node("Mul", ["x", "W"], ["xw"], name="scale"), oh.make_node(op, ["xw"], ["y"], name="the_op", **attrs)]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)], [nh.from_array(w, "W")])
+    model = onnx.shape_inference.infer_shapes(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    model.ir_version = 8
+    canonical, notes = canonicalize(copy.deepcopy(model), ImportOptions(loss="mse"))
+    assert [n.name for n in notes] == [f"{op.lower()}-to-reshape"] and op not in {n.op_type for n in canonical.graph.node}
+    want = ort_forward(model, {"x": x})
+    assert ort_forward(canonical, {"x": x}).tobytes() == want.tobytes()
+
+    def reference(v):
+        n, c, h, wd = v.shape
+        if op == "SpaceToDepth":
+            return v.reshape(n, c, h // 2, 2, wd // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(n, c * 4, h // 2, wd // 2)
+        if mode == "CRD":
+            return F.pixel_shuffle(v, 2)
+        return v.reshape(n, 2, 2, c // 4, h, wd).permute(0, 3, 4, 1, 5, 2).reshape(n, c // 4, h * 2, wd * 2)
+
+    np.testing.assert_array_equal(reference(torch.tensor(x) * torch.tensor(w)).numpy(), want)
+    labels = rng.standard_normal(want.shape).astype(np.float32)
+    global X
+    saved, X = X, x  # ort_gradients and torch_gradients feed the module's X
+    try:
+        loss, grads = ort_gradients(canonical, tmp_path, labels)
+        ref_loss, ref = torch_gradients(lambda v, W: reference(v * W), labels, {"W": w})
+    finally:
+        X = saved
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    np.testing.assert_allclose(grads["W"], ref["W"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("equation,shapes", [
+    ("bij,bjk->bik", ((3, 4, 5), (3, 5, 2))),          # batched matmul
+    ("bhqd,bhkd->bhqk", ((2, 3, 4, 5), (2, 3, 6, 5))),  # attention scores
+    ("ij,kj->ki", ((4, 5), (6, 5))),                    # contraction, output order swapped
+    ("abc,c->ba", ((2, 3, 4), (4,))),                   # matrix-vector with a transposed output
+    ("ijk->ik", ((3, 4, 5),)),                          # one operand: a sum (ORT's own kernel fails on
+    ("ijk->kji", ((3, 4, 5),)),                         # a sum and a transpose at once, e.g. ijk->ki)
+    ("ab,cd->abd", ((2, 3), (4, 5))),                   # outer product with c summed away
+])
+def test_einsum_rewrite_matches_ort_and_torch(equation, shapes, tmp_path):
+    """Einsum as ReduceSum/Transpose/Reshape/MatMul: forward against ORT's Einsum kernel, the gradient
+    of the first operand (times a trained W) against torch.einsum's autograd."""
+    rng = np.random.default_rng(11)
+    values = [rng.standard_normal(sh).astype(np.float32) for sh in shapes]
+    w = (rng.standard_normal(shapes[0]) * 0.5 + 1).astype(np.float32)
+    names = ["x"] + [f"c{k}" for k in range(1, len(shapes))]
+    nodes = [oh.make_node("Mul", ["x", "W"], ["xw"], name="scale"),
+             oh.make_node("Einsum", ["xw"] + names[1:], ["y"], name="the_op", equation=equation)]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, list(shapes[0]))],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [nh.from_array(w, "W")] + [nh.from_array(v, n) for v, n in zip(values[1:], names[1:])])
+    model = onnx.shape_inference.infer_shapes(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    model.ir_version = 8
+    canonical, notes = canonicalize(copy.deepcopy(model), ImportOptions(loss="mse"))
+    assert [n.name for n in notes] == ["einsum-to-matmul"] and "Einsum" not in {n.op_type for n in canonical.graph.node}
+    want = ort_forward(model, {"x": values[0]})
+    np.testing.assert_allclose(ort_forward(canonical, {"x": values[0]}), want, rtol=2e-6, atol=2e-6)
+    labels = rng.standard_normal(want.shape).astype(np.float32)
+    global X
+    saved, X = X, values[0]
+    try:
+        consts = [torch.tensor(v) for v in values[1:]]
+        loss, grads = ort_gradients(canonical, tmp_path, labels)
+        ref_loss, ref = torch_gradients(lambda x, W: torch.einsum(equation, x * W, *consts), labels, {"W": w})
+    finally:
+        X = saved
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    np.testing.assert_allclose(grads["W"], ref["W"], rtol=1e-4, atol=1e-6)

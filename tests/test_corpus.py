@@ -33,9 +33,10 @@ PREDICTION_TOLERANCE = 0.01
 def run_case(name: str, batch: int, work: Path) -> dict:
     """inspect, compile for rpi4 and for host at 50% of the keep-all activations, verify the host
     output; the figures of one corpus row."""
-    from poetc.api import CompileOptions, compile_model, inspect_model, verify
+    from poetc.api import CompileOptions, compile_model, inspect_model
     from poetc.errors import InfeasibleError
     from poetc.importer import ImportOptions, canonicalize, load_onnx
+    from poetc.run import verify
 
     entry = CORPUS[name]
     path = export_corpus(name, work / f"{name}.onnx", batch)
@@ -54,7 +55,7 @@ def run_case(name: str, batch: int, work: Path) -> dict:
                 shutil.rmtree(out, ignore_errors=True)
                 result = compile_model(path, CompileOptions(ram_bytes=ram, out_dir=out, target=target,
                                                             time_limit_s=20, import_options=options, baselines=()))
-                summary = result.report["result"]
+                summary = result.report.to_json()["result"]
                 row[target] = {"status": summary["status"], "fits": summary["fits"],
                                "decisions": summary["decisions"],
                                "predicted_activation_peak_bytes": summary["activation_peak_bytes"]}
@@ -64,7 +65,7 @@ def run_case(name: str, batch: int, work: Path) -> dict:
             continue
         row["ram_budget_bytes"], row["budget_fraction"] = ram, fraction
         break
-    check = verify(work / f"{name}-b{batch}-host", steps=3).doc
+    check = verify(work / f"{name}-b{batch}-host", steps=3).to_json()
     predicted = check["predicted_step_peak_bytes"]
     steady = check["measured_step_peak_bytes"][check["steady_state_from_step"]:]
     row["verify"] = {
@@ -111,6 +112,47 @@ def test_corpus_model_compiles_and_trains_identically_within_budget(name, batch,
     assert v["bitwise_identical_params"] and v["identical_results"], row
     assert v["within_budget"], row
     assert v["prediction_error"] <= PREDICTION_TOLERANCE, row
+
+
+def _forward(model, x):
+    import onnxruntime as ort
+    from poetc.runtime.session import contract_session_options
+    session = ort.InferenceSession(model.SerializeToString(), contract_session_options(intra_op_threads=1),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_model_canonicalizes_exactly(name):
+    """The fast part of the corpus (default suite): each model as exported goes through poetc's
+    import rewrites, every rewrite is listed, and the rewritten forward model computes what the
+    export computes in ONNX Runtime (the same random masks: the export's Dropouts get the seeds the
+    rewrite gives them)."""
+    import copy
+
+    import numpy as np
+
+    from models.corpus import example_input, export_proto
+    from poetc.importer import ImportOptions, canonicalize
+    from poetc.ir.canonicalize import seed_random_ops
+
+    entry = CORPUS[name]
+    original = export_proto(name, 2)
+    canonical, notes = canonicalize(copy.deepcopy(original), ImportOptions(loss=entry.loss))
+    names = [n.name for n in notes]
+    assert len(names) == len(set(names)), names
+    rewritten = {"sum-to-add": "Sum", "lrn-decompose": "LRN", "hardswish-to-clip": "HardSwish",
+                 "prelu-decompose": "PRelu", "elu-decompose": "Elu", "nearest-resize-to-expand": "Resize"}
+    for note, op in rewritten.items():
+        assert (note in names) == any(n.op_type == op for n in original.graph.node), (note, names)
+        assert not any(n.op_type == op for n in canonical.graph.node)
+    if "opset-conversion" in names:
+        return  # the converted model's opset-9 original runs in ORT too, but is compared in the slow test
+    seed_random_ops(original)  # the same seeds canonicalize derives: the same masks
+    x = example_input(name, 2).numpy()
+    want, got = _forward(original, x), _forward(canonical, x)
+    got = got.reshape(want.shape) if "flatten-logits" in names else got
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _table(rows: list[dict]) -> str:

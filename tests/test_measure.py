@@ -137,6 +137,31 @@ def test_heap_counter_counts_known_allocations(tmp_path):
     assert abs(drift) < 1 * MiB
 
 
+
+def test_heap_counter_mid_blocks_count_from_4_kib_in_pages():
+    """The view poetc.runtime.workspace measures kernel scratch with: blocks from 4 KiB up, each in
+    whole pages; smaller blocks are not counted."""
+    lib = nativelib.build_heap_counter()
+    script = textwrap.dedent("""
+        import ctypes
+        h = ctypes.CDLL(None)
+        for f in (h.poetc_heap_mid_peak_bytes, h.poetc_heap_mid_current_bytes, h.malloc):
+            f.restype = ctypes.c_uint64
+        h.malloc.argtypes = [ctypes.c_size_t]
+        h.free.argtypes = [ctypes.c_uint64]
+        base = h.poetc_heap_mid_current_bytes(); h.poetc_heap_reset_peak()
+        small = h.malloc(2000)
+        after_small = h.poetc_heap_mid_current_bytes() - base
+        mid = h.malloc(8192)
+        after_mid = h.poetc_heap_mid_current_bytes() - base
+        h.free(mid); h.free(small)
+        print(after_small, after_mid, h.poetc_heap_mid_peak_bytes() - base, h.poetc_heap_mid_current_bytes() - base)
+    """)
+    env = dict(os.environ, LD_PRELOAD=str(lib), MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert list(map(int, out.stdout.split())) == [0, 12288, 12288, 0]  # 8192 B usable 8200: 3 pages
+
 # --------------------------------------------------------------------------- #
 # session
 

@@ -36,8 +36,8 @@ import pytest
 from poetc.api import CompileOptions, compile_model, rewrite
 from poetc.ir.graph import TrainGraph
 from poetc.ir.lower import load_artifacts
-from poetc.passes import (AsyncPaging, Cleanup, InsertRecompute, InsertSpillRestore, InsertStateIO, OrderNodes,
-                          PassContext, PassError, PassManager, default_pipeline)
+from poetc.passes import (AsyncPaging, Cleanup, DropUnreadOutputs, InsertRecompute, InsertSpillRestore, InsertStateIO,
+                          OrderNodes, PassContext, PassError, PassManager, default_pipeline)
 from poetc.runtime.contract import SPILL_DOMAIN, make_restore_node_spec, make_spill_node_spec
 from poetc.schedule import Decision, Schedule, ScheduleError, StepKind, fixed_state_bytes, simulate, simulate_keep_all
 
@@ -47,7 +47,8 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden" / "passes"
 TRAIN_STEPS = 3
 ARTIFACT_COPIES = ("eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
-PASSES = {p.name: p for p in (InsertRecompute, InsertSpillRestore, InsertStateIO, OrderNodes, AsyncPaging, Cleanup)}
+PASSES = {p.name: p for p in (InsertRecompute, InsertSpillRestore, InsertStateIO, DropUnreadOutputs, OrderNodes, AsyncPaging,
+                               Cleanup)}
 DEFAULT_ORDER = [p.name for p in default_pipeline()]
 
 # case -> (schedule rule, passes run in that order; "default" = the pipeline poetc.api.rewrite runs)
@@ -251,6 +252,7 @@ def assert_nodes_are_steps(graph: TrainGraph, schedule: Schedule, model: onnx.Mo
     while constants < len(nodes) and nodes[constants].op_type == "Constant":
         constants += 1
     nodes = nodes[constants:]
+    read_anywhere = {x for step in schedule.steps for x in step.reads} | {o.name for o in model.graph.output}
     assert len(nodes) == len(schedule.steps), \
         f"{len(nodes)} non-Constant nodes for {len(schedule.steps)} schedule steps"
     for i, (node, step) in enumerate(zip(nodes, schedule.steps)):
@@ -264,7 +266,10 @@ def assert_nodes_are_steps(graph: TrainGraph, schedule: Schedule, model: onnx.Mo
         where = f"node {constants + i} {node.name!r} vs step {i} {step.to_json()}"
         assert (node.domain, node.op_type) == expected, where
         assert list(node.input) == list(step.reads), where
-        assert [o for o in node.output if o] == list(step.writes), where
+        # drop-unread-outputs leaves out optional outputs no step reads (ORT would hold them to the end)
+        written = [o for o in node.output if o]
+        assert written == [w for w in step.writes if w in written], where
+        assert not {w for w in step.writes if w not in written} & read_anywhere, where
 
 
 def keep_all_peak_bytes(graph: TrainGraph) -> int:
@@ -612,3 +617,24 @@ def test_paging_a_tensor_in_again_on_a_residual_block(residual, tmp_path, reques
     assert_valid(graph, schedule, after, keep_all_peak_bytes(graph))
     feeds = user_feeds(graph)
     assert_same_training(train_in_ort(artifacts, feeds), train_rewritten(tmp_path, artifacts, after, feeds, request))
+
+
+def test_drop_unread_outputs_leaves_out_optional_outputs_nobody_reads():
+    """A MaxPool's Indices and a ConcatTraining's per_input_length that no node reads are left out
+    (ORT would hold them to the end of the run); read ones, graph outputs and required outputs stay."""
+    x = gs.Variable("x", np.float32, (1, 2, 4, 4))
+    y, mask = gs.Variable("y", np.float32), gs.Variable("mask", np.int64)
+    y2, mask2 = gs.Variable("y2", np.float32), gs.Variable("mask2", np.int64)
+    cat, lengths = gs.Variable("cat", np.float32), gs.Variable("lengths", np.int64)
+    z = gs.Variable("z", np.float32)
+    nodes = [gs.Node("MaxPool", "pool", {"kernel_shape": [2, 2]}, [x], [y, mask]),
+             gs.Node("MaxPool", "pool2", {"kernel_shape": [2, 2]}, [x], [y2, mask2]),
+             gs.Node("ConcatTraining", "cat", {"axis": 1}, [y, y2], [cat, lengths], domain="com.microsoft"),
+             gs.Node("Relu", "unread_required", {}, [cat], [z])]
+    graph = gs.Graph(nodes, [x], [mask2])
+    result = DropUnreadOutputs().run(PassContext(None, None, graph))
+    assert [o.name for o in graph.nodes[0].outputs] == ["y"]
+    assert [o.name for o in graph.nodes[1].outputs] == ["y2", "mask2"]  # a graph output
+    assert [o.name for o in graph.nodes[2].outputs] == ["cat"]
+    assert [o.name for o in graph.nodes[3].outputs] == ["z"]
+    assert result.stats["dropped"] == 2 and result.stats["unread_required"] == 1

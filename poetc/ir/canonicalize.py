@@ -11,6 +11,7 @@ computation is unchanged (each accumulator reads the same values), only the node
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,6 +93,7 @@ class _Builder:
     def __init__(self, names: _Names, node: onnx.NodeProto, opset: int):
         self.names, self.node, self.opset, self.nodes = names, node, opset, []
         self.stem = node.name or node.op_type
+        self.rule: tuple[str, str] | None = None  # (name, why) when a function applied another rewrite
 
     def const(self, value: np.ndarray, tag: str) -> str:
         out = self.names(f"{self.stem}/{tag}")
@@ -127,6 +129,9 @@ def _shape_of(model: onnx.ModelProto, name: str) -> tuple[int, ...] | None:
             dims = vi.type.tensor_type.shape.dim
             if all(d.HasField("dim_value") for d in dims):
                 return tuple(int(d.dim_value) for d in dims)
+    for t in model.graph.initializer:
+        if t.name == name:
+            return tuple(int(d) for d in t.dims)
     return None
 
 
@@ -320,6 +325,265 @@ def _nearest_resize(b: _Builder, model) -> bool:
     return True
 
 
+def _reduce(b: _Builder, op_type: str, x: str, axes: list[int], tag: str, output: str | None = None,
+            keepdims: int = 1) -> str:
+    """A Reduce* node with `axes` as an attribute (opset < 18) or an input (opset >= 18)."""
+    if b.opset >= 18 or op_type == "ReduceSum" and b.opset >= 13:
+        return b.op(op_type, [x, b.const(np.array(axes, np.int64), f"{tag}_axes")], tag, output=output,
+                    keepdims=keepdims)
+    return b.op(op_type, [x], tag, output=output, axes=axes, keepdims=keepdims)
+
+
+def _instance_norm(b: _Builder, model) -> bool:
+    """y = scale_c * (x - mean) / sqrt(var + epsilon) + B_c, mean and (population) variance over the
+    spatial axes of each (n, c): ReduceMean, Sub, Mul, Add, Sqrt, Div, Mul, Add."""
+    x, scale, bias = b.node.input[:3]
+    shape = _shape_of(model, x)
+    if shape is None or len(shape) < 3:
+        return False
+    dtype = _elem_dtype(model, x)
+    spatial = list(range(2, len(shape)))
+    centered = b.op("Sub", [x, _reduce(b, "ReduceMean", x, spatial, "mean")], "centered")
+    var = _reduce(b, "ReduceMean", b.op("Mul", [centered, centered], "squared"), spatial, "var")
+    std = b.op("Sqrt", [b.op("Add", [var, b.scalar(_attr(b.node, "epsilon", 1e-5), dtype, "epsilon")], "var_eps")],
+               "std")
+    normed = b.op("Div", [centered, std], "normalized")
+    per_channel = np.array([-1] + [1] * len(spatial), np.int64)  # [C, 1, ...] broadcasts over N and space
+    s = b.op("Reshape", [scale, b.const(per_channel, "scale_shape")], "scale_c")
+    c = b.op("Reshape", [bias, b.const(per_channel, "bias_shape")], "bias_c")
+    b.op("Add", [b.op("Mul", [normed, s], "scaled"), c], "shifted", output=b.node.output[0])
+    return True
+
+
+def _reduce_max(b: _Builder, model) -> bool:
+    """ReduceMax as TopK(k=1) along one axis (TopK has a gradient; the value is the same max): the
+    reduced axes moved to the end and merged when there are several."""
+    node = b.node
+    x = node.input[0]
+    shape = _shape_of(model, x)
+    if shape is None:
+        return False
+    axes = _attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = constant_value(model, node.input[1])
+        if value is None:
+            return False
+        axes = [int(a) for a in value.reshape(-1)]
+    rank = len(shape)
+    if not axes and _attr(node, "noop_with_empty_axes", 0):
+        return False  # an identity; left as it is
+    axes = sorted({a % rank for a in axes}) if axes else list(range(rank))
+    keepdims = _attr(node, "keepdims", 1)
+    kept = [a for a in range(rank) if a not in axes]
+    flat = b.op("Transpose", [x], "to_end", perm=kept + axes) if kept + axes != list(range(rank)) else x
+    if len(axes) > 1:
+        flat = b.op("Reshape", [flat, b.const(np.array([shape[a] for a in kept] + [-1], np.int64), "merged_shape")],
+                    "merge")
+    top = b.names(f"{b.stem}/top")
+    b.nodes.append(onnx.helper.make_node("TopK", [flat, b.const(np.array([1], np.int64), "k")],
+                                         [top, b.names(f"{b.stem}/top_index")], name=b.names(f"{b.stem}/topk"),
+                                         axis=-1, largest=1, sorted=1))
+    out_shape = [1 if a in axes else shape[a] for a in range(rank)] if keepdims else [shape[a] for a in kept]
+    b.op("Reshape", [top, b.const(np.array(out_shape, np.int64), "out_shape")], "out", output=node.output[0])
+    return True
+
+
+def _cumsum(b: _Builder, model) -> bool:
+    """CumSum along an axis of static length L as a MatMul with a fixed L x L 0/1 triangular matrix
+    (exclusive: strictly triangular; reverse: the transposed triangle), the axis moved last."""
+    node = b.node
+    x = node.input[0]
+    shape = _shape_of(model, x)
+    axis = constant_value(model, node.input[1]) if len(node.input) > 1 else None
+    if shape is None or axis is None:
+        return False
+    rank = len(shape)
+    axis = int(np.asarray(axis).reshape(-1)[0]) % rank
+    n = shape[axis]
+    exclusive, reverse = _attr(node, "exclusive", 0), _attr(node, "reverse", 0)
+    i, j = np.indices((n, n))  # y[..., j] = sum over i of x[..., i] * m[i, j]
+    m = (i > j) if reverse else (i < j)
+    if not exclusive:
+        m = m | (i == j)
+    matrix = b.const(m.astype(_elem_dtype(model, x)), "triangle")
+    perm = [a for a in range(rank) if a != axis] + [axis]
+    moved = b.op("Transpose", [x], "to_end", perm=perm) if axis != rank - 1 else x
+    summed = b.op("MatMul", [moved, matrix], "matmul", output=node.output[0] if axis == rank - 1 else None)
+    if axis != rank - 1:
+        b.op("Transpose", [summed], "back", output=node.output[0], perm=list(np.argsort(perm)))
+    return True
+
+
+def _depth_space(b: _Builder, model) -> bool:
+    """DepthToSpace / SpaceToDepth by their definition in the ONNX spec: Reshape, Transpose, Reshape."""
+    node = b.node
+    x = node.input[0]
+    shape = _shape_of(model, x)
+    if shape is None or len(shape) != 4:
+        return False
+    _, c, h, w = shape
+    k = int(_attr(node, "blocksize", 1))
+    if node.op_type == "DepthToSpace":
+        crd = _attr(node, "mode", b"DCR") in (b"CRD", "CRD")
+        if crd:
+            split, perm = [-1, c // (k * k), k, k, h, w], [0, 1, 4, 2, 5, 3]
+        else:
+            split, perm = [-1, k, k, c // (k * k), h, w], [0, 3, 4, 1, 5, 2]
+        out = [-1, c // (k * k), h * k, w * k]
+    else:
+        split, perm, out = [-1, c, h // k, k, w // k, k], [0, 3, 5, 1, 2, 4], [-1, c * k * k, h // k, w // k]
+    t = b.op("Reshape", [x, b.const(np.array(split, np.int64), "split_shape")], "split")
+    t = b.op("Transpose", [t], "move", perm=perm)
+    b.op("Reshape", [t, b.const(np.array(out, np.int64), "out_shape")], "merge", output=node.output[0])
+    return True
+
+
+def _linear_weights(n_in: int, n_out: int, scale: float, ctm: str) -> np.ndarray | None:
+    """The [n_out, n_in] matrix of 1-D linear interpolation ONNX Resize computes for one axis."""
+    m = np.zeros((n_out, n_in), np.float64)
+    for o in range(n_out):
+        if ctm == "half_pixel":
+            src = (o + 0.5) / scale - 0.5
+        elif ctm == "pytorch_half_pixel":
+            src = (o + 0.5) / scale - 0.5 if n_out > 1 else 0.0
+        elif ctm == "align_corners":
+            src = o * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        elif ctm == "asymmetric":
+            src = o / scale
+        else:
+            return None
+        src = min(max(src, 0.0), n_in - 1)
+        lo = int(np.floor(src))
+        hi = min(lo + 1, n_in - 1)
+        frac = src - lo
+        m[o, lo] += 1 - frac
+        m[o, hi] += frac
+    return m
+
+
+def _linear_resize(b: _Builder, model) -> bool:
+    """Resize in linear mode (no antialias) over the last two axes of a static shape as two MatMuls
+    with fixed interpolation matrices: Y = A_h @ X @ A_w^T (MatMul has a gradient; ResizeGrad is
+    CUDA-only in ORT 1.19)."""
+    node = b.node
+    if _attr(node, "mode", b"nearest") not in (b"linear", "linear") or _attr(node, "antialias", 0):
+        return False
+    ctm = _attr(node, "coordinate_transformation_mode", b"half_pixel")
+    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
+    x = node.input[0]
+    shape = _shape_of(model, x)
+    if shape is None or len(shape) < 3 or node.op_type != "Resize":
+        return False
+    scales = constant_value(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    sizes = constant_value(model, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if scales is not None and scales.size == len(shape):
+        scales = [float(v) for v in scales]
+        sizes = [int(np.floor(d * s)) for d, s in zip(shape, scales)]
+    elif sizes is not None and sizes.size == len(shape):
+        sizes = [int(v) for v in sizes]
+        scales = [o / i for o, i in zip(sizes, shape)]
+    else:
+        return False
+    if any(s != d for s, d in zip(sizes[:-2], shape[:-2])):
+        return False  # only the last two axes are interpolated
+    dtype = _elem_dtype(model, x)
+    y = x
+    for axis in (-2, -1):
+        n_in, n_out = shape[axis], sizes[axis]
+        if n_in == n_out and scales[axis] == 1.0:
+            continue
+        m = _linear_weights(n_in, n_out, scales[axis], ctm)
+        if m is None:
+            return False
+        last = axis == -1 or sizes[-1] == shape[-1]
+        if axis == -2:
+            y = b.op("MatMul", [b.const(m.astype(dtype), "rows"), y], "interp_rows",
+                     output=node.output[0] if last else None)
+        else:
+            y = b.op("MatMul", [y, b.const(m.T.astype(dtype), "columns")], "interp_columns", output=node.output[0])
+    if y == x:
+        b.op("Identity", [x], "identity", output=node.output[0])
+    return True
+
+
+def _einsum(b: _Builder, model) -> bool:
+    """Einsum of one or two operands (no ellipsis, no index repeated within an operand) as ReduceSum,
+    Transpose, Reshape and one batched MatMul: the classic contraction of batch, free and summed
+    indices. Static shapes only."""
+    node = b.node
+    eq = _attr(node, "equation", b"")
+    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return False
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    xs = list(node.input)
+    shapes = [_shape_of(model, x) for x in xs]
+    if len(terms) not in (1, 2) or len(terms) != len(xs) or any(sh is None or len(sh) != len(t)
+                                                                    for sh, t in zip(shapes, terms)):
+        return False
+    if any(len(set(t)) != len(t) for t in terms + [out]):
+        return False
+    dims = {}
+    for t, sh in zip(terms, shapes):
+        for c, d in zip(t, sh):
+            if dims.setdefault(c, d) != d:
+                return False  # broadcasting a 1 against a size: not handled
+    # sum away what only one operand has and the output does not
+    operands = []
+    for k, (t, x) in enumerate(zip(terms, xs)):
+        others = set(out) | set("".join(terms[:k] + terms[k + 1:]))
+        gone = [i for i, c in enumerate(t) if c not in others]
+        if gone:
+            x = _reduce(b, "ReduceSum", x, gone, f"sum{k}", keepdims=0)
+            t = "".join(c for c in t if c in others)
+        operands.append((t, x))
+
+    def arrange(t, x, order, tag):
+        perm = [t.index(c) for c in order]
+        return b.op("Transpose", [x], tag, perm=perm) if perm != list(range(len(t))) else x
+
+    def finish(t, x):  # t: the indices of x, all in out
+        if t == out:
+            b.op("Identity", [x], "identity", output=node.output[0])
+        else:
+            b.op("Transpose", [x], "to_output", output=node.output[0], perm=[t.index(c) for c in out])
+
+    if len(operands) == 1:
+        finish(*operands[0])
+        return True
+    (ta, a), (tb, xb) = operands
+    batch = [c for c in out if c in ta and c in tb]
+    contract = [c for c in ta if c in tb and c not in out]
+    left = [c for c in ta if c not in tb]
+    right = [c for c in tb if c not in ta]
+
+    def size(cs):
+        return int(np.prod([dims[c] for c in cs], dtype=np.int64))
+
+    bd = [dims[c] for c in batch]
+    a = arrange(ta, a, batch + left + contract, "arrange_a")
+    a = b.op("Reshape", [a, b.const(np.array(bd + [size(left), size(contract)], np.int64), "a_shape")], "a_matrix")
+    xb = arrange(tb, xb, batch + contract + right, "arrange_b")
+    xb = b.op("Reshape", [xb, b.const(np.array(bd + [size(contract), size(right)], np.int64), "b_shape")], "b_matrix")
+    product = b.op("MatMul", [a, xb], "matmul")
+    result = "".join(batch + left + right)
+    shaped = b.op("Reshape", [product, b.const(np.array([dims[c] for c in result], np.int64), "result_shape")],
+                  "result")
+    finish(result, shaped)
+    return True
+
+
+def _resize(b: _Builder, model) -> bool:
+    if _nearest_resize(b, model):
+        return True
+    if _linear_resize(b, model):
+        b.rule = ("linear-resize-to-matmul", "Resize in linear mode has no CPU gradient kernel in "
+                  "onnxruntime-training 1.19; two MatMuls with fixed interpolation matrices")
+        return True
+    return False
+
+
 # op type -> (rewrite name, why, function). The function appends replacement nodes to the builder
 # and returns False when it cannot rewrite this instance (the node is then kept unchanged).
 _NO_GRADIENT_REWRITES = {
@@ -343,9 +607,22 @@ _NO_GRADIENT_REWRITES = {
                  "Relu(x) + log(1 + exp(-|x|))", _softplus),
     "Mish": ("mish-decompose", "Mish has no gradient in onnxruntime-training 1.19; x * tanh(softplus(x))", _mish),
     "Resize": ("nearest-resize-to-expand", "Resize has no CPU gradient kernel in onnxruntime-training 1.19; "
-               "nearest upsampling by whole factors is Unsqueeze + Expand + Reshape", _nearest_resize),
+               "nearest upsampling by whole factors is Unsqueeze + Expand + Reshape", _resize),
     "Upsample": ("nearest-resize-to-expand", "Upsample has no gradient in onnxruntime-training 1.19; nearest "
                  "upsampling by whole factors is Unsqueeze + Expand + Reshape", _nearest_resize),
+    "InstanceNormalization": ("instancenorm-decompose", "InstanceNormalization has no gradient in "
+                              "onnxruntime-training 1.19; ReduceMean/Sub/Mul/Sqrt/Div with a per-channel scale "
+                              "and bias", _instance_norm),
+    "ReduceMax": ("reducemax-to-topk", "ReduceMax has no gradient in onnxruntime-training 1.19; TopK with k=1 "
+                  "over the reduced axes (moved last)", _reduce_max),
+    "CumSum": ("cumsum-to-matmul", "CumSum has no gradient in onnxruntime-training 1.19; a MatMul with a fixed "
+               "triangular 0/1 matrix", _cumsum),
+    "DepthToSpace": ("depthtospace-to-reshape", "DepthToSpace has no gradient in onnxruntime-training 1.19; "
+                     "Reshape + Transpose + Reshape (its definition)", _depth_space),
+    "SpaceToDepth": ("spacetodepth-to-reshape", "SpaceToDepth has no gradient in onnxruntime-training 1.19; "
+                     "Reshape + Transpose + Reshape (its definition)", _depth_space),
+    "Einsum": ("einsum-to-matmul", "Einsum has no gradient in onnxruntime-training 1.19; ReduceSum, Transpose, "
+               "Reshape and one batched MatMul", _einsum),
     "GlobalMaxPool": ("globalmaxpool-to-maxpool", "GlobalMaxPool has no gradient in onnxruntime-training 1.19; "
                       "a MaxPool whose kernel is the whole spatial extent", _global_max_pool),
 }
@@ -367,8 +644,9 @@ def rewrite_without_gradients(model: onnx.ModelProto) -> list[Canonicalization]:
         if rule is not None:
             b = _Builder(names, node, opset)
             if rule[2](b, model):
+                name, why = b.rule or rule[:2]
                 nodes.extend(b.nodes)
-                done.setdefault(rule[0], Canonicalization(rule[0], rule[1])).nodes.append(node.name or node.op_type)
+                done.setdefault(name, Canonicalization(name, why)).nodes.append(node.name or node.op_type)
                 continue
         nodes.append(node)
     del model.graph.node[:]
@@ -400,6 +678,41 @@ def check_cpu_gradients(model: onnx.ModelProto, trainable: set[str]) -> None:
                     f"and the loss, and onnxruntime-training 1.19 cannot compute its gradient on CPU",
                     hint=_NO_CPU_GRADIENT[node.op_type])
             reached.update(o for o in node.output if o)
+
+
+# random ops and the type of their `seed` attribute
+_SEEDABLE = {"Dropout": "int", "RandomNormal": "float", "RandomUniform": "float", "RandomNormalLike": "float",
+             "RandomUniformLike": "float", "Bernoulli": "float", "Multinomial": "float"}
+
+
+def _derived_seed(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    """A seed for one node, from the model: its graph name, the op and its first output's name (unique
+    in the graph, and unchanged by the other rewrites, which add optional outputs or move nodes)."""
+    key = "|".join([model.graph.name, node.op_type, node.output[0]])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def seed_random_ops(model: onnx.ModelProto) -> list[Canonicalization]:
+    """Give every random op without a `seed` attribute one derived from the model.
+
+    Without a seed, ONNX Runtime's CPU Dropout (and the Random* ops) draw from one process-wide
+    generator seeded from the clock: two runs of the same training graph draw different masks, and a
+    graph whose ops run in another order hands the draws to other nodes. With a seed each node owns a
+    generator that advances once per call, so the reference and the compiled training graph draw the
+    same masks at every step (poetc never recomputes a random op: a rerun would draw again,
+    poetc.solver.problem.RANDOM_OPS). Exact in the sense that matters: the mask is a draw either way,
+    and the model's function is unchanged."""
+    done = Canonicalization("seed-random-ops", "Dropout/Random* without a seed draw from ONNX Runtime's clock-seeded "
+                            "global generator (not reproducible, order-dependent); each got a fixed seed derived from "
+                            "the model")
+    for node in model.graph.node:
+        kind = _SEEDABLE.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if kind is None or any(a.name == "seed" for a in node.attribute):
+            continue
+        seed = _derived_seed(model, node)
+        node.attribute.append(onnx.helper.make_attribute("seed", seed if kind == "int" else float(seed)))
+        done.nodes.append(node.name or node.op_type)
+    return [done] if done.nodes else []
 
 
 def expose_optional_outputs(model: onnx.ModelProto) -> list[Canonicalization]:

@@ -9,9 +9,13 @@ tiny transformer's step was 4.6% low (docs/memory-model.md).
 The sizes are measured, not guessed: a worker process with poetc's heap counter preloaded runs each
 distinct op (same type, attributes, input shapes and dtypes) alone in an InferenceSession under the
 contract and records peak heap during the run minus the heap held by the outputs it returned,
-counting blocks of 64 KiB and more: those are mmapped chunks (MALLOC_MMAP_THRESHOLD_) whose sizes
-are exact, while small bookkeeping blocks vary by a few bytes between runs and would make the output
-of a compile differ. Scratch below 64 KiB per op is ignored. Integer
+counting blocks of 4 KiB and more, each in whole pages: application buffers (tensors, kernel scratch)
+whose page count is the same in every run, while the small bookkeeping blocks below that vary by a
+few bytes between runs and would make the output of a compile differ. Counting from 64 KiB only (the
+mmapped blocks, as until issue #15) missed scratch that matters on small feature maps: a Sum of two
+gradients of 61,440 B each allocates a 64,424 B partial sum, a Conv1d's ConvGrad a 25-38 KB im2col
+buffer (corpus textcnn at batch 8: the keep-all step measured 12.7% above the simulator; 2.2% with
+this; docs/memory-model.md). Integer
 inputs (shapes, indices) get the values they have in the real step, read from one run of the whole
 graph; float inputs are seeded random. Each op runs with one intra-op thread: with more, whether a
 worker thread takes part (and allocates its own buffer) depends on timing, and ConvGrad's scratch
@@ -98,7 +102,7 @@ def _run_worker(model_path: str, feeds_path: str, result_path: str) -> None:
     from ._worker import HeapCounter
     from .session import contract_session_options
 
-    heap = HeapCounter()
+    heap = _MidCounter(HeapCounter())
     model = onnx.load(model_path)
     g = model.graph
     with np.load(feeds_path) as npz:
@@ -142,6 +146,27 @@ def _run_worker(model_path: str, feeds_path: str, result_path: str) -> None:
     os.replace(result_path + ".tmp", result_path)
 
 
+class _MidCounter:
+    """The heap counter's blocks-from-4-KiB view (heap_counter.c: poetc_heap_mid_*)."""
+
+    def __init__(self, heap) -> None:
+        import ctypes
+        lib = ctypes.CDLL(None)
+        self._heap = heap
+        self._peak, self._cur = lib.poetc_heap_mid_peak_bytes, lib.poetc_heap_mid_current_bytes
+        for fn in (self._peak, self._cur):
+            fn.restype, fn.argtypes = ctypes.c_uint64, []
+
+    def mid_current(self) -> int:
+        return int(self._cur())
+
+    def mid_peak(self) -> int:
+        return int(self._peak())
+
+    def reset_peak(self) -> None:
+        self._heap.reset_peak()
+
+
 def _is_float(dtype: int) -> bool:
     return np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(dtype), np.floating)
 
@@ -174,11 +199,11 @@ def _measure_one(node, types, constants, feeds, initializers, opsets, ir_version
         session = ort.InferenceSession(one.SerializeToString(), contract_session_options(intra_op_threads=1),
                                        providers=["CPUExecutionProvider"])
         session.run(None, feed)  # first call: one-time allocations (kernel state) are not workspace
-        before = heap.large_current()
+        before = heap.mid_current()
         heap.reset_peak()
         out = session.run(None, feed)
-        peak = heap.large_peak() - before
-        returned = heap.large_current() - before  # the outputs, still held by `out`
+        peak = heap.mid_peak() - before
+        returned = heap.mid_current() - before  # the outputs, still held by `out`
         del out
     except Exception as exc:  # an op that cannot run alone (e.g. needs state): no workspace known
         log.warning("workspace: %s %s: not measured (%s)", node.op_type, node.name, str(exc)[:200])

@@ -12,6 +12,8 @@
  *   uint64_t poetc_heap_current_bytes(void);
  *   uint64_t poetc_heap_large_peak_bytes(void);     the same, blocks >= 65536 bytes only, in pages
  *   uint64_t poetc_heap_large_current_bytes(void);
+ *   uint64_t poetc_heap_mid_peak_bytes(void);       the same, blocks >= 4096 bytes, in pages (kernel
+ *   uint64_t poetc_heap_mid_current_bytes(void);    scratch below 64 KiB: poetc.runtime.workspace)
  *   uint64_t poetc_heap_alloc_count(void);   calls that returned a block
  *   int      poetc_heap_active(void);        1 once the real allocator is bound
  *
@@ -59,6 +61,12 @@ static int64_t g_peak;      /* high-water mark of g_current */
 #define LARGE_BLOCK 65536
 static int64_t g_large_current;
 static int64_t g_large_peak;
+/* Blocks of at least MID_BLOCK bytes (including the large ones), in whole pages: application buffers
+ * (ORT tensors, kernel scratch) whose page count is the same from run to run, unlike the small
+ * bookkeeping blocks below it. */
+#define MID_BLOCK 4096
+static int64_t g_mid_current;
+static int64_t g_mid_peak;
 static uint64_t g_allocs;   /* successful allocation calls */
 static int g_bound;         /* real functions resolved */
 static int g_binding;       /* inside bind_real() */
@@ -143,11 +151,14 @@ static inline void account_add(void *p) {
   raise_peak(&g_peak, __atomic_add_fetch(&g_current, n, __ATOMIC_RELAXED));
   if (n >= LARGE_BLOCK)
     raise_peak(&g_large_peak, __atomic_add_fetch(&g_large_current, page_round(n), __ATOMIC_RELAXED));
+  if (n >= MID_BLOCK)
+    raise_peak(&g_mid_peak, __atomic_add_fetch(&g_mid_current, page_round(n), __ATOMIC_RELAXED));
 }
 
 static inline void account_sub_size(size_t n) {
   __atomic_sub_fetch(&g_current, (int64_t)n, __ATOMIC_RELAXED);
   if ((int64_t)n >= LARGE_BLOCK) __atomic_sub_fetch(&g_large_current, page_round((int64_t)n), __ATOMIC_RELAXED);
+  if ((int64_t)n >= MID_BLOCK) __atomic_sub_fetch(&g_mid_current, page_round((int64_t)n), __ATOMIC_RELAXED);
 }
 
 /* ---- exported counters --------------------------------------------------- */
@@ -156,7 +167,19 @@ EXPORT void poetc_heap_reset_peak(void) {
   int64_t cur = __atomic_load_n(&g_current, __ATOMIC_RELAXED);
   int64_t large = __atomic_load_n(&g_large_current, __ATOMIC_RELAXED);
   __atomic_store_n(&g_peak, cur < 0 ? 0 : cur, __ATOMIC_RELAXED);
+  int64_t mid = __atomic_load_n(&g_mid_current, __ATOMIC_RELAXED);
   __atomic_store_n(&g_large_peak, large < 0 ? 0 : large, __ATOMIC_RELAXED);
+  __atomic_store_n(&g_mid_peak, mid < 0 ? 0 : mid, __ATOMIC_RELAXED);
+}
+
+EXPORT uint64_t poetc_heap_mid_peak_bytes(void) {
+  int64_t v = __atomic_load_n(&g_mid_peak, __ATOMIC_RELAXED);
+  return v < 0 ? 0 : (uint64_t)v;
+}
+
+EXPORT uint64_t poetc_heap_mid_current_bytes(void) {
+  int64_t v = __atomic_load_n(&g_mid_current, __ATOMIC_RELAXED);
+  return v < 0 ? 0 : (uint64_t)v;
 }
 
 EXPORT uint64_t poetc_heap_large_peak_bytes(void) {

@@ -66,6 +66,19 @@ def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable,
     h.setOptionValue("time_limit", max(deadline - time.perf_counter(), 0.1))
     if model.num_rows >= PRESOLVE_OFF_ROWS:
         h.setOptionValue("presolve", "off")
+    if lns is not None:
+        # the LP relaxation's value is a proven bound, sent at once: on the largest models HiGHS's
+        # MILP reports no bound until its root cut rounds end, which can take the whole limit
+        h.setOptionValue("solve_relaxation", True)
+        h.setOptionValue("presolve", "off")
+        h.run()
+        if h.getModelStatus() == highspy.HighsModelStatus.kOptimal:
+            send(("bound", float(h.getInfo().objective_function_value)))
+        h.setOptionValue("solve_relaxation", False)
+        if model.num_rows < PRESOLVE_OFF_ROWS:
+            h.setOptionValue("presolve", "choose")
+        main_deadline = time.perf_counter() + lns.main_share * (deadline - time.perf_counter())
+        h.setOptionValue("time_limit", max(deadline - time.perf_counter(), 0.1))
     if start is not None:
         sol = highspy.HighsSolution()
         sol.col_value = start

@@ -40,10 +40,11 @@ def _fits(limits: Limits, ev) -> bool:
 
 
 def local_search(problem: Problem, limits: Limits, choice: list[Decision], *, deadline: float | None = None,
-                 max_rounds: int = 50) -> list[Decision]:
-    """Best-improvement single moves (one tensor to another mode) on the linear memory model, as long
-    as the result fits and the objective drops; deterministic (ties go to the lowest index and mode
-    order keep, recompute, page). Returns `choice` itself when nothing improves it."""
+                 max_sweeps: int = 20) -> list[Decision]:
+    """First-improvement single moves (one tensor to another mode) on the linear memory model: sweep
+    the tensors in index order, modes in the order keep, recompute, page, and take every move that
+    fits and lowers the objective; repeat until a sweep changes nothing. Deterministic (the deadline
+    only cuts it short). Returns `choice` itself when nothing improves it."""
     evaluate = ProfileEvaluator(problem)
     cands = problem.candidates
     cur = list(choice)
@@ -57,8 +58,8 @@ def local_search(problem: Problem, limits: Limits, choice: list[Decision], *, de
             modes.append((i, Decision.RECOMPUTE))
         if c.pageable and limits.allow_page:
             modes.append((i, Decision.PAGE))
-    for _ in range(max_rounds):
-        best = None
+    for _ in range(max_sweeps):
+        changed = False
         for i, d in modes:
             if cur[i] is d:
                 continue
@@ -68,34 +69,37 @@ def local_search(problem: Problem, limits: Limits, choice: list[Decision], *, de
             trial[i] = d
             ev = evaluate(trial)
             obj = objective_of(limits, ev)
-            if obj < cur_obj * (1 - 1e-12) - 1e-18 and _fits(limits, ev) and (best is None or obj < best[0]):
-                best = (obj, trial)
-        if best is None:
+            if obj < cur_obj * (1 - 1e-12) - 1e-18 and _fits(limits, ev):
+                cur, cur_obj, changed = trial, obj, True
+        if not changed:
             break
-        cur_obj, cur = best
     return cur
 
 
-def best_start(problem: Problem, limits: Limits, greedy: Callable, *, deadline: float | None = None
-               ) -> tuple[list[Decision] | None, list[str]]:
-    """The best of the greedy portfolio (`greedy`: strategies.greedy), improved by local_search;
-    (None, notes) if no variant fits before `deadline`."""
+def best_start(problem: Problem, limits: Limits, greedy: Callable, *, deadline: float | None = None,
+               search_s: float | None = None) -> tuple[list[Decision] | None, list[str]]:
+    """The better of the two plain greedy rules (`greedy`: strategies.greedy), or if neither fits, of
+    the extended ones; improved by local_search until `search_deadline`. (None, notes) if no variant
+    fits before `deadline`."""
     evaluate = ProfileEvaluator(problem)
     best = None
     notes = []
-    for rule, extended in GREEDY_PORTFOLIO:
-        if deadline is not None and time.perf_counter() > deadline:
-            notes.append("the greedy warm starts ran out of their share of the time limit")
+    for tier in (GREEDY_PORTFOLIO[:2], GREEDY_PORTFOLIO[2:]):
+        for rule, extended in tier:
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            s = greedy(problem, limits, rule=rule, extended=extended, deadline=deadline)
+            if s is None:
+                continue
+            obj = objective_of(limits, evaluate(s))
+            if best is None or obj < best[0]:
+                best = (obj, s, f"{rule}{' extended' if extended else ''}")
+        if best is not None:
             break
-        s = greedy(problem, limits, rule=rule, extended=extended, deadline=deadline)
-        if s is None:
-            continue
-        obj = objective_of(limits, evaluate(s))
-        if best is None or obj < best[0]:
-            best = (obj, s, f"{rule}{' extended' if extended else ''}")
     if best is None:
         return None, notes
-    improved = local_search(problem, limits, best[1], deadline=deadline)
+    ends = [t for t in (deadline, None if search_s is None else time.perf_counter() + search_s) if t is not None]
+    improved = local_search(problem, limits, best[1], deadline=min(ends) if ends else None)
     obj = objective_of(limits, evaluate(improved))
     notes.append(f"warm start: greedy ({best[2]}), {(1 - obj / best[0]) * 100 if best[0] > 0 else 0:.1f}% "
                  f"lower by local search")

@@ -187,7 +187,8 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
     lns = solver == "highs-lns"
     start_notes = []
     if lns:
-        start, start_notes = best_start(problem, limits, greedy, deadline=greedy_deadline)
+        start, start_notes = best_start(problem, limits, greedy, deadline=greedy_deadline,
+                                        search_s=0.1 * time_limit_s)
         starts = [start] if start is not None else []
     else:
         starts = []

@@ -123,3 +123,13 @@ def test_the_scaling_sweep_has_the_corpus_and_bench_accepts_corpus_names():
         _check_config(override(config, models=(CORPUS_PREFIX + "no_such_model",)))
     with pytest.raises(UsageError, match="unknown solver"):
         _check_config(override(config, solver="gurobi"))
+
+
+def test_highs_lns_reports_an_infeasible_relaxation_as_infeasible(bert_tiny_graph):
+    """Far below the floor the LP relaxation is infeasible, which proves the MILP is: no waiting for
+    the limit."""
+    _, g = bert_tiny_graph
+    problem, limits = _setup(g, 0.01)
+    r = solve_milp(problem, limits, "poet", time_limit_s=600, solver="highs-lns")
+    assert r.status == "infeasible" and not r.fits
+    assert any("the MILP is infeasible" in n for n in r.notes), r.notes

@@ -74,6 +74,9 @@ def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable,
         h.run()
         if h.getModelStatus() == highspy.HighsModelStatus.kOptimal:
             send(("bound", float(h.getInfo().objective_function_value)))
+        elif h.getModelStatus() == highspy.HighsModelStatus.kInfeasible:  # then so is the MILP
+            send(("done", "INFEASIBLE", None, None, None))
+            return
         h.setOptionValue("solve_relaxation", False)
         if model.num_rows < PRESOLVE_OFF_ROWS:
             h.setOptionValue("presolve", "choose")

@@ -55,10 +55,7 @@ class SolveReport:
 def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable, deadline: float, seed: int,
                  threads: int, gap: float, send, lns: LnsSpec | None = None) -> None:
     import highspy
-    t_start = time.perf_counter()
-    # with an LNS phase, the full MILP first gets `main_share` of the time; it is stopped there only
-    # if it has a solution and its gap is above `lns.gap`, and the LNS improves that solution after
-    main_deadline = deadline if lns is None else t_start + lns.main_share * (deadline - t_start)
+    main_deadline = deadline  # with an LNS phase, when the full MILP may be stopped for it (below)
     h = model.to_highs()
     h.setOptionValue("random_seed", seed)
     h.setOptionValue("threads", threads)
@@ -80,6 +77,8 @@ def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable,
         h.setOptionValue("solve_relaxation", False)
         if model.num_rows < PRESOLVE_OFF_ROWS:
             h.setOptionValue("presolve", "choose")
+        # the full MILP gets `main_share` of the time left; it is stopped there only if it has a
+        # solution and its gap is above `lns.gap`, and the LNS improves that solution after
         main_deadline = time.perf_counter() + lns.main_share * (deadline - time.perf_counter())
         h.setOptionValue("time_limit", max(deadline - time.perf_counter(), 0.1))
     if start is not None:

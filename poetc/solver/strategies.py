@@ -69,8 +69,7 @@ def evaluate_choice(problem: Problem, strategy: str, choice: list[Decision], lim
 
 
 def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_options: int = 16,
-           deadline: float | None = None, extended: bool = False,
-           start: list[Decision] | None = None) -> list[Decision] | None:
+           deadline: float | None = None, extended: bool = False) -> list[Decision] | None:
     """Free memory at the peak until it fits. Each round tries the `max_options` most promising
     (tensor, mode) moves at the peak position and takes the one that lowers the peak most per unit of
     cost. rule="capuchin": forward activations only (as Capuchin's feature maps), a tensor's preferred
@@ -84,7 +83,7 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
     Then give back (keep) whatever still fits, most expensive first. None if nothing fits, or if
     time.perf_counter() passes `deadline` first."""
     cands = problem.candidates
-    choice = list(start) if start is not None else [Decision.KEEP] * len(cands)
+    choice = [Decision.KEEP] * len(cands)
     metric = (lambda c, d: c.rec_time_s + c.alias_time_s if d is Decision.RECOMPUTE else c.page_time_s) \
         if limits.objective == "time" else \
         (lambda c, d: c.rec_energy_j + c.alias_energy_j if d is Decision.RECOMPUTE else c.page_energy_j)

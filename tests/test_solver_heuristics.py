@@ -133,3 +133,14 @@ def test_highs_lns_reports_an_infeasible_relaxation_as_infeasible(bert_tiny_grap
     r = solve_milp(problem, limits, "poet", time_limit_s=600, solver="highs-lns")
     assert r.status == "infeasible" and not r.fits
     assert any("the MILP is infeasible" in n for n in r.notes), r.notes
+
+
+def test_highs_lns_proves_the_same_optimum_as_highs(cnn_graph):
+    """Where the full MILP closes the gap, the LNS never runs and the result is the same optimum."""
+    _, g = cnn_graph
+    problem = build_problem(g, costs_for(g, 0.3, 1.0))
+    limits = Limits(problem.keep_all_peak_bytes * 0.6, problem.base_time_s * 5, 1e12)
+    results = {s: solve_milp(problem, limits, "poet", time_limit_s=120, solver=s) for s in ("highs", "highs-lns")}
+    for s, r in results.items():
+        assert r.status == "optimal" and r.fits, (s, r.notes)
+    assert results["highs-lns"].overhead_energy_j == pytest.approx(results["highs"].overhead_energy_j, rel=2e-4)

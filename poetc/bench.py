@@ -31,12 +31,15 @@ from typing import Callable
 
 from .errors import OutputError, PoetcError, UsageError
 from .plan import STRATEGIES
+from .solver.strategies import SOLVERS
 
 log = logging.getLogger(__name__)
 
 BENCH_FORMAT = "poetc-bench/1"
 ALL_STRATEGIES = STRATEGIES  # every strategy, in the order tables show them
 MILP_STRATEGIES = ("poet", "remat-only", "paging-only")
+CORPUS_PREFIX = "corpus:"  # a model name "corpus:NAME" is models/corpus.py's NAME (bench --scaling has them all)
+CORPUS_BATCH = 8  # its batch unless `batches` says otherwise (docs/corpus.md measured at 8)
 
 COLUMNS = (
     "experiment", "model", "batch", "target", "ops", "candidates", "decidable",
@@ -83,6 +86,7 @@ class BenchConfig:
     time_limit_s: float = 60.0
     seed: int = 0
     threads: int = 1
+    solver: str = "highs"  # strategies.SOLVERS
 
     @classmethod
     def full(cls) -> "BenchConfig":
@@ -104,14 +108,16 @@ class BenchConfig:
 
     @classmethod
     def scaling(cls) -> "BenchConfig":
-        """The solver-scaling sweep alone (issue #18): every model in models/ plus the large graphs of
-        models/scaling.py, poet on rpi4 at 70/50/30%, 60 s per solve."""
+        """The solver-scaling sweep alone (issue #18): every model in models/, the large graphs of
+        models/scaling.py and the corpus of models/corpus.py (batch 8), poet on rpi4 at 70/50/30%,
+        60 s per solve."""
         import models
         import models.scaling
+        from models.corpus import CORPUS
         models.scaling.register()  # the large graphs
         return cls(
             name="scaling",
-            models=tuple(models.MODELS),
+            models=tuple(models.MODELS) + tuple(CORPUS_PREFIX + n for n in CORPUS),
             targets=("rpi4",),
             fractions=(0.7, 0.5, 0.3),
             strategies=("poet",),
@@ -163,10 +169,14 @@ def _check_config(config: BenchConfig) -> None:
     names = set(config.models) | set(config.deadline_models) | set(config.scaling_models) | set(config.measure_models)
     if names & {spec.name for spec in models.scaling.SPECS}:
         models.scaling.register()  # a bench naming a large graph of the solver-scaling sweep
+    from models.corpus import CORPUS
     for name in set(config.models) | set(config.deadline_models) | set(config.scaling_models) | \
             set(config.measure_models) | ({config.timeline[0]} if config.timeline else set()):
-        if name not in models.MODELS:
-            raise UsageError(f"unknown model {name!r}", hint=f"models: {', '.join(models.MODELS)}")
+        if name not in models.MODELS and name.removeprefix(CORPUS_PREFIX) not in CORPUS:
+            raise UsageError(f"unknown model {name!r}", hint=f"models: {', '.join(models.MODELS)}, or "
+                             f"{CORPUS_PREFIX}NAME for a corpus model ({', '.join(CORPUS)})")
+    if config.solver not in SOLVERS:
+        raise UsageError(f"unknown solver {config.solver!r}", hint=f"solvers: {', '.join(SOLVERS)}")
     for t in set(config.targets) | {config.deadline_target, config.scaling_target, config.baseline_target}:
         load_target(t)  # raises TargetError with the list of names
     for s in config.strategies + config.device_strategies:
@@ -291,9 +301,17 @@ def _lower(name: str, config: BenchConfig, work: Path, cache_dir: Path | None) -
     from .api import open_graph
     from .importer import ImportOptions
     t0 = time.perf_counter()
-    batch = config.batches.get(name, models.get_spec(name).default_batch)
-    path = models.build(name, cache_dir=cache_dir, batch=batch, seed=config.seed)
-    _, graph = open_graph(path, work / f"{name}-b{batch}", ImportOptions())
+    if name.startswith(CORPUS_PREFIX):  # a model of models/corpus.py, exported the way its family's tools did
+        from models.corpus import CORPUS, export_corpus
+        entry = CORPUS[name.removeprefix(CORPUS_PREFIX)]
+        batch = config.batches.get(name, CORPUS_BATCH)
+        path = export_corpus(entry.name, work / f"{entry.name}-b{batch}.onnx", batch, seed=config.seed)
+        options = ImportOptions(loss=entry.loss)
+    else:
+        batch = config.batches.get(name, models.get_spec(name).default_batch)
+        path = models.build(name, cache_dir=cache_dir, batch=batch, seed=config.seed)
+        options = ImportOptions()
+    _, graph = open_graph(path, work / f"{name.replace(':', '-')}-b{batch}", options)
     return _LoweredModel(name, batch, Path(path), graph, time.perf_counter() - t0)
 
 
@@ -341,7 +359,7 @@ def _solve_all(rows: list[dict], experiment: str, g: _LoweredModel, target_name:
     chosen = plan(problem, Budget.from_ram(base["ram_budget_bytes"], problem.fixed_bytes), Deadline(factor=factor),
                   flash_bytes=target.flash_bytes, strategy=strategies[0], baselines=tuple(strategies[1:]),
                   time_limit_s=config.time_limit_s, baseline_time_limit_s=config.time_limit_s, seed=config.seed,
-                  threads=config.threads)
+                  threads=config.threads, solver=config.solver)
     results = {strategies[0]: chosen.result, **chosen.baselines}
     for s in strategies:
         rows.append(dict(base, strategy=s, **_strategy_columns(problem, results[s])))

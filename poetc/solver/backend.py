@@ -18,6 +18,7 @@ import numpy as np
 
 from .child import run_in_child
 from .formulation import LinearModel
+from .heuristics import LnsSpec, run_lns
 
 BOUND_EVERY_S = 1.0  # how often the child reports the dual bound while solving
 # HiGHS's presolve took 34 s of a 60 s limit on a 24-layer encoder (305k rows) and reduced little;
@@ -52,8 +53,9 @@ class SolveReport:
 
 
 def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable, deadline: float, seed: int,
-                 threads: int, gap: float, send) -> None:
+                 threads: int, gap: float, send, lns: LnsSpec | None = None) -> None:
     import highspy
+    main_deadline = deadline  # with an LNS phase, when the full MILP may be stopped for it (below)
     h = model.to_highs()
     h.setOptionValue("random_seed", seed)
     h.setOptionValue("threads", threads)
@@ -61,6 +63,24 @@ def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable,
     h.setOptionValue("time_limit", max(deadline - time.perf_counter(), 0.1))
     if model.num_rows >= PRESOLVE_OFF_ROWS:
         h.setOptionValue("presolve", "off")
+    if lns is not None:
+        # the LP relaxation's value is a proven bound, sent at once: on the largest models HiGHS's
+        # MILP reports no bound until its root cut rounds end, which can take the whole limit
+        h.setOptionValue("solve_relaxation", True)
+        h.setOptionValue("presolve", "off")
+        h.run()
+        if h.getModelStatus() == highspy.HighsModelStatus.kOptimal:
+            send(("bound", float(h.getInfo().objective_function_value)))
+        elif h.getModelStatus() == highspy.HighsModelStatus.kInfeasible:  # then so is the MILP
+            send(("done", "INFEASIBLE", None, None, None))
+            return
+        h.setOptionValue("solve_relaxation", False)
+        if model.num_rows < PRESOLVE_OFF_ROWS:
+            h.setOptionValue("presolve", "choose")
+        # the full MILP gets `main_share` of the time left; it is stopped there only if it has a
+        # solution and its gap is above `lns.gap`, and the LNS improves that solution after
+        main_deadline = time.perf_counter() + lns.main_share * (deadline - time.perf_counter())
+        h.setOptionValue("time_limit", max(deadline - time.perf_counter(), 0.1))
     if start is not None:
         sol = highspy.HighsSolution()
         sol.col_value = start
@@ -79,6 +99,10 @@ def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable,
         now = time.perf_counter()
         if now >= deadline:
             e.data_in.user_interrupt = True
+        elif now >= main_deadline and e.callback_type == highspy.cb.HighsCallbackType.kCallbackMipInterrupt:
+            primal, dual = float(e.data_out.mip_primal_bound), float(e.data_out.mip_dual_bound)
+            if np.isfinite(primal) and (primal <= 0 or not np.isfinite(dual) or (primal - dual) / primal > lns.gap):
+                e.data_in.user_interrupt = True
         if e.callback_type == highspy.cb.HighsCallbackType.kCallbackMipInterrupt and now - last[0] >= BOUND_EVERY_S:
             bound = float(e.data_out.mip_dual_bound)
             if bound != last[1] and np.isfinite(bound):
@@ -100,6 +124,13 @@ def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable,
         x = np.asarray(h.getSolution().col_value)
         payload, objective = decode(x), model.objective_of(x)
     bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else None
+    if (lns is not None and has and name != "OPTIMAL" and deadline - time.perf_counter() > 0.5
+            and (bound is None or objective <= 0 or (objective - bound) / objective > lns.gap)):
+        def on_improve(x_new, obj) -> None:
+            send(("incumbent", decode(x_new), obj, None))
+        x = run_lns(model, model.objective_of, np.asarray(h.getSolution().col_value).copy(), lns, deadline,
+                    on_improve, seed=seed)
+        payload, objective = decode(x), model.objective_of(x)
     send(("done", name, payload, objective, bound))
 
 
@@ -122,16 +153,20 @@ def _cbc_child(model: LinearModel, start: np.ndarray | None, decode: Callable, d
 
 def _child(build: Callable, solver: str, deadline: float, seed: int, threads: int, gap: float, send) -> None:
     t0 = time.perf_counter()
-    model, start, decode = build()
+    model, start, decode, *rest = build()
     send(("built", model.num_cols, model.num_rows, model.num_int, time.perf_counter() - t0))
-    run = _highs_child if solver == "highs" else _cbc_child
-    run(model, start, decode, deadline, seed, threads, gap, send)
+    lns = rest[0] if rest else None
+    if solver == "highs":
+        _highs_child(model, start, decode, deadline, seed, threads, gap, send, lns)
+    else:
+        _cbc_child(model, start, decode, deadline, seed, threads, gap, send)
 
 
-def solve_in_child(build: Callable[[], tuple[LinearModel, np.ndarray | None, Callable]], *, solver: str,
+def solve_in_child(build: Callable[[], tuple], *, solver: str,
                    time_limit_s: float, t0: float, seed: int = 0, threads: int = 1, gap: float = 1e-4,
                    incumbent: tuple[object, float] | None = None) -> SolveReport:
-    """Fork, run build() there (model, start vector or None, decode(x) -> payload), solve, and collect
+    """Fork, run build() there (model, start vector or None, decode(x) -> payload[, LnsSpec or None:
+    a large-neighbourhood search after the full MILP, heuristics.run_lns]), solve, and collect
     what comes back until t0 + time_limit_s (perf_counter clock), when the child is killed if still
     running. The child aims to end a little earlier, leaving time to send its final answer.
     `incumbent`: (payload, objective) of the warm start, the solution to beat (solvers do not report
@@ -152,7 +187,8 @@ def solve_in_child(build: Callable[[], tuple[LinearModel, np.ndarray | None, Cal
             if report.objective is None or obj < report.objective:
                 report.payload, report.objective, report.from_start = payload, obj, False
             report.status = "FEASIBLE"
-            report.bound = max(report.bound, bound) if report.bound is not None else bound
+            if bound is not None:  # (an LNS improvement comes without a bound)
+                report.bound = max(report.bound, bound) if report.bound is not None else bound
             report.trace.append((t, report.objective, report.bound))
         elif kind == "bound":
             report.bound = max(report.bound, msg[1]) if report.bound is not None else msg[1]

@@ -17,11 +17,14 @@ from ..plan import STRATEGIES, Limits
 from ..schedule import Decision, Schedule, SimResult, simulate
 from .backend import solve_in_child
 from .formulation import build_model, read_choice, read_early, read_repage, start_values
+from .heuristics import best_start, lns_windows
 from .problem import Problem, ProfileEvaluator, chen_checkpoints, evaluate_linear
 
 log = logging.getLogger(__name__)
 
-SOLVERS = {"highs": "HiGHS", "cbc": "CBC"}
+# highs-lns: HiGHS from the greedy portfolio + local search start (heuristics.best_start), then a
+# large-neighbourhood search on the MILP's windows when the full MILP stalls above a 1% gap
+SOLVERS = {"highs": "HiGHS", "highs-lns": "HiGHS + LNS", "cbc": "CBC"}
 
 
 @dataclass
@@ -154,8 +157,9 @@ def greedy(problem: Problem, limits: Limits, *, rule: str = "cheapest", max_opti
     return choice
 
 
-def _build_for_child(problem: Problem, limits: Limits, start: list[Decision] | None):
-    """What the solver child runs first: the model, the start as a column vector, and the decoder."""
+def _build_for_child(problem: Problem, limits: Limits, start: list[Decision] | None, lns: bool = False):
+    """What the solver child runs first: the model, the start as a column vector, the decoder, and
+    (`lns`) the LNS windows."""
     def build():
         model, v = build_model(problem, limits)
         x0 = None
@@ -167,7 +171,7 @@ def _build_for_child(problem: Problem, limits: Limits, start: list[Decision] | N
         def decode(x):
             choice = read_choice(problem, v, x)
             return [d.value for d in choice], read_early(problem, v, choice, x), read_repage(v, choice, x)
-        return model, x0, decode
+        return model, x0, decode, (lns_windows(problem, v.keep, v.rec, v.page) if lns else None)
     return build
 
 
@@ -179,21 +183,30 @@ def solve_milp(problem: Problem, limits: Limits, strategy: str, *, time_limit_s:
     t0 = time.perf_counter()
     # the warm starts may use at most half the limit; past that the MILP starts cold
     greedy_deadline = t0 + 0.5 * time_limit_s
-    starts = []
-    for rule in ("cheapest", "capuchin"):
-        s = greedy(problem, limits, rule=rule, deadline=greedy_deadline)
-        if s is not None:
-            starts.append(s)
+    lns = solver == "highs-lns"
+    start_notes = []
+    if lns:
+        start, start_notes = best_start(problem, limits, greedy, deadline=greedy_deadline,
+                                        search_s=0.1 * time_limit_s)
+        starts = [start] if start is not None else []
+    else:
+        starts = []
+        for rule in ("cheapest", "capuchin"):
+            s = greedy(problem, limits, rule=rule, deadline=greedy_deadline)
+            if s is not None:
+                starts.append(s)
+        start = min(starts, key=lambda s: _objective(problem, s, limits)) if starts else None
     ran_out = time.perf_counter() > greedy_deadline
-    start = min(starts, key=lambda s: _objective(problem, s, limits)) if starts else None
     incumbent = (([d.value for d in start], {}, {}), _objective(problem, start, limits)) if start is not None else None
-    report = solve_in_child(_build_for_child(problem, limits, start), solver=solver, time_limit_s=time_limit_s,
-                            t0=t0, seed=seed, threads=threads, gap=gap, incumbent=incumbent)
+    report = solve_in_child(_build_for_child(problem, limits, start, lns), solver="highs" if lns else solver,
+                            time_limit_s=time_limit_s, t0=t0, seed=seed, threads=threads, gap=gap,
+                            incumbent=incumbent)
     elapsed = time.perf_counter() - t0
     notes = []
     if report.num_cols:
         notes.append(f"MILP: {report.num_cols} variables ({report.num_int} integer), {report.num_rows} rows, "
                      f"{len(problem.candidates)} candidates, built in {report.build_s:.1f} s")
+    notes += [n for n in start_notes if not n.startswith("the greedy warm starts ran out")]
     if ran_out:
         notes.append("the greedy warm starts ran out of their share of the time limit")
     elif not starts:

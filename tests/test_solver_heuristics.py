@@ -1,0 +1,146 @@
+"""The primal heuristics of --solver highs-lns (poetc/solver/heuristics.py): the local search and the
+LNS never return anything worse than what they were given, and what they return is checked by the
+simulator. No assertion depends on the machine's speed: the LNS windows have a wall-clock cap, so
+how much they improve may vary, but never-worse and fits hold at any speed."""
+
+import time
+
+import numpy as np
+import pytest
+
+from poetc.schedule import Decision
+from poetc.solver import Limits, build_problem
+from poetc.solver.formulation import build_model, read_choice, read_early, read_repage, start_values
+from poetc.solver.heuristics import best_start, lns_windows, local_search, objective_of, run_lns
+from poetc.solver.problem import ProfileEvaluator, evaluate_linear
+from poetc.solver.strategies import SOLVERS, evaluate_choice, greedy, solve_milp
+
+from test_solver import costs_for
+
+
+def _setup(graph, fraction):
+    problem = build_problem(graph, costs_for(graph, 0.3, 1.0))
+    limits = Limits(problem.keep_all_peak_bytes * fraction, problem.base_time_s * 5, 1e12)
+    return problem, limits
+
+
+def _greedy_start(problem, limits):
+    starts = [s for s in (greedy(problem, limits, rule=r) for r in ("capuchin", "cheapest")) if s is not None]
+    assert starts, "no greedy start fits: the fixture's budget is too tight for this test"
+    return starts[0]
+
+
+@pytest.mark.parametrize("fixture,fraction", [("cnn_graph", 0.9), ("cnn_graph", 0.8), ("bert_tiny_graph", 0.5),
+                                              ("bert_tiny_graph", 0.7)])
+def test_local_search_is_never_worse_and_fits(fixture, fraction, request):
+    _, g = request.getfixturevalue(fixture)
+    problem, limits = _setup(g, fraction)
+    start = _greedy_start(problem, limits)
+    evaluate = ProfileEvaluator(problem)
+    improved = local_search(problem, limits, start)
+    assert objective_of(limits, evaluate(improved)) <= objective_of(limits, evaluate(start))
+    assert evaluate(improved).peak_bytes <= limits.activation_budget_bytes
+    assert local_search(problem, limits, start) == improved  # deterministic without a deadline
+    assert evaluate_choice(problem, "poet", improved, limits, "heuristic").fits
+
+
+def test_local_search_finds_a_cheaper_schedule_than_a_wasteful_one(cnn_graph):
+    """Everything recomputed or paged where keep-all fits: the search must give most of it back."""
+    _, g = cnn_graph
+    problem, limits = _setup(g, 1.0)
+    wasteful = [Decision.PAGE if c.pageable and not c.fixed else Decision.KEEP for c in problem.candidates]
+    assert any(d is Decision.PAGE for d in wasteful)
+    evaluate = ProfileEvaluator(problem)
+    improved = local_search(problem, limits, wasteful)
+    assert objective_of(limits, evaluate(improved)) < objective_of(limits, evaluate(wasteful))
+
+
+def test_best_start_is_the_best_plain_greedy_or_better(bert_tiny_graph):
+    _, g = bert_tiny_graph
+    problem, limits = _setup(g, 0.5)
+    evaluate = ProfileEvaluator(problem)
+    start, notes = best_start(problem, limits, greedy)
+    assert start is not None and notes
+    plain = [greedy(problem, limits, rule=r) for r in ("cheapest", "capuchin")]
+    best_plain = min(objective_of(limits, evaluate(s)) for s in plain if s is not None)
+    assert objective_of(limits, evaluate(start)) <= best_plain
+
+
+def test_lns_windows_cover_every_decidable_tensor(bert_tiny_graph):
+    _, g = bert_tiny_graph
+    problem, limits = _setup(g, 0.5)
+    model, v = build_model(problem, limits)
+    spec = lns_windows(problem, v.keep, v.rec, v.page, window=10)
+    covered = {col for w in spec.windows for col in w}
+    assert covered == set(spec.decision_cols) == {c for i in v.keep for c in (v.keep[i], v.rec[i], v.page[i])}
+    assert all(len(w) <= 30 for w in spec.windows)
+
+
+@pytest.mark.parametrize("fixture,fraction", [("cnn_graph", 0.8), ("bert_tiny_graph", 0.5)])
+def test_lns_is_never_worse_and_its_schedule_simulates_within_limits(fixture, fraction, request):
+    _, g = request.getfixturevalue(fixture)
+    problem, limits = _setup(g, fraction)
+    start = _greedy_start(problem, limits)
+    model, v = build_model(problem, limits)
+    x0 = np.zeros(model.num_cols)
+    for col, val in start_values(problem, v, start, evaluate_linear(problem, start)):
+        x0[col] = val
+    spec = lns_windows(problem, v.keep, v.rec, v.page, window=8)
+    seen = []
+    x = run_lns(model, model.objective_of, x0, spec, time.perf_counter() + 600,
+                lambda xi, obj: seen.append(obj))
+    assert model.objective_of(x) <= model.objective_of(x0) * (1 + 1e-9)
+    assert seen == sorted(seen, reverse=True)  # every report is an improvement
+    choice = read_choice(problem, v, x)
+    result = evaluate_choice(problem, "poet", choice, limits, "feasible", read_early(problem, v, choice, x),
+                             read_repage(v, choice, x))
+    assert result.fits, result.notes
+
+
+def test_highs_lns_solver_is_never_worse_than_its_start_and_reports_a_bound(bert_tiny_graph):
+    _, g = bert_tiny_graph
+    problem, limits = _setup(g, 0.5)
+    start, _ = best_start(problem, limits, greedy)
+    r = solve_milp(problem, limits, "poet", time_limit_s=60, solver="highs-lns")
+    assert r.fits and r.status in ("optimal", "feasible"), r.notes
+    assert r.bound is not None and r.gap is not None
+    assert r.overhead_energy_j <= objective_of(limits, evaluate_linear(problem, start)) * (1 + 1e-6) + 1e-12
+
+
+def test_cli_solver_choices_are_the_solvers():
+    from poetc.cli import SOLVER_CHOICES
+    assert set(SOLVER_CHOICES) == set(SOLVERS)
+
+
+def test_the_scaling_sweep_has_the_corpus_and_bench_accepts_corpus_names():
+    from models.corpus import CORPUS
+    from poetc.bench import CORPUS_PREFIX, BenchConfig, _check_config, override
+    from poetc.errors import UsageError
+    config = BenchConfig.scaling()
+    assert {CORPUS_PREFIX + n for n in CORPUS} <= set(config.models)
+    _check_config(override(config, models=(CORPUS_PREFIX + "squeezenet",), solver="highs-lns"))
+    with pytest.raises(UsageError, match="unknown model"):
+        _check_config(override(config, models=(CORPUS_PREFIX + "no_such_model",)))
+    with pytest.raises(UsageError, match="unknown solver"):
+        _check_config(override(config, solver="gurobi"))
+
+
+def test_highs_lns_reports_an_infeasible_relaxation_as_infeasible(bert_tiny_graph):
+    """Far below the floor the LP relaxation is infeasible, which proves the MILP is: no waiting for
+    the limit."""
+    _, g = bert_tiny_graph
+    problem, limits = _setup(g, 0.01)
+    r = solve_milp(problem, limits, "poet", time_limit_s=600, solver="highs-lns")
+    assert r.status == "infeasible" and not r.fits
+    assert any("the MILP is infeasible" in n for n in r.notes), r.notes
+
+
+def test_highs_lns_proves_the_same_optimum_as_highs(cnn_graph):
+    """Where the full MILP closes the gap, the LNS never runs and the result is the same optimum."""
+    _, g = cnn_graph
+    problem = build_problem(g, costs_for(g, 0.3, 1.0))
+    limits = Limits(problem.keep_all_peak_bytes * 0.6, problem.base_time_s * 5, 1e12)
+    results = {s: solve_milp(problem, limits, "poet", time_limit_s=120, solver=s) for s in ("highs", "highs-lns")}
+    for s, r in results.items():
+        assert r.status == "optimal" and r.fits, (s, r.notes)
+    assert results["highs-lns"].overhead_energy_j == pytest.approx(results["highs"].overhead_energy_j, rel=2e-4)

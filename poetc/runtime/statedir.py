@@ -486,6 +486,7 @@ class StateDir:
         for f in gdir.iterdir():
             _fsync_path(f)
         _fsync_path(gdir, directory=True)
+        _fsync_path(self.path, directory=True)  # gen-<g+1>'s own entry is durable before CURRENT names it
         current = {"generation": generation, "step": generation,
                    "manifest_sha256": hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()}
         current["mac"] = _mac(self.mac_key, current)

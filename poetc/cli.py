@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resumed when it exists (default OUT/state for a paged output; see docs/state.md)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="ONNX Runtime intra-op threads (default ORT's; 1 is bitwise reproducible)")
+    p.add_argument("--commit-every", type=_positive_int, default=1, metavar="K",
+                   help="with a state directory: persist the resident state and commit every K steps (default 1; "
+                        "a crash loses at most K-1 steps)")
     p.add_argument("--data", type=Path, help=".npz with the training inputs (default: seeded random)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, metavar="PATH",
@@ -131,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the trained parameters as an ONNX Runtime checkpoint and an inference model")
     p.add_argument("out", type=Path, help="the directory written by `poetc compile -o DIR`")
     p.add_argument("--checkpoint", type=Path, metavar="PATH",
-                   help="the parameters to export (default DIR/trained_checkpoint, else DIR/checkpoint)")
+                   help="the parameters to export (default DIR/state, else DIR/trained_checkpoint, else DIR/checkpoint)")
+    p.add_argument("--state", type=Path, metavar="DIR",
+                   help="export the committed step of this state directory (`poetc train --state DIR`)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
                    help="directory to write checkpoint and inference_model.onnx into (must not exist)")
     p.add_argument("--force", action="store_true", help="replace OUTDIR if poetc wrote it, unchanged")
@@ -381,7 +386,7 @@ def cmd_verify(args) -> int:
 def cmd_train(args) -> int:
     from .run import train
     doc = train(args.out, steps=args.steps, data=args.data, seed=args.seed, save=args.save, state=args.state,
-                threads=args.threads)
+                threads=args.threads, commit_every=args.commit_every)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -391,8 +396,10 @@ def cmd_train(args) -> int:
         else:
             print(f"resumed from step {doc['resumed_from']} of {doc['state_dir']}")
     indices = doc.get("steps_run") or range(len(doc["losses"]))
-    for i, loss, peak, secs in zip(indices, doc["losses"], doc["step_peak_bytes"], doc["step_seconds"]):
-        print(f"step {i}: loss {loss:.6f}  peak {format_size(peak)}  {format_time(secs)}")
+    persist = doc.get("persist_seconds") or [None] * len(doc["losses"])
+    for i, loss, peak, secs, commit in zip(indices, doc["losses"], doc["step_peak_bytes"], doc["step_seconds"], persist):
+        extra = f" (of which persist + commit {format_time(commit)})" if commit is not None else ""
+        print(f"step {i}: loss {loss:.6f}  peak {format_size(peak)}  {format_time(secs)}{extra}")
     if "state_dir" in doc:
         print(f"{doc['state_dir']} is at step {doc['final_step']} (committed)")
     else:
@@ -402,7 +409,7 @@ def cmd_train(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export
-    doc = export(args.out, args.output, checkpoint=args.checkpoint, force=args.force)
+    doc = export(args.out, args.output, checkpoint=args.checkpoint, force=args.force, state=args.state)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -8,8 +8,10 @@ OUT holds
   loss block added are dropped; the model's output is what the loss read), the parameters turned into
   initializers with the exported values, runnable by a plain `onnxruntime.InferenceSession`.
 
-The parameters come from `--checkpoint PATH` when given, else DIR/trained_checkpoint when
-`poetc train` wrote it (checked against DIR's manifest), else DIR/checkpoint (the untrained state).
+The parameters come from `--checkpoint PATH` when given, else from the committed generation of the state
+directory `--state S` (or DIR/state when it is one: a paged output trains there), else
+DIR/trained_checkpoint when `poetc train` wrote it (checked against DIR's manifest), else DIR/checkpoint
+(the untrained state).
 Which names are parameters and which are trainable comes from the compile's own ORT checkpoint:
 DIR/checkpoint (unfused mode) or DIR/reference/checkpoint (fused mode, whose DIR/checkpoint holds
 every tensor as non-trainable state). DIR's artifacts are checked against report.json first, as
@@ -31,9 +33,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import output
-from .errors import ArtifactError, InputFileError, UnsupportedModelError
+from .errors import ArtifactError, InputFileError, UnsupportedModelError, UsageError
 from .ir.fused import is_optimizer_state
-from .run import TRAINED_CHECKPOINT, check_artifacts, load_report
+from .run import LIBRARY, STATE_DIR, TRAINED_CHECKPOINT, check_artifacts, load_report, private_library
+from .runtime import statedir
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,8 @@ _LOSS_NAME = re.compile(r"^onnx::[A-Za-z_]+::\d+$")
 _RECOMPILE = "recompile with `poetc compile ... -o DIR --force`"
 
 
-def export(out_dir: Path, dest: Path, *, checkpoint: Path | None = None, force: bool = False) -> dict:
+def export(out_dir: Path, dest: Path, *, checkpoint: Path | None = None, force: bool = False,
+           state: Path | None = None) -> dict:
     """Write dest/checkpoint and dest/inference_model.onnx from the compile output out_dir (see the
     module docstring). Returns a summary: source checkpoint, parameter counts, model inputs/outputs."""
     out_dir = Path(out_dir)
@@ -55,8 +59,18 @@ def export(out_dir: Path, dest: Path, *, checkpoint: Path | None = None, force: 
     layout = out_dir / ("reference/checkpoint" if report.optimizer_mode == "fused" else CHECKPOINT)
     declared = _read_checkpoint(layout, artifact=True)
     names = {n: trainable for n, (_, trainable) in declared.items() if not is_optimizer_state(n)}
-    source = _source_checkpoint(out_dir, checkpoint)
-    values = _read_checkpoint(source, artifact=source.parent == out_dir)
+    if checkpoint is not None and state is not None:
+        raise UsageError("--checkpoint and --state both name the parameters to export; give one of them")
+    if state is None and checkpoint is None and statedir.is_state_dir(out_dir / STATE_DIR):
+        state = out_dir / STATE_DIR
+    if state is not None:
+        source = Path(state)
+        step, values = _read_state_dir(out_dir, report, source)
+        label = f"{source} (state directory, step {step})"
+    else:
+        source = _source_checkpoint(out_dir, checkpoint)
+        values = _read_checkpoint(source, artifact=source.parent == out_dir)
+        label = str(source)
     parameters = {}
     for name in sorted(names):
         want = declared[name][0]
@@ -74,10 +88,27 @@ def export(out_dir: Path, dest: Path, *, checkpoint: Path | None = None, force: 
         _save_checkpoint(parameters, tx.stage / CHECKPOINT)
         onnx.save(model, str(tx.stage / INFERENCE_MODEL))
         tx.commit()
-    return {"source_checkpoint": str(source), "out": str(dest),
+    return {"source_checkpoint": label, "out": str(dest),
             "trainable_parameters": sum(1 for _, t in parameters.values() if t),
             "frozen_parameters": sum(1 for _, t in parameters.values() if not t),
             "inputs": [vi.name for vi in model.graph.input], "outputs": [vi.name for vi in model.graph.output]}
+
+
+def _read_state_dir(out_dir: Path, report, state: Path) -> tuple[int, dict[str, tuple[np.ndarray, bool]]]:
+    """The parameters of the committed generation of the state directory `state` (every file checked),
+    holding its lock while reading so no trainer replaces the generation underneath."""
+    import tempfile
+    if not statedir.is_state_dir(state):
+        raise InputFileError(f"--state {state} is not a poetc state directory (no {statedir.MANIFEST})",
+                             hint="pass the directory `poetc train --state DIR` trains on")
+    with tempfile.TemporaryDirectory(prefix="poetc-export-") as work:
+        library = private_library(out_dir, report, Path(work))
+        if library is None:
+            raise ArtifactError(f"{out_dir} has no {LIBRARY}, which reads state directories", hint=_RECOMPILE)
+        with statedir.StateDir.open(state, library=library) as s:
+            values = {n: (s.read(n), info.trainable) for n, info in sorted(s.tensors.items())
+                      if not is_optimizer_state(n)}
+            return s.generation, values
 
 
 def _source_checkpoint(out_dir: Path, checkpoint: Path | None) -> Path:

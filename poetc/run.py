@@ -36,7 +36,7 @@ TRAINED_CHECKPOINT = "trained_checkpoint"
 #: the state directory `poetc train` uses for a paged output when --state is not given
 STATE_DIR = "state"
 #: where compile writes the initial state (generation 0) of a paged output (poetc.runtime.statedir)
-INITIAL_STATE = "initial_state"
+INITIAL_STATE = "initial_state"  # == poetc.runtime.statedir.INITIAL_STATE (run.py does not import it eagerly)
 _STATE_HINT = "the state directory stays at its last committed step; nothing was trained on the refused data"
 
 
@@ -122,7 +122,7 @@ _NP_DTYPES = {"float": np.float32, "double": np.float64, "float16": np.float16, 
 def training_feeds(inputs: dict[str, InputSpec], classes: int | None, seed: int = 0) -> dict[str, np.ndarray]:
     """The one seeded input generator for running artifacts: floats ~ N(0, 1), integers (labels) in
     [0, classes), bools 0/1, in name order."""
-    from .runtime.session import generated_feeds
+    from .runtime.feeds import generated_feeds
     return generated_feeds({n: (tuple(s.shape), s.dtype) for n, s in inputs.items()}, classes, seed)
 
 
@@ -181,7 +181,7 @@ def measure_artifacts(artifacts: Path, graph=None, steps: int = 2, feeds=None,
                       spill_library: Path | None = None, spill_dir: Path | None = None,
                       intra_op_threads: int | None = None, workdir: Path | None = None,
                       checkpoint_out: Path | None = None, state_dir: Path | None = None,
-                      spec: dict | None = None, keep_generations: bool = False):
+                      spec: dict | None = None, keep_generations: bool = False, commit_every: int = 1):
     """Run `steps` training steps in a worker (on `state_dir`: up to step `steps`, see
     poetc.runtime.measure.measure_training). Without `workdir` its files go to a temporary directory
     that is removed before returning (then the returned run's params_npz no longer exists)."""
@@ -193,7 +193,8 @@ def measure_artifacts(artifacts: Path, graph=None, steps: int = 2, feeds=None,
             return measure_training(artifacts, feeds, steps=steps, spill_library=spill_library,
                                     spill_dir=spill_dir, intra_op_threads=intra_op_threads,
                                     workdir=workdir if workdir is not None else tmp, checkpoint_out=checkpoint_out,
-                                    state_dir=state_dir, feed_spec=spec, keep_generations=keep_generations)
+                                    state_dir=state_dir, feed_spec=spec, keep_generations=keep_generations,
+                                    commit_every=commit_every)
         except MeasurementError as exc:
             raise _runtime_failure(exc, _STATE_HINT if state_dir is not None else None) from exc
 
@@ -204,7 +205,7 @@ def measure_artifacts(artifacts: Path, graph=None, steps: int = 2, feeds=None,
 
 def is_paged(out_dir: Path) -> bool:
     """The compiled training graph reads or writes state with StateRead/StateWrite."""
-    from .runtime.session import graph_state_ops
+    from .runtime.statedir import graph_state_ops
     reads, writes = graph_state_ops(Path(out_dir) / "training_model.onnx")
     return bool(reads or writes)
 
@@ -223,6 +224,7 @@ def create_state_dir(out_dir: Path, report: CompileReport, state_dir: Path, libr
             infos = src.tensors
             tensors = src.read_all()
             meta = src.meta
+        meta = {**meta, _MODEL_DIGEST: report.artifacts.get("training_model.onnx", "")}
         statedir.write_initial_state(state_dir, tensors, meta, frozen={n for n, i in infos.items() if i.frozen},
                                      paged={n for n, i in infos.items() if i.paged},
                                      trainable={n for n, i in infos.items() if i.trainable}, library=library)
@@ -237,11 +239,24 @@ def create_state_dir(out_dir: Path, report: CompileReport, state_dir: Path, libr
     declared = _read_checkpoint(out_dir / "reference" / "checkpoint", artifact=True)
     trainable = {n for n, (_, t) in declared.items() if t}
     frozen = {n for n, (_, t) in declared.items() if not t and not is_optimizer_state(n)}
-    statedir.write_initial_state(state_dir, {n: v for n, (v, _) in values.items()}, {"source": "checkpoint"},
+    meta = {"source": "checkpoint", _MODEL_DIGEST: report.artifacts.get("training_model.onnx", "")}
+    statedir.write_initial_state(state_dir, {n: v for n, (v, _) in values.items()}, meta,
                                  frozen=frozen & set(values), trainable=trainable, library=library)
 
 
 _RECOMPILE_HINT = "recompile with `poetc compile ... -o DIR --force`"
+#: manifest meta of a state directory: the SHA-256 of the training graph it was created for
+_MODEL_DIGEST = "training_model_sha256"
+
+
+def _check_state_matches(out_dir: Path, report: CompileReport, state: Path) -> None:
+    from .runtime import statedir
+    with statedir.StateDir.open(state, lock=False, clean=False) as s:
+        made_for = s.meta.get(_MODEL_DIGEST)
+    if made_for and made_for != report.artifacts.get("training_model.onnx"):
+        raise UsageError(f"the state directory {state} was created for another compile output (its training graph "
+                         f"differs from {out_dir}/training_model.onnx); it was left untouched",
+                         hint="train it with the output it was created from, or pass a new --state directory")
 
 
 def _runtime_failure(exc, hint: str | None = None) -> RuntimeFailure:
@@ -395,7 +410,7 @@ def verify(out_dir: Path, *, steps: int = 3, data: Path | None = None, rtol: flo
 
 def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
           spill_dir: Path | None = None, save: Path | None = None, state: Path | None = None,
-          threads: int | None = None, keep_generations: bool = False) -> dict:
+          threads: int | None = None, keep_generations: bool = False, commit_every: int = 1) -> dict:
     """Run training steps of the compiled artifacts.
 
     Without a state directory (`state` None and an output without state ops): `steps` steps from the
@@ -416,7 +431,9 @@ def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
             raise UsageError("--save writes an ONNX Runtime checkpoint and --state trains on a state directory; "
                              "give one of them", hint="export a state directory with `poetc export DIR --state S -o OUT`")
         return train_on_state(out_dir, report, Path(state), steps=steps, data=data, seed=seed, spill_dir=spill_dir,
-                              threads=threads, keep_generations=keep_generations)
+                              threads=threads, keep_generations=keep_generations, commit_every=commit_every)
+    if commit_every != 1:
+        raise UsageError("--commit-every applies to training on a state directory", hint="add --state DIR")
     feeds = load_data(data, report.inputs) if data else training_feeds(report.inputs, report.label_classes, seed)
     target = Path(save) if save is not None else out_dir / TRAINED_CHECKPOINT
     _check_checkpoint_target(target, out_dir, explicit=save is not None)
@@ -442,11 +459,13 @@ def train(out_dir: Path, *, steps: int, data: Path | None = None, seed: int = 0,
 
 def train_on_state(out_dir: Path, report: CompileReport, state: Path, *, steps: int, data: Path | None = None,
                    seed: int = 0, spill_dir: Path | None = None, threads: int | None = None,
-                   keep_generations: bool = False) -> dict:
+                   keep_generations: bool = False, commit_every: int = 1) -> dict:
     """Train on the state directory `state` until its committed step is `steps`. Step i's batch is
     `training_feeds(inputs, classes, [seed, i])` (or the --data batch every step), so a run resumed after
     a crash computes what an uninterrupted one does. The worker holds the directory's lock; each step
-    commits a generation (poetc.runtime.statedir), so a kill at any moment leaves the last committed step."""
+    commits a generation (poetc.runtime.statedir), so a kill at any moment leaves the last committed step;
+    with `commit_every` K > 1 only every K-th step (and the last) persists the resident state and commits,
+    the others only advance (a kill then loses at most K-1 steps, recomputed identically on resume)."""
     from .runtime import statedir
     with tempfile.TemporaryDirectory(prefix="poetc-train-") as work:
         work = Path(work)
@@ -464,16 +483,18 @@ def train_on_state(out_dir: Path, report: CompileReport, state: Path, *, steps: 
             create_state_dir(out_dir, report, state, library)
             created = True
         start = statedir.committed_step(state)  # checks MANIFEST and CURRENT before a worker starts
+        _check_state_matches(out_dir, report, state)
         spec = None if data else feed_spec(report.inputs, report.label_classes, seed)
         feeds = load_data(data, report.inputs) if data else None
         run = measure_artifacts(out_dir, steps=steps, feeds=feeds, spec=spec, spill_library=library,
                                 spill_dir=spill_dir, workdir=work / "run", intra_op_threads=threads,
-                                state_dir=state, keep_generations=keep_generations)
+                                state_dir=state, keep_generations=keep_generations, commit_every=commit_every)
     return {"state_dir": str(state), "created": created, "resumed_from": run.resumed_from if not created else 0,
             "started_at_step": start, "final_step": run.final_step,
             "steps_run": [s.index for s in run.steps],
             "losses": [s.loss for s in run.steps], "step_peak_bytes": [s.peak_heap_bytes for s in run.steps],
-            "step_seconds": [s.step_seconds for s in run.steps]}
+            "step_seconds": [s.step_seconds for s in run.steps],
+            "persist_seconds": [s.persist_seconds for s in run.steps]}
 
 
 def _check_checkpoint_target(target: Path, out_dir: Path, *, explicit: bool) -> None:

@@ -221,3 +221,25 @@ def test_node_specs():
         contract.make_state_read_node_spec(T.FLOAT, "")
     with pytest.raises(ValueError):
         contract.make_state_write_node_spec(T.STRING, "x")
+
+
+def test_advance_without_commit(lib, tmp_path):
+    """Steps between commits read the previous step's paged files; a crash returns to the commit."""
+    d = _init(lib, tmp_path / "s")
+    sess = _graph(lib)
+    s = StateDir.open(d, library=lib)
+    g, *_ = _step(s, sess)
+    s.advance(g)  # step 1: not committed
+    assert s.generation == 0 and s.latest == 1
+    g, _, again, _ = _step(s, sess)
+    np.testing.assert_array_equal(again, np.full((2, 3), 1.5, np.float32))  # read gen 1, uncommitted
+    s.write("r", s.read("r"), g)
+    s.commit(g)
+    assert (s.generation, s.latest, s.generations_on_disk()) == (2, 2, [2])
+    g, *_ = _step(s, sess)
+    s.advance(g)  # step 3 never committed: a crash here
+    s.close()
+    s = StateDir.open(d, library=lib)
+    assert s.generation == 2 and s.generations_on_disk() == [2]
+    np.testing.assert_array_equal(s.read("w"), np.full((2, 3), 3.0, np.float32))
+    s.close()

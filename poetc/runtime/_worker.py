@@ -5,6 +5,7 @@ Started by :func:`poetc.runtime.measure.measure_training` as
     python -m poetc.runtime._worker --artifacts DIR --feeds FEEDS.npz \
         --steps N --result RESULT.json --params-out PARAMS.npz \
         [--spill-library LIB.so] [--threads N] [--checkpoint-out PATH]
+        [--state-dir DIR [--feed-spec SPEC.json] [--commit-every K] [--keep-generations]]
 
 with ``LD_PRELOAD`` set to poetc's heap counter and
 ``MALLOC_MMAP_THRESHOLD_=65536``.  For every step it records the loss, the
@@ -15,6 +16,11 @@ VmHWM growth after resetting the high-water mark through
 ``PARAMS.npz`` and writes everything as JSON to ``RESULT.json``.  Errors
 (including custom-op failures such as a Restore checksum mismatch) go to
 stderr and make the exit status non-zero.
+
+With ``--state-dir`` it trains on a state directory (poetc.runtime.statedir) through
+:class:`poetc.runtime.session.StateSession` instead of ``Module``: ``--steps`` is then the step to
+reach, each step commits (or, between ``--commit-every`` commits, advances) a generation, and
+``--feed-spec`` makes it generate step i's batch from ``[seed, i]``.
 
 Kept small on purpose: it imports only numpy, onnxruntime and
 :mod:`poetc.runtime.session`, so the worker's own footprint stays low.
@@ -143,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     steps = []
     for i in range(resumed_from, resumed_from + todo):
         if feed_spec is not None:
-            from poetc.runtime.session import generated_feeds
+            from poetc.runtime.feeds import generated_feeds
             feeds = generated_feeds({k: tuple(v) for k, v in feed_spec["inputs"].items()}, feed_spec["classes"],
                                     [int(feed_spec["seed"]), i])
         gc.collect()
@@ -152,7 +158,10 @@ def run(args: argparse.Namespace) -> dict:
         heap_before = heap.current()
         heap.reset_peak()
         t0 = time.perf_counter()
-        loss = sess.step(feeds)
+        if state is not None:  # commit every --commit-every steps and at the last one
+            loss = sess.step(feeds, commit=(i + 1) % args.commit_every == 0 or i + 1 == resumed_from + todo)
+        else:
+            loss = sess.step(feeds)
         dt = time.perf_counter() - t0
         heap_peak = heap.peak()
         hwm_kib = _proc_status_kib("VmHWM")
@@ -169,6 +178,7 @@ def run(args: argparse.Namespace) -> dict:
             "step_seconds": dt,
             "vmhwm_peak_bytes": vm_peak,
             "rss_before_bytes": None if rss_before_kib is None else rss_before_kib * 1024,
+            "persist_seconds": getattr(sess, "last_persist_seconds", None),
         })
 
     if args.checkpoint_out and state is None:
@@ -212,8 +222,18 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _skip_ortmodule_import() -> None:
+    """The training build's import-time package check imports ORTModule and with it torch (about 6 s of
+    start-up on the shared test machine, measured with `python -X importtime`); a state-directory run
+    uses only InferenceSession and the ctypes state functions, so it tells Python that module is absent
+    (the check then skips it)."""
+    sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
+    if "--state-dir" in (sys.argv[1:] if argv is None else argv):
+        _skip_ortmodule_import()
     ap = argparse.ArgumentParser(prog="python -m poetc.runtime._worker")
     ap.add_argument("--artifacts", required=True)
     ap.add_argument("--feeds", default=None)
@@ -226,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", default=None, help="train on this state directory (--steps: the step to reach)")
     ap.add_argument("--feed-spec", default=None, help="JSON {inputs, classes, seed}: generate each step's batch")
     ap.add_argument("--keep-generations", action="store_true", help="keep every committed generation (tests)")
+    ap.add_argument("--commit-every", type=int, default=1, help="state directory: commit every K steps")
     args = ap.parse_args(argv)
     # the worker's stderr is the parent's log of it (poetc.runtime.measure keeps its tail)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)

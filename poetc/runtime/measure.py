@@ -70,6 +70,8 @@ class StepMeasurement:
     heap_before_bytes: int
     heap_after_bytes: int
     rss_before_bytes: int | None = None
+    #: on a state directory: the part of step_seconds spent persisting the resident state and committing
+    persist_seconds: float | None = None
 
 
 @dataclass
@@ -187,7 +189,8 @@ def measure_training(artifacts_dir: str | os.PathLike,
                      checkpoint_out: str | os.PathLike | None = None,
                      state_dir: str | os.PathLike | None = None,
                      feed_spec: Mapping | None = None,
-                     keep_generations: bool = False) -> MeasuredRun:
+                     keep_generations: bool = False,
+                     commit_every: int = 1) -> MeasuredRun:
     """Run ``steps`` training steps of ``artifacts_dir`` in a fresh process.
 
     ``feeds_npz``: ``.npz`` whose keys are the training model's user input
@@ -209,6 +212,8 @@ def measure_training(artifacts_dir: str | os.PathLike,
     -- the worker generates each step's batch from ``[seed, step]``
     (``feeds_npz`` is then ignored).  ``keep_generations``: keep every
     committed generation (to compare a resumed run step by step).
+    ``commit_every``: on a state directory, commit every K steps (and at
+    the last); the steps between advance without persisting resident state.
     Raises :class:`MeasurementError` if the worker fails or times out.  An
     interrupt (KeyboardInterrupt, poetc's SIGTERM handler) stops the worker's
     whole process group before it propagates: no orphan keeps training.
@@ -249,6 +254,8 @@ def measure_training(artifacts_dir: str | os.PathLike,
         cmd += ["--state-dir", str(Path(state_dir).resolve())]
     if keep_generations:
         cmd += ["--keep-generations"]
+    if commit_every != 1:
+        cmd += ["--commit-every", str(int(commit_every))]
 
     env = heap_counter_env(counter, extra_env)
     root = str(_repo_root())

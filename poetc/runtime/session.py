@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -137,45 +138,6 @@ def open_training(artifacts_dir: str | os.PathLike,
 # state through StateRead/StateWrite, one crash-safe generation per step
 
 
-def graph_state_ops(model_path: str | os.PathLike) -> tuple[set[str], set[str]]:
-    """Keys the training graph reads with StateRead and writes with StateWrite (empty: not paged)."""
-    import onnx
-
-    from .contract import SPILL_DOMAIN, STATE_READ_OP_TYPES, STATE_WRITE_OP_TYPE
-    m = onnx.load(str(model_path), load_external_data=False)
-    reads, writes = set(), set()
-    for n in m.graph.node:
-        if n.domain != SPILL_DOMAIN:
-            continue
-        key = next((a.s.decode() for a in n.attribute if a.name == "key"), "")
-        if n.op_type in STATE_READ_OP_TYPES.values():
-            reads.add(key)
-        elif n.op_type == STATE_WRITE_OP_TYPE:
-            writes.add(key)
-    return reads, writes
-
-
-def generated_feeds(specs: Mapping[str, tuple[tuple[int, ...], str]], classes: int | None,
-                    seed) -> dict[str, np.ndarray]:
-    """poetc's one seeded input generator: floats ~ N(0, 1), integers (labels) in [0, classes), bools 0/1,
-    in name order. ``specs``: name -> (shape, dtype name). ``seed``: an int, or ``[seed, step]`` for the
-    batch of one step (so a resumed run sees the batches an uninterrupted one does)."""
-    rng = np.random.default_rng(seed)
-    classes = classes or 2
-    np_types = {"float": np.float32, "double": np.float64, "float16": np.float16, "int64": np.int64,
-                "int32": np.int32, "int8": np.int8, "uint8": np.uint8}
-    feeds = {}
-    for name, (shape, dtype) in sorted(specs.items()):
-        shape = tuple(shape)
-        if dtype in ("float", "double", "float16"):
-            feeds[name] = rng.standard_normal(shape).astype(np_types[dtype])
-        elif dtype == "bool":
-            feeds[name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            feeds[name] = rng.integers(0, classes, shape).astype(np_types.get(dtype, np.int64))
-    return feeds
-
-
 class StateSession:
     """A compiled training graph driven as a plain InferenceSession on a state directory.
 
@@ -204,13 +166,18 @@ class StateSession:
         if "lazy_reset_grad" in graph_inputs:
             self._values["lazy_reset_grad"] = ort.OrtValue.ortvalue_from_numpy(np.array([True]))
         self.output_names = [o.name for o in self.session.get_outputs()]
+        #: wall time of the last step's persist + commit (resident state written, fsync, CURRENT renamed)
+        self.last_persist_seconds = 0.0
 
     @property
     def step_index(self) -> int:
-        """Steps completed (the committed generation)."""
-        return self.state.generation
+        """Steps completed (the latest generation, committed or not)."""
+        return self.state.latest
 
-    def step(self, feeds: Mapping[str, np.ndarray]) -> float:
+    def step(self, feeds: Mapping[str, np.ndarray], commit: bool = True) -> float:
+        """One step as generation L+1. ``commit``: persist the resident state into it and commit it (a crash
+        then resumes here); False: only advance to it (its paged files feed the next step; a crash returns to
+        the last commit, whose steps the resumed run recomputes bit for bit)."""
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise KeyError(f"feeds lack training inputs {missing}; expected {self.input_names}")
@@ -221,10 +188,15 @@ class StateSession:
         outputs = self.session.run_with_ort_values(self.output_names, values)
         loss = float(np.asarray(outputs[0].numpy()).reshape(-1)[0])
         del outputs
-        for n in self.resident:
-            if not self.state.tensors[n].frozen:
-                self.state.write(n, self.buffers[n], gen)
-        self.state.commit(gen, keep_previous=self.keep_generations)
+        t0 = time.perf_counter()
+        if commit:
+            for n in self.resident:
+                if not self.state.tensors[n].frozen:
+                    self.state.write(n, self.buffers[n], gen)
+            self.state.commit(gen, keep_previous=self.keep_generations)
+        else:
+            self.state.advance(gen, keep_previous=self.keep_generations)
+        self.last_persist_seconds = time.perf_counter() - t0
         return loss
 
     def parameters(self) -> dict[str, np.ndarray]:

@@ -22,7 +22,9 @@ tell the ops (`poet_state_configure`: read g, write g+1); run the graph (StateWr
 into gen-<g+1>); write every resident tensor into gen-<g+1>; check every non-frozen tensor has its file
 there; fsync each file and the directory; write CURRENT.tmp, fsync, rename onto CURRENT, fsync D; remove
 gen-<g>. A crash before the rename leaves g committed (gen-<g+1> is garbage, removed on the next open);
-after it, g+1. Opening removes every gen-* directory other than the committed one.
+after it, g+1. Opening removes every gen-* directory other than the committed one. A step may also only
+*advance* (`StateDir.advance`, `poetc train --commit-every K`): its paged files feed the next step, nothing
+is persisted or committed, and a crash returns to the last commit.
 
 Refusals (all :class:`StateError`, a RuntimeFailure: exit 9): a missing or damaged MANIFEST.json or
 CURRENT, a CURRENT whose MAC fails or that names a missing generation, and any tensor file that is torn,
@@ -58,6 +60,9 @@ MANIFEST = "MANIFEST.json"
 CURRENT = "CURRENT"
 FROZEN_DIR = "frozen"
 LOCK = "LOCK"
+#: where a compile writes its output's initial state (generation 0) with write_initial_state:
+#: OUT/initial_state; `poetc train` starts every new state directory from it (under a fresh MAC key)
+INITIAL_STATE = "initial_state"
 _GEN_RE = re.compile(r"^gen-(\d{8,})$")
 _ERRBUF = 2048
 
@@ -276,36 +281,6 @@ def write_initial_state(directory: str | os.PathLike, tensors: Mapping[str, np.n
     return d
 
 
-def copy_state_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy the committed generation of ``src`` (checked) into the new state directory ``dst`` with the
-    same MAC key (it is the same training run's state); the copy's CURRENT is ``src``'s."""
-    s = StateDir.open(src, lock=False)
-    d = Path(dst)
-    if d.exists() and (not d.is_dir() or any(d.iterdir())):
-        raise StateError(f"cannot create the state directory {d}: it exists and is not empty",
-                         hint="choose a new directory (poetc never overwrites a state directory)")
-    d.parent.mkdir(parents=True, exist_ok=True)
-    stage = d.with_name(f".{d.name}.poetc-tmp-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(mode=0o700)
-    try:
-        s.verify()
-        for sub in (FROZEN_DIR, gen_dir_name(s.generation)):
-            shutil.copytree(s.path / sub, stage / sub)
-            for f in (stage / sub).iterdir():
-                _fsync_path(f)
-            _fsync_path(stage / sub, directory=True)
-        for name in (MANIFEST, CURRENT):
-            _write_atomic(stage / name, (s.path / name).read_bytes())
-        if d.exists():
-            d.rmdir()
-        os.replace(stage, d)
-        _fsync_path(d.parent, directory=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return d
-
-
 # ---------------------------------------------------------------------------------------------------
 # an open state directory
 
@@ -318,6 +293,8 @@ class StateDir:
         self.manifest = manifest
         self.mac_key = mac_key
         self.generation = generation
+        #: the generation the next step reads: the committed one, or a later one advanced to without commit
+        self.latest = generation
         self.library = library
         self.tensors = {n: TensorInfo(n, int(t["dtype"]), tuple(int(s) for s in t["shape"]), bool(t["trainable"]),
                                       bool(t["paged"]), bool(t["frozen"]))
@@ -369,7 +346,7 @@ class StateDir:
         if lock:
             s._lock(lock_wait_s)
             # the holder of the lock may have committed while we waited: read CURRENT again
-            s.generation = cls.open(d, library=library, lock=False, clean=False).generation
+            s.generation = s.latest = cls.open(d, library=library, lock=False, clean=False).generation
             if clean:
                 s._remove_other_generations()
         return s
@@ -451,13 +428,35 @@ class StateDir:
     # -- one step -----------------------------------------------------------------------------------
 
     def begin_step(self) -> int:
-        """Prepare gen-<g+1> (empty) and point the ops at it: they read g, write g+1. Returns g+1."""
-        new = self.generation + 1
+        """Prepare gen-<L+1> (empty; L the latest generation: the committed one, or one advanced past it
+        without a commit) and point the ops at it: they read L, write L+1. Returns L+1."""
+        new = self.latest + 1
         gdir = self.path / gen_dir_name(new)
         shutil.rmtree(gdir, ignore_errors=True)
         gdir.mkdir(mode=0o700)
-        self.configure_ops(self.generation, new)
+        self.configure_ops(self.latest, new)
         return new
+
+    def advance(self, generation: int, *, keep_previous: bool = False) -> None:
+        """Make ``generation`` (== latest + 1) the one the next step's StateReads see, WITHOUT committing it:
+        its paged files must all be there (resident state stays in RAM); a crash before the next commit
+        returns to the committed generation. The committed generation's directory is kept until then."""
+        if generation != self.latest + 1:
+            raise ValueError(f"advance to generation {generation} after {self.latest}")
+        self._check_written(generation, [n for n, i in self.tensors.items() if i.paged and not i.frozen])
+        old = self.latest
+        self.latest = generation
+        if not keep_previous and old != self.generation:
+            shutil.rmtree(self.path / gen_dir_name(old), ignore_errors=True)
+
+    def _check_written(self, generation: int, names) -> None:
+        gdir = self.path / gen_dir_name(generation)
+        missing = sorted(n for n in names if not (gdir / file_name(n, self.library)).is_file())
+        if missing:
+            raise StateError(f"the step did not write every state tensor: {missing[:5]} "
+                             f"{'...' if len(missing) > 5 else ''}missing from {gdir}; generation "
+                             f"{self.generation} stays committed",
+                             hint="the compiled graph must StateWrite every non-frozen paged tensor once per step")
 
     def configure_ops(self, read_gen: int, write_gen: int) -> None:
         err = ctypes.create_string_buffer(_ERRBUF)
@@ -477,28 +476,42 @@ class StateDir:
         write_tensor(self.tensor_path(name, generation), name, a, generation, self.mac_key, library=self.library)
 
     def commit(self, generation: int, *, keep_previous: bool = False) -> None:
-        """Make ``generation`` (== committed + 1, fully written) the committed one, crash-safely."""
-        if generation != self.generation + 1:
-            raise ValueError(f"commit of generation {generation} after {self.generation}")
+        """Make ``generation`` (== latest + 1, every non-frozen tensor written) the committed one: fsync its
+        files and directory, then write CURRENT.tmp, fsync, rename onto CURRENT, fsync the directory; then
+        remove the generations before it (``keep_previous``: keep them, for tests)."""
+        if generation != self.latest + 1:
+            raise ValueError(f"commit of generation {generation} after {self.latest}")
         gdir = self.path / gen_dir_name(generation)
-        missing = [n for n, i in sorted(self.tensors.items())
-                   if not i.frozen and not (gdir / file_name(n, self.library)).is_file()]
-        if missing:
-            raise StateError(f"the step did not write every state tensor: {missing[:5]} "
-                             f"{'...' if len(missing) > 5 else ''}missing from {gdir}; generation "
-                             f"{self.generation} stays committed",
-                             hint="the compiled graph must StateWrite every non-frozen paged tensor once per step")
+        self._check_written(generation, [n for n, i in self.tensors.items() if not i.frozen])
         for f in gdir.iterdir():
             _fsync_path(f)
         _fsync_path(gdir, directory=True)
+        _fsync_path(self.path, directory=True)  # gen-<g+1>'s own entry is durable before CURRENT names it
         current = {"generation": generation, "step": generation,
                    "manifest_sha256": hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()}
         current["mac"] = _mac(self.mac_key, current)
         _write_atomic(self.path / CURRENT, json.dumps(current, sort_keys=True).encode())
-        old = self.generation
-        self.generation = generation
+        self.generation = self.latest = generation
         if not keep_previous:
-            shutil.rmtree(self.path / gen_dir_name(old), ignore_errors=True)
+            self._remove_other_generations()
+
+
+def graph_state_ops(model_path: str | os.PathLike) -> tuple[set[str], set[str]]:
+    """Keys the training graph reads with StateRead and writes with StateWrite (empty: not paged)."""
+    import onnx
+
+    from .contract import SPILL_DOMAIN, STATE_READ_OP_TYPES, STATE_WRITE_OP_TYPE
+    m = onnx.load(str(model_path), load_external_data=False)
+    reads, writes = set(), set()
+    for n in m.graph.node:
+        if n.domain != SPILL_DOMAIN:
+            continue
+        key = next((a.s.decode() for a in n.attribute if a.name == "key"), "")
+        if n.op_type in STATE_READ_OP_TYPES.values():
+            reads.add(key)
+        elif n.op_type == STATE_WRITE_OP_TYPE:
+            writes.add(key)
+    return reads, writes
 
 
 def committed_step(directory: str | os.PathLike) -> int:
@@ -506,5 +519,5 @@ def committed_step(directory: str | os.PathLike) -> int:
     return StateDir.open(directory, lock=False, clean=False).generation
 
 
-__all__ = ["StateDir", "StateError", "TensorInfo", "committed_step", "copy_state_dir", "file_name", "is_state_dir",
-           "read_tensor", "write_initial_state", "write_tensor"]
+__all__ = ["INITIAL_STATE", "StateDir", "StateError", "TensorInfo", "committed_step", "file_name",
+           "graph_state_ops", "is_state_dir", "read_tensor", "write_initial_state", "write_tensor"]

@@ -390,3 +390,18 @@ def test_report_round_trips_with_the_new_fields(mlp_fused, tmp_path):
     assert doc["format"] == REPORT_FORMAT == "poetc-report/3"
     back = CompileReport.from_json(doc)
     assert dataclasses.asdict(back) == dataclasses.asdict(report)
+
+
+def test_an_empty_directory_does_not_make_an_output_foreign(tmp_path):
+    """A fused output's initial_state/frozen is empty when no parameter is frozen: --force must still
+    replace the output; a directory with content poetc did not write still makes it foreign."""
+    from poetc.output import foreign_content, write_manifest
+    out = tmp_path / "out"
+    (out / "initial_state" / "frozen").mkdir(parents=True)
+    (out / "initial_state" / "MANIFEST.json").write_text("{}")
+    (out / "report.json").write_text("{}")
+    write_manifest(out)
+    assert foreign_content(out) is None
+    (out / "other").mkdir()
+    (out / "other" / "data.txt").write_text("x")
+    assert "other" in foreign_content(out)

@@ -318,10 +318,19 @@ STATE_DIR = INITIAL_STATE  # where poetc.run looks for it
 def _write_state_dir(directory: Path, graph: TrainGraph, schedule, initial: tuple[dict, dict]) -> None:
     from .runtime import statedir
     from .schedule import StepKind
+    import hashlib
     tensors, meta = initial
     paged = sorted({s.tensor for s in schedule.steps if s.kind is StepKind.STATE_READ})
+    # a template (poetc.run re-keys it for every state directory it creates): its key and id come from
+    # its content, so the same input gives the same output bytes
+    h = hashlib.sha256(json.dumps([meta, paged], sort_keys=True, default=_json_default).encode())
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(json.dumps([name, str(a.dtype), list(a.shape)]).encode())
+        h.update(a.tobytes())
+    digest = h.digest()
     statedir.write_initial_state(directory, tensors, meta, frozen=set(graph.frozen_parameter_names), paged=paged,
-                                 trainable=set(graph.parameter_names))
+                                 trainable=set(graph.parameter_names), mac_key=digest[:16], state_id=digest[16:24].hex())
 
 
 def _optimizer_contract(graph: TrainGraph) -> dict:

@@ -118,7 +118,9 @@ def foreign_content(directory: Path) -> str | None:
             continue
         mode = path.lstat().st_mode
         if stat.S_ISDIR(mode):
-            if not any(f.startswith(rel + "/") for f in manifest):
+            # an empty directory holds no data (a fused output's initial_state/frozen when no parameter
+            # is frozen): removing it loses nothing
+            if not any(f.startswith(rel + "/") for f in manifest) and any(path.iterdir()):
                 return f"it holds a directory poetc did not write ({rel})"
             continue
         if not stat.S_ISREG(mode):

@@ -224,6 +224,7 @@ def create_state_dir(out_dir: Path, report: CompileReport, state_dir: Path, libr
             infos = src.tensors
             tensors = src.read_all()
             meta = src.meta
+        meta = {**meta, _MODEL_DIGEST: report.artifacts.get("training_model.onnx", "")}
         statedir.write_initial_state(state_dir, tensors, meta, frozen={n for n, i in infos.items() if i.frozen},
                                      paged={n for n, i in infos.items() if i.paged},
                                      trainable={n for n, i in infos.items() if i.trainable}, library=library)
@@ -238,11 +239,24 @@ def create_state_dir(out_dir: Path, report: CompileReport, state_dir: Path, libr
     declared = _read_checkpoint(out_dir / "reference" / "checkpoint", artifact=True)
     trainable = {n for n, (_, t) in declared.items() if t}
     frozen = {n for n, (_, t) in declared.items() if not t and not is_optimizer_state(n)}
-    statedir.write_initial_state(state_dir, {n: v for n, (v, _) in values.items()}, {"source": "checkpoint"},
+    meta = {"source": "checkpoint", _MODEL_DIGEST: report.artifacts.get("training_model.onnx", "")}
+    statedir.write_initial_state(state_dir, {n: v for n, (v, _) in values.items()}, meta,
                                  frozen=frozen & set(values), trainable=trainable, library=library)
 
 
 _RECOMPILE_HINT = "recompile with `poetc compile ... -o DIR --force`"
+#: manifest meta of a state directory: the SHA-256 of the training graph it was created for
+_MODEL_DIGEST = "training_model_sha256"
+
+
+def _check_state_matches(out_dir: Path, report: CompileReport, state: Path) -> None:
+    from .runtime import statedir
+    with statedir.StateDir.open(state, lock=False, clean=False) as s:
+        made_for = s.meta.get(_MODEL_DIGEST)
+    if made_for and made_for != report.artifacts.get("training_model.onnx"):
+        raise UsageError(f"the state directory {state} was created for another compile output (its training graph "
+                         f"differs from {out_dir}/training_model.onnx); it was left untouched",
+                         hint="train it with the output it was created from, or pass a new --state directory")
 
 
 def _runtime_failure(exc, hint: str | None = None) -> RuntimeFailure:
@@ -469,6 +483,7 @@ def train_on_state(out_dir: Path, report: CompileReport, state: Path, *, steps: 
             create_state_dir(out_dir, report, state, library)
             created = True
         start = statedir.committed_step(state)  # checks MANIFEST and CURRENT before a worker starts
+        _check_state_matches(out_dir, report, state)
         spec = None if data else feed_spec(report.inputs, report.label_classes, seed)
         feeds = load_data(data, report.inputs) if data else None
         run = measure_artifacts(out_dir, steps=steps, feeds=feeds, spec=spec, spill_library=library,

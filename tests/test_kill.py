@@ -289,3 +289,16 @@ def test_export_reads_the_committed_step(paged_out, tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "exp" / "inference_model.onnx"), providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {"input": np.zeros((512, 784), np.float32)})
     assert y.shape == (512, 10)
+
+
+def test_state_of_another_output_is_refused(paged_out, tmp_path):
+    from statepaging import page_by_hand
+    out, lib = paged_out
+    other = tmp_path / "other-out"
+    shutil.copytree(out, other)
+    page_by_hand(other, ["net.6.weight"], lib)  # another training graph
+    d = _trained(paged_out, tmp_path, steps=1)
+    before = (d / "CURRENT").read_bytes()
+    r = _poetc("train", str(other), "--state", str(d), "--steps", "2")
+    assert r.returncode == 2 and "created for another compile output" in r.stderr, r.stderr
+    assert (d / "CURRENT").read_bytes() == before

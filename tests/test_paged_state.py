@@ -345,3 +345,63 @@ def test_cli_names_the_tensor_and_the_smallest_budget(tmp_path, capsys):
     assert "Traceback" not in err
     assert "'big.weight'" in err and "AdamWUpdate" in err and "smallest budget that can work" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_report_breakdown_by_class(mlp_fused):
+    from poetc.report import memory_breakdown, state_tensor_list
+    from poetc.schedule import MEMORY_CLASSES
+    _, fg, problem = mlp_fused
+    r = _plan_at(problem, lower_bound(problem).ram_bytes + 64 * 1024).result
+    classes = memory_breakdown(fg, r.schedule, r.sim, problem.costs)
+    assert set(classes) == set(MEMORY_CLASSES)
+    states = state_tensor_list(fg, r.schedule)
+    for cls, role in (("parameters", ("parameter", "frozen")), ("moments", ("moment",))):
+        mine = [s for s in states if s["role"] in role]
+        assert classes[cls]["paged_bytes"] == sum(s["bytes"] for s in mine if s["paged"])
+        assert classes[cls]["resident_bytes"] == sum(s["bytes"] for s in mine if not s["paged"])
+        assert classes[cls]["flash_read_bytes"] == sum(s["bytes"] * s["reads_per_step"] for s in mine)
+        assert classes[cls]["flash_write_bytes"] == sum(s["bytes"] * s["writes_per_step"] for s in mine)
+    assert sum(classes[c]["flash_read_bytes"] for c in MEMORY_CLASSES) == r.sim.state_read_bytes + sum(
+        fg.tensors[s.tensor].nbytes for s in r.schedule.steps if s.kind is StepKind.PAGE_IN)
+    # the classes' shares add up to the simulated peak
+    assert sum(classes[c]["peak_step_bytes"] for c in MEMORY_CLASSES) == r.sim.peak_bytes
+    for s in states:  # a paged trainable tensor is written once; a resident one never read
+        assert s["writes_per_step"] == (1 if s["paged"] and s["trainable"] else 0)
+        assert (s["reads_per_step"] > 0) == s["paged"]
+
+
+def test_report_round_trips_with_the_new_fields(mlp_fused, tmp_path):
+    import dataclasses
+    import json
+    from poetc.report import REPORT_FORMAT, CompileReport, KeepAllSummary, StrategySummary, memory_breakdown
+    _, fg, problem = mlp_fused
+    p = _plan_at(problem, lower_bound(problem).ram_bytes + 64 * 1024)
+    r = p.result
+    summary = StrategySummary.of(r)
+    assert summary.peak_bytes == p.budget.fixed_bytes + summary.resident_state_bytes + summary.activation_peak_bytes
+    report = CompileReport(model="m", target="rpi4", objective="energy", budget=p.budget, deadline="100x",
+                           deadline_s=p.deadline_s, flash_bytes=1, fixed_state_bytes={}, lower_bound=p.bound,
+                           keep_all=KeepAllSummary(1, 1, 1.0, 1.0, 5), result=summary, baselines={}, candidates=1,
+                           granularity="op", schedule_encoding_bytes=1, passes=[], native_libraries={},
+                           runtime_contract={}, label_classes=None, inputs={},
+                           memory_classes=memory_breakdown(fg, r.schedule, r.sim, problem.costs),
+                           state_tensors=[{"name": "x"}], state_dir="initial_state")
+    doc = json.loads(json.dumps(report.to_json()))
+    assert doc["format"] == REPORT_FORMAT == "poetc-report/3"
+    back = CompileReport.from_json(doc)
+    assert dataclasses.asdict(back) == dataclasses.asdict(report)
+
+
+def test_an_empty_directory_does_not_make_an_output_foreign(tmp_path):
+    """A fused output's initial_state/frozen is empty when no parameter is frozen: --force must still
+    replace the output; a directory with content poetc did not write still makes it foreign."""
+    from poetc.output import foreign_content, write_manifest
+    out = tmp_path / "out"
+    (out / "initial_state" / "frozen").mkdir(parents=True)
+    (out / "initial_state" / "MANIFEST.json").write_text("{}")
+    (out / "report.json").write_text("{}")
+    write_manifest(out)
+    assert foreign_content(out) is None
+    (out / "other").mkdir()
+    (out / "other" / "data.txt").write_text("x")
+    assert "other" in foreign_content(out)

@@ -222,7 +222,8 @@ def is_state_dir(path: str | os.PathLike) -> bool:
 
 def write_initial_state(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                         meta: Mapping | None = None, *, frozen: Iterable[str] = (), paged: Iterable[str] = (),
-                        trainable: Iterable[str] | None = None, library=None) -> Path:
+                        trainable: Iterable[str] | None = None, library=None, mac_key: bytes | None = None,
+                        state_id: str | None = None) -> Path:
     """Create the state directory ``directory`` (must not exist, or be empty) at generation 0.
 
     ``tensors``: every state tensor by name (parameters incl. frozen ones, zero moments, the step counter,
@@ -248,7 +249,10 @@ def write_initial_state(directory: str | os.PathLike, tensors: Mapping[str, np.n
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(mode=0o700)
     try:
-        key = secrets.token_bytes(16)
+        # (mac_key/state_id: a compile output's initial_state is a template, re-keyed on use
+        # (poetc.run.create_state_dir); compile derives them from the content so its output is the same
+        # bytes for the same input)
+        key = mac_key if mac_key is not None else secrets.token_bytes(16)
         infos = {}
         for name, arr in sorted(tensors.items()):
             a = np.asarray(arr)
@@ -256,7 +260,7 @@ def write_initial_state(directory: str | os.PathLike, tensors: Mapping[str, np.n
                 raise ValueError(f"state tensor {name!r} has unsupported dtype {a.dtype}")
             infos[name] = TensorInfo(name, NUMPY_TO_ONNX[a.dtype], tuple(int(s) for s in a.shape),
                                      name in trainable, name in paged, name in frozen)
-        manifest = {"format": FORMAT, "version": VERSION, "id": secrets.token_hex(8), "mac_key": key.hex(),
+        manifest = {"format": FORMAT, "version": VERSION, "id": state_id or secrets.token_hex(8), "mac_key": key.hex(),
                     "tensors": {n: i.to_json() for n, i in infos.items()}, "meta": dict(meta or {})}
         (stage / FROZEN_DIR).mkdir(mode=0o700)
         g0 = stage / gen_dir_name(0)
@@ -486,6 +490,7 @@ class StateDir:
         for f in gdir.iterdir():
             _fsync_path(f)
         _fsync_path(gdir, directory=True)
+        _fsync_path(self.path, directory=True)  # gen-<g+1>'s own entry is durable before CURRENT names it
         current = {"generation": generation, "step": generation,
                    "manifest_sha256": hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()}
         current["mac"] = _mac(self.mac_key, current)

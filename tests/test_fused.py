@@ -249,3 +249,39 @@ def test_fused_cnn_recompute_and_page_is_bitwise_unfused(cnn_onnx, cnn_graph, tm
     # budget is not asserted here: on this cnn at batch 8 the measured peak of such schedules exceeds
     # the prediction by ~0.5 MB in the unfused mode too -- a known, separate simulator gap.)
     assert v.to_json()["measured_total_peak_bytes"] < v.to_json()["fixed_total_bytes"] + max(v.to_json()["reference_step_peak_bytes"][1:])
+
+
+def test_an_update_comes_after_every_reader_of_a_view_of_its_parameter(tmp_path):
+    """ONNX Runtime's Unsqueeze/Reshape of a parameter share its buffer: a reader of the view after the
+    in-place update reads the new value (issue #15: the corpus resnet_sum, whose PRelu slope [C] is
+    Unsqueezed to [C, 1, 1], trained differently in the fused mode). The update goes after them."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    from poetc.api import open_graph
+    from poetc.importer import ImportOptions
+    from poetc.ir.fused import fuse_optimizer, parameter_views, read_optimizer_spec
+
+    rng = np.random.default_rng(2)
+    nodes = [oh.make_node("Mul", ["x", "W"], ["xw"], name="scale"),
+             oh.make_node("Unsqueeze", ["S", "axes"], ["s3"], name="lift_slope"),
+             oh.make_node("PRelu", ["xw", "s3"], ["y"], name="prelu")]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3, 3])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3, 3])],
+                          [nh.from_array((rng.standard_normal((1, 4, 1, 1)) + 1).astype(np.float32), "W"),
+                           nh.from_array((rng.standard_normal(4) * 0.2).astype(np.float32), "S"),
+                           nh.from_array(np.array([1, 2], np.int64), "axes")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    artifacts, g = open_graph(tmp_path / "m.onnx", tmp_path / "work", ImportOptions(loss="mse"))
+    fused = fuse_optimizer(g, read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx"))))
+    updates = fused.parameter_updates()
+    assert len(parameter_views(fused, "S")) > 1  # the Unsqueeze output is a view of S
+    for param, at in updates.items():
+        for view in parameter_views(fused, param):
+            late = [c for c in fused.tensors[view].consumers if c > at]
+            assert not late, (param, view, [fused.ops[c].name for c in late])

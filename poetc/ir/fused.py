@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import UnsupportedModelError
-from .graph import Op, Role, Tensor, TensorKind, TrainGraph, tensor_nbytes
+from .graph import ALIAS_OPS, Op, Role, Tensor, TensorKind, TrainGraph, tensor_nbytes
 
 STATE_MARK = "__poet_"
 LEARNING_RATE = "__poet_learning_rate"
@@ -93,6 +93,18 @@ def _ancestors(ops: list[Op], tensors: dict[str, Tensor], start: int) -> set[int
     return seen
 
 
+def parameter_views(graph: TrainGraph, param: str) -> list[str]:
+    """`param` and every tensor that shares its buffer in ONNX Runtime (alias ops, transitively)."""
+    views, stack = [param], [param]
+    while stack:
+        for c in graph.tensors[stack.pop()].consumers:
+            op = graph.ops[c]
+            if (op.domain, op.op_type) in ALIAS_OPS and op.outputs and op.inputs[0] in views:
+                views.append(op.outputs[0])
+                stack.append(op.outputs[0])
+    return views
+
+
 def fuse_optimizer(graph: TrainGraph, spec: OptimizerSpec) -> TrainGraph:
     """The fused-mode TrainGraph (and its ONNX model) of an unfused one; see the module docstring."""
     accumulators = [op for op in graph.ops if op.role is Role.ACCUMULATE]
@@ -115,7 +127,11 @@ def fuse_optimizer(graph: TrainGraph, spec: OptimizerSpec) -> TrainGraph:
     after: dict[int, list[str]] = {}
     for p in graph.parameter_names:
         g = grad_of[p]
-        readers = [c for c in old_tensors[p].consumers if graph.ops[c].role is not Role.ACCUMULATE]
+        # readers of p and of its views: ONNX Runtime's Reshape/Unsqueeze/... of p share p's buffer, so
+        # a reader of the view after the in-place update reads the new value (issue #15: corpus
+        # resnet_sum's PRelu slope is Unsqueezed in the forward pass and read again in the backward pass)
+        readers = [c for v in parameter_views(graph, p) for c in old_tensors[v].consumers
+                   if graph.ops[c].role is not Role.ACCUMULATE]
         last = max(readers + [old_tensors[g].producer])
         after.setdefault(body_index[last], []).append(p)
 

@@ -223,6 +223,8 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
 
     # regeneration chains (mirror StepBuilder.materialize)
     updated_at = graph.parameter_updates()  # fused optimizer mode: parameter -> position of its update
+    from ..ir.fused import parameter_views
+    view_param = {v: p for p in updated_at for v in parameter_views(graph, p)}  # p's views -> p (and p -> p)
     for cand in candidates:
         if not cand.recomputable:
             continue
@@ -257,7 +259,9 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
                 else:
                     raise InternalError(f"regenerating {cand.name!r} reads {x!r}, which no decision covers")
         # fused optimizer mode: a recompute runs before fb at the latest and must not read an updated weight
-        late = sorted({x for i in ops for x in graph.ops[i].inputs if x in updated_at and updated_at[x] < cand.first_after_gap})
+        # (or a view of one: Reshape/Unsqueeze of a parameter share its buffer in ONNX Runtime; issue #15)
+        late = sorted({view_param[x] for i in ops for x in graph.ops[i].inputs
+                       if x in view_param and updated_at[view_param[x]] < cand.first_after_gap})
         if late and not problem:
             problem = f"its recomputation would read parameter {late[0]!r} after its in-graph update"
         if problem:

@@ -16,17 +16,15 @@ from onnx import TensorProto as T
 from onnx import helper
 
 from poetc.errors import RuntimeFailure
-from poetc.runtime import contract, nativelib, statedir
+from poetc.runtime import contract, statedir
 from poetc.runtime.session import contract_session_options
 from poetc.runtime.statedir import StateDir, StateError
 
 
-@pytest.fixture(scope="module")
-def lib() -> Path:
-    try:
-        return nativelib.build_spill_library("host")
-    except nativelib.NativeBuildError as exc:
-        pytest.skip(f"cannot build the poet op library (ORT headers unavailable?): {exc}")
+@pytest.fixture
+def lib(spill_lib) -> Path:
+    """The host op library (conftest's spill_lib)."""
+    return spill_lib
 
 
 def _graph(lib) -> ort.InferenceSession:

@@ -13,18 +13,15 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from poetc.runtime import nativelib
 from poetc.runtime.session import contract_session_options
 
 ADAMW = dict(alpha=0.9, beta=0.999, epsilon=1e-6, correct_bias=1, adam_mode=1)
 
 
-@pytest.fixture(scope="module")
-def lib() -> Path:
-    try:
-        return nativelib.build_spill_library("host")
-    except nativelib.NativeBuildError as exc:
-        pytest.skip(f"cannot build the poet op library (ORT headers unavailable?): {exc}")
+@pytest.fixture
+def lib(spill_lib) -> Path:
+    """The host op library (conftest's spill_lib)."""
+    return spill_lib
 
 
 def _model(nodes, inputs, outputs, domain: str) -> bytes:

@@ -411,13 +411,26 @@ static OrtStatus *pair_output(const AsyncKernel *k, OrtKernelContext *ctx, int64
   return NULL;
 }
 
+/* Queues `j` on the I/O thread; on failure frees it (and its staging buffer) and reports why. */
+static OrtStatus *queue_job(const AsyncKernel *k, poet_job *j) {
+  int rc;
+  pthread_mutex_lock(&g_mu);
+  rc = submit_locked(j);
+  pthread_mutex_unlock(&g_mu);
+  if (rc) {
+    free(j->buf);
+    free(j);
+    return fail(k, "cannot start the I/O thread: %s", strerror(rc));
+  }
+  return NULL;
+}
+
 static OrtStatus *spill_async(AsyncKernel *k, OrtKernelContext *ctx) {
   const OrtValue *x = NULL;
   void *xdata = NULL;
   poet_job *j;
   poet_err err;
   uint64_t bytes = 0;
-  int rc;
   int64_t pid = (int64_t)getpid();
   OrtStatus *st = g_api->KernelContext_GetInput(ctx, 0, &x);
   if (st) return fail_ort(k, st, "KernelContext_GetInput");
@@ -455,15 +468,7 @@ static OrtStatus *spill_async(AsyncKernel *k, OrtKernelContext *ctx) {
     free(j);
     return st;
   }
-  pthread_mutex_lock(&g_mu);
-  rc = submit_locked(j);
-  pthread_mutex_unlock(&g_mu);
-  if (rc) {
-    free(j->buf);
-    free(j);
-    return fail(k, "cannot start the I/O thread: %s", strerror(rc));
-  }
-  return NULL;
+  return queue_job(k, j);
 }
 
 static OrtStatus *flush(AsyncKernel *k, OrtKernelContext *ctx) {
@@ -479,7 +484,6 @@ static OrtStatus *prefetch(AsyncKernel *k, OrtKernelContext *ctx) {
   int64_t h[2];
   poet_err err;
   poet_job *j;
-  int rc;
   OrtStatus *st = pair_input(k, ctx, "H", h);
   if (st) return st;
   j = (poet_job *)calloc(1, sizeof *j);
@@ -496,14 +500,7 @@ static OrtStatus *prefetch(AsyncKernel *k, OrtKernelContext *ctx) {
     free(j);
     return st;
   }
-  pthread_mutex_lock(&g_mu);
-  rc = submit_locked(j);
-  pthread_mutex_unlock(&g_mu);
-  if (rc) {
-    free(j);
-    return fail(k, "cannot start the I/O thread: %s", strerror(rc));
-  }
-  return NULL;
+  return queue_job(k, j);
 }
 
 static void shape_text(char *out, size_t n, uint32_t rank, const int64_t *dims) {

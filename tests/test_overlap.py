@@ -175,9 +175,8 @@ def test_channel_model_matches_a_brute_force_replay(seed):
     assert model == pytest.approx(replay, abs=5e-4)  # the replay ticks in 10 us steps
 
 
-def test_a_prefetch_reads_the_flushed_handle_when_issued_after_the_flush(tmp_path):
+def test_compiled_graph_is_topological_and_its_awaits_read_prefetch_tickets(tmp_path):
     """Graph-level: the async-paging pass on a compiled paged MLP (the session fixture's output)."""
-    pytest.importorskip("onnx_graphsurgeon")
     from poetc.run import load_report
     out = tmp_path / "o"
     proc = subprocess.run([sys.executable, "-m", "poetc", "compile", str(ROOT / "examples" / "mlp.onnx"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -150,7 +151,9 @@ class CompileOptions:
     ram_bytes: int
     out_dir: Path
     target: str = "rpi4"
-    deadline: Deadline = field(default_factory=lambda: Deadline(factor=1.3))
+    # None: the default DEFAULT_DEADLINE, soft: when no schedule fits within it at this budget, relaxed
+    # to the fastest one that fits (soft_deadline_plan); an explicit deadline is strict
+    deadline: Deadline | None = None
     flash_bytes: int | None = None
     objective: str = "energy"
     strategy: str = "poet"
@@ -174,6 +177,9 @@ class CompileOptions:
     # overlap paging with compute (poetc.overlap): write-behind spills and prefetched restores where they
     # hide transfer time within the budget; False keeps every Spill/Restore blocking
     overlap: bool = True
+    # fused AdamW: "auto" cuts a parameter's update into slices (poetc/ir/fused.py, sliced updates) when
+    # that update sets the lower bound above the budget (choose_update_slices); "off" never does
+    slice_updates: str = "auto"
 
 
 @dataclass
@@ -194,6 +200,67 @@ class CompileResult:
     timings: dict = field(default_factory=dict)  # wall-clock figures, kept out of the output files
     timelines: Timelines | None = None  # in memory only, not in report.json
     optimizer_mode: str = "unfused"  # "fused" or "unfused": which one the compile used (report.json too)
+
+
+DEFAULT_DEADLINE = Deadline(factor=1.3)
+SLICE_UPDATES = ("auto", "off")
+MAX_UPDATE_SLICES = 16  # beyond this the moments are a sixteenth of the working set: nothing left to gain
+
+
+def soft_deadline_plan(run: Callable[[Deadline, str], object], objective: str) -> tuple[object, tuple | None]:
+    """The plan under the default deadline (DEFAULT_DEADLINE) made soft: `run(deadline, objective)` at
+    the default; when nothing fits within it, once more minimising time with no deadline (1000x) to
+    find the fastest schedule that fits, then with `objective` at that schedule's step time (as a
+    factor of keep-all rounded up to 0.01x; 0.01x more if the solver misses it at the edge).
+    Returns (plan, None) or (plan, (deadline used, note)); InfeasibleError propagates."""
+    first = run(DEFAULT_DEADLINE, objective)
+    if first.fits:
+        return first, None
+    fastest = run(Deadline(factor=1000.0), "time")
+    if not fastest.fits:
+        return first, None  # no deadline helps: the caller reports the default's failure
+    base = fastest.problem.base_time_s
+    factor = max(math.ceil(fastest.result.sim.time_s / base * 100 - 1e-9) / 100, DEFAULT_DEADLINE.factor) \
+        if base > 0 else DEFAULT_DEADLINE.factor
+    for f in (factor, factor + 0.01):
+        deadline = Deadline(factor=round(f, 2))
+        relaxed = run(deadline, objective)
+        if relaxed.fits:
+            return relaxed, (deadline, f"{DEFAULT_DEADLINE} default not reachable at this budget; using {deadline}, "
+                                       f"the fastest schedule that fits")
+    deadline = Deadline(factor=1000.0)
+    return fastest, (deadline, f"{DEFAULT_DEADLINE} default not reachable at this budget; the fastest schedule "
+                               f"that fits takes {fastest.result.sim.time_s / base:.2f}x")
+
+
+def choose_update_slices(graph: TrainGraph, spec, costs_for: Callable[[TrainGraph], StepCosts],
+                         ram_bytes: int) -> dict[str, int]:
+    """Parameter -> number of sliced updates (poetc/ir/fused.py) for the fused graph of `graph`: while the
+    lower bound exceeds `ram_bytes` and is set by a parameter's AdamWUpdate, cut that update into one
+    more slice (each slice holds 1/k of the moments), up to MAX_UPDATE_SLICES or the parameter's
+    size; deterministic. Empty when no update sets the bound above the budget."""
+    from .ir.fused import fuse_optimizer
+    from .ir.graph import Role
+    from .plan import lower_bound
+    from .solver import build_problem
+    slices: dict[str, int] = {}
+    while True:
+        fused = fuse_optimizer(graph, spec, slices)
+        bound = lower_bound(build_problem(fused, costs_for(fused)))
+        op = fused.ops[bound.position]
+        if bound.ram_bytes <= ram_bytes or op.role is not Role.UPDATE or op.op_type != "AdamWUpdate":
+            return slices
+        param = op.inputs[0]
+        k = slices.get(param, 1) + 1
+        if k > min(MAX_UPDATE_SLICES, int(np.prod(fused.tensors[param].shape))):
+            return slices
+        slices[param] = k
+
+
+def update_slices(graph: TrainGraph) -> dict[str, int]:
+    """report.json's update_slices: parameter -> its sliced updates (fused mode; empty when none)."""
+    from .ir.fused import update_slices as count
+    return dict(sorted(count(graph).items())) if graph.optimizer_mode == "fused" else {}
 
 
 def step_costs_for(graph: TrainGraph, target, costs_path: Path | None) -> StepCosts:
@@ -223,24 +290,39 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         artifacts, graph = open_graph(model_path, work, options.import_options)
         flash = options.flash_bytes if options.flash_bytes is not None else target.flash_bytes
 
+        deadline_notes: dict[int, tuple[Deadline, str]] = {}  # id(plan) -> (deadline used, why), when relaxed
+
         def plan_graph(g: TrainGraph):
             problem = build_problem(g, step_costs_for(g, target, options.costs_path), page_state=options.page_state)
             say(f"solving ({options.strategy}, {g.optimizer_mode} optimizer)")
-            return plan(problem, Budget.from_ram(options.ram_bytes, problem.fixed_bytes), options.deadline,
-                        flash_bytes=flash, objective=options.objective, strategy=options.strategy, baselines=(),
-                        time_limit_s=options.time_limit_s, seed=options.seed, threads=options.threads,
-                        solver=options.solver)
+
+            def run(deadline: Deadline, objective: str):
+                return plan(problem, Budget.from_ram(options.ram_bytes, problem.fixed_bytes), deadline,
+                            flash_bytes=flash, objective=objective, strategy=options.strategy, baselines=(),
+                            time_limit_s=options.time_limit_s, seed=options.seed, threads=options.threads,
+                            solver=options.solver)
+            if options.deadline is not None:
+                return run(options.deadline, options.objective)
+            chosen_plan, note = soft_deadline_plan(run, options.objective)
+            if note:
+                deadline_notes[id(chosen_plan)] = note
+            return chosen_plan
 
         def plan_fused():
             from .ir.fused import fuse_optimizer, read_optimizer_spec
             spec = read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx")))
-            return plan_graph(fuse_optimizer(graph, spec))
+            slices = {}
+            if options.slice_updates == "auto" and options.page_state and spec.kind == "adamw":
+                slices = choose_update_slices(graph, spec, lambda g: step_costs_for(g, target, options.costs_path),
+                                              options.ram_bytes)
+            return plan_graph(fuse_optimizer(graph, spec, slices))
 
         mode, chosen, mode_reason = choose_optimizer_mode(options.optimizer_mode, options.objective,
                                                           lambda: plan_graph(graph), plan_fused)
         chosen = add_baselines(chosen, options.baselines, time_limit_s=max(options.time_limit_s / 4, 5),
                                seed=options.seed, threads=options.threads, solver=options.solver, progress=say)
         problem, graph, budget, main = chosen.problem, chosen.problem.graph, chosen.budget, chosen.result
+        deadline_used, deadline_note = deadline_notes.get(id(chosen), (options.deadline or DEFAULT_DEADLINE, ""))
         fused = mode == "fused"
         if not main.fits:
             raise InfeasibleError(_infeasible_message(chosen), hint="raise --ram, relax --deadline, or allow more "
@@ -265,7 +347,8 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         keep = chosen.keep_all
         report = CompileReport(
             model=Path(model_path).name, target=target.name, objective=options.objective, budget=budget,
-            deadline=str(options.deadline), deadline_s=chosen.deadline_s, flash_bytes=int(flash),
+            deadline=str(deadline_used), deadline_s=chosen.deadline_s, flash_bytes=int(flash),
+            deadline_note=deadline_note, update_slices=update_slices(graph),
             fixed_state_bytes=fixed_state_bytes(graph), lower_bound=chosen.bound,
             keep_all=KeepAllSummary(keep.total_peak_bytes, keep.peak_bytes - keep.resident_state_bytes, keep.time_s,
                                     keep.energy_j, keep.resident_state_bytes),

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="rpi4", help="device profile name or TOML file (see `poetc targets`)")
     p.add_argument("--target-file", type=Path, help="a device profile TOML file (same as --target PATH)")
     p.add_argument("--costs", type=Path, help="measured per-op costs from `poetc profile`")
-    p.add_argument("--deadline", default="1.3x", help="step-time limit: factor of keep-all (1.3x) or a time (2s)")
+    p.add_argument("--deadline", default=None,
+                   help="step-time limit: factor of keep-all (1.3x) or a time (2s); strict when given. Default 1.3x, "
+                        "soft: when no schedule fits within it at this budget, the fastest schedule that fits")
     p.add_argument("--flash", help="flash capacity for paging (default: the target's)")
     p.add_argument("--objective", choices=("energy", "time"), default="energy")
     p.add_argument("--optimizer-mode", default="auto", choices=["auto", "fused", "unfused"],
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-page-state", action="store_true",
                    help="fused mode: keep every parameter and optimizer moment resident (default: the schedule may "
                         "page them from the state directory with StateRead/StateWrite)")
+    p.add_argument("--slice-updates", choices=("auto", "off"), default="auto",
+                   help="fused AdamW: auto (default) cuts a parameter's update into row slices, its moments into "
+                        "slice tensors, when that update sets the lower bound above --ram (bitwise the same "
+                        "update); off: one update per parameter")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="keep every Spill/Restore blocking (default: write-behind spills and prefetched restores "
                         "where they hide transfer time within the budget)")
@@ -262,14 +268,15 @@ def cmd_compile(args) -> int:
     options = CompileOptions(
         ram_bytes=parse_size(args.ram, what="--ram"),
         out_dir=args.out or args.model.with_name(args.model.name + ".poetc"),
-        target=target, deadline=parse_deadline(args.deadline),
+        target=target, deadline=parse_deadline(args.deadline) if args.deadline is not None else None,
         flash_bytes=parse_size(args.flash, what="--flash") if args.flash else None,
         objective=args.objective, strategy=args.strategy,
         baselines=tuple(b for b in args.baselines.split(",") if b),
         time_limit_s=parse_time(args.time_limit, what="--time-limit", bare_seconds=True), seed=args.seed, threads=args.threads,
         costs_path=args.costs, import_options=_import_options(args), force=args.force,
         disable_passes=tuple(args.disable_pass), dump_after=tuple(args.dump_after), solver=args.solver,
-        optimizer_mode=args.optimizer_mode, page_state=not args.no_page_state, overlap=args.overlap)
+        optimizer_mode=args.optimizer_mode, page_state=not args.no_page_state, overlap=args.overlap,
+        slice_updates=args.slice_updates)
     with _Progress(enabled=not args.json) as progress:
         result = compile_model(args.model, options, progress=progress)
     report = result.report
@@ -311,6 +318,11 @@ def _print_report(r, out_dir: Path, timings: dict) -> None:
     keep, res, budget = r.keep_all, r.result, r.budget
     print(f"poetc: {r.model} on {r.target}, budget {format_size(budget.ram_bytes)}, "
           f"deadline {r.deadline} ({format_time(r.deadline_s)})")
+    if r.deadline_note:
+        print(f"  deadline: {r.deadline_note}")
+    if r.update_slices:
+        print("  sliced updates: " + ", ".join(f"{p} in {k}" for p, k in r.update_slices.items())
+              + " (each slice holds 1/k of the AdamW moments)")
     print(f"  fixed state {format_size(budget.fixed_bytes)}, planning reserve {format_size(budget.reserve_bytes)}, "
           f"activation budget {format_size(budget.activation_bytes)}; lower bound {format_size(r.lower_bound.ram_bytes)}")
     print(f"  optimizer: {r.optimizer_mode} ({r.optimizer_mode_reason})")

@@ -71,7 +71,7 @@ class CompileReport:
     target: str
     objective: str  # energy or time
     budget: Budget
-    deadline: str  # as given: 1.3x or 2s
+    deadline: str  # as given: 1.3x or 2s (the default relaxed: the deadline used, see deadline_note)
     deadline_s: float
     flash_bytes: int
     fixed_state_bytes: dict[str, int]  # parameters, gradient_buffers, optimizer_state, inputs, constants
@@ -101,6 +101,10 @@ class CompileReport:
     # reads_per_step, writes_per_step), and the state directory poetc wrote ("" if none)
     state_tensors: list[dict] = field(default_factory=list)
     state_dir: str = ""
+    # no --deadline given and the default 1.3x not reachable at this budget: why `deadline` is larger
+    deadline_note: str = ""
+    # fused AdamW: parameter -> number of sliced updates (its moments are then state tensors per slice)
+    update_slices: dict[str, int] = field(default_factory=dict)
     format: str = REPORT_FORMAT
 
     def to_json(self) -> dict:
@@ -169,9 +173,11 @@ def state_tensor_list(graph, schedule) -> list[dict]:
         elif s.kind is StepKind.STATE_WRITE:
             writes[s.tensor] = writes.get(s.tensor, 0) + 1
     out = []
+    from .ir.fused import slice_parent
     for st in state_tensors(graph):
         t = graph.tensors[st.name]
-        out.append({"name": st.name, "role": st.role, "shape": list(t.shape), "dtype": t.dtype_name,
+        out.append({"name": st.name, "role": st.role, "parent": slice_parent(st.name), "shape": list(t.shape),
+                    "dtype": t.dtype_name,
                     "bytes": st.nbytes, "trainable": st.trainable, "paged": st.name in reads,
                     "reads_per_step": reads.get(st.name, 0), "writes_per_step": writes.get(st.name, 0)})
     return out

@@ -18,6 +18,16 @@ problem (solver/problem.py) refuses such recomputes, the simulator (schedule.py)
 
 Names: the moments of p are `p__poet_m1`, `p__poet_m2`; the learning rate `__poet_learning_rate`,
 the step counter `__poet_step` (every optimizer-state name contains `__poet_`).
+
+Sliced updates (`slices={p: k}`, AdamW only): p is updated by k `poet.AdamWUpdate` ops in a row, the
+i-th updating elements [begin_i, end_i) of p in place (attributes `begin`, `end`: row ranges of p's
+first dimension, or element ranges when p has fewer rows than k) with its own moment slices
+`p__poet_m1__s<i>`, `p__poet_m2__s<i>` (shape: the rows of the range). The update is elementwise, so
+this is bitwise the whole update; the moment slices are independent state tensors (only ever read at
+their own update), which the schedule may keep or page one by one: the update's working set is p, its
+gradient and 2/k of the moments instead of all of them. Slice i > 0 takes slice i-1's flag as its
+dependency; the first carries the dependencies on p's readers. Update op `p__poet_update__s<i>`, flag
+`p__poet_updated__s<i>`; the last flag says p is fully updated.
 """
 
 from __future__ import annotations
@@ -48,6 +58,38 @@ def moment_names(param: str) -> tuple[str, str]:
 
 def is_optimizer_state(name: str) -> bool:
     return STATE_MARK in name
+
+
+SLICE_MARK = "__s"
+
+
+def moment_slice_name(moment: str, i: int) -> str:
+    """The i-th slice of moment `moment` (a sliced update, see the module docstring)."""
+    return f"{moment}{SLICE_MARK}{i}"
+
+
+def slice_parent(name: str) -> str:
+    """The whole moment a moment slice belongs to ("" when `name` is not a moment slice)."""
+    head, sep, tail = name.rpartition(SLICE_MARK)
+    return head if sep and tail.isdigit() and STATE_MARK in head else ""
+
+
+def slice_ranges(shape: tuple[int, ...], k: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """k contiguous ranges covering a tensor of `shape`: (begin, end, slice shape) in elements; whole
+    rows of the first dimension when it has at least k rows (as equal as possible, the first ones one
+    row longer), else equal element ranges of the flattened tensor."""
+    n = int(np.prod(shape)) if shape else 1
+    rows = shape[0] if shape else 1
+    per_row = n // rows if rows else 0
+    units, unit, rest = (rows, per_row, tuple(shape[1:])) if rows >= k else (n, 1, ())
+    if k < 1 or units < k:
+        raise ValueError(f"cannot cut {shape} into {k} ranges")
+    out, start = [], 0
+    for i in range(k):
+        length = units // k + (1 if i < units % k else 0)
+        out.append((start * unit, (start + length) * unit, (length,) + rest))
+        start += length
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,8 +147,12 @@ def parameter_views(graph: TrainGraph, param: str) -> list[str]:
     return views
 
 
-def fuse_optimizer(graph: TrainGraph, spec: OptimizerSpec) -> TrainGraph:
-    """The fused-mode TrainGraph (and its ONNX model) of an unfused one; see the module docstring."""
+def fuse_optimizer(graph: TrainGraph, spec: OptimizerSpec, slices: dict[str, int] | None = None) -> TrainGraph:
+    """The fused-mode TrainGraph (and its ONNX model) of an unfused one; see the module docstring.
+    `slices`: parameter -> number of sliced updates (AdamW; absent or 1: one whole update)."""
+    slices = {p: k for p, k in (slices or {}).items() if k > 1}
+    if slices and spec.kind != "adamw":
+        raise ValueError("sliced updates are for AdamW (SGD has no moments to slice)")
     accumulators = [op for op in graph.ops if op.role is Role.ACCUMULATE]
     grad_of: dict[str, str] = {}
     for op in accumulators:
@@ -148,9 +194,14 @@ def fuse_optimizer(graph: TrainGraph, spec: OptimizerSpec) -> TrainGraph:
 
     lr = state(LEARNING_RATE, (1,))
     step = state(STEP, (1,)) if spec.kind == "adamw" else None
+    ranges = {p: slice_ranges(old_tensors[p].shape, k) for p, k in slices.items()}
     for p in graph.parameter_names:
         for m in moment_names(p)[:spec.moments]:
-            state(m, old_tensors[p].shape, old_tensors[p].dtype)
+            if p in ranges:
+                for i, (_, _, shape) in enumerate(ranges[p]):
+                    state(moment_slice_name(m, i), shape, old_tensors[p].dtype)
+            else:
+                state(m, old_tensors[p].shape, old_tensors[p].dtype)
 
     ops: list[Op] = []
     placed_step = False
@@ -165,13 +216,20 @@ def fuse_optimizer(graph: TrainGraph, spec: OptimizerSpec) -> TrainGraph:
                 tensors[f"{STEP}__n"] = Tensor(f"{STEP}__n", (1,), TensorProto.INT64, 8, TensorKind.GRADIENT,
                                                producer=len(ops) - 1)
                 placed_step = True
-            ops.append(_update_op(len(ops), p, grad_of[p], spec, lr, f"{STEP}__n" if step else None))
-            flag = f"{p}{STATE_MARK}updated"
-            tensors[flag] = Tensor(flag, (1,), TensorProto.BOOL, 1, TensorKind.GRADIENT, producer=len(ops) - 1)
+            count = f"{STEP}__n" if step else None
+            parts = ranges.get(p, [None])
+            for i, part in enumerate(parts):
+                u = _update_op(len(ops), p, grad_of[p], spec, lr, count,
+                               None if part is None else (i, part[0], part[1]))
+                if i:  # after the previous slice (which comes after every reader of the old p)
+                    u.inputs.append(ops[-1].outputs[0])
+                ops.append(u)
+                flag = u.outputs[0]
+                tensors[flag] = Tensor(flag, (1,), TensorProto.BOOL, 1, TensorKind.GRADIENT, producer=len(ops) - 1)
     _index(ops, tensors)
     _add_dependencies(ops, tensors)
     _index(ops, tensors)
-    model = _fused_model(graph, ops, tensors, spec)
+    model = _fused_model(graph, ops, tensors, spec, ranges)
     state_bytes = sum(t.nbytes for t in tensors.values() if t.kind is TensorKind.OPTIMIZER_STATE)
     return TrainGraph(ops=ops, tensors=tensors, loss_output=graph.loss_output, model=model,
                       parameter_names=list(graph.parameter_names),
@@ -179,14 +237,22 @@ def fuse_optimizer(graph: TrainGraph, spec: OptimizerSpec) -> TrainGraph:
                       optimizer_state_bytes=state_bytes, user_inputs=list(graph.user_inputs))
 
 
-def _update_op(index: int, param: str, grad: str, spec: OptimizerSpec, lr: str, count: str | None) -> Op:
+_UPDATE_FIXED_INPUTS = {"AdamWUpdate": 6, "SGDUpdate": 3}
+
+
+def _update_op(index: int, param: str, grad: str, spec: OptimizerSpec, lr: str, count: str | None,
+               part: tuple[int, int, int] | None = None) -> Op:
+    """The update of `param`; `part` = (i, begin, end): its i-th sliced update."""
+    suffix = "" if part is None else f"{SLICE_MARK}{part[0]}"
     if spec.kind == "adamw":
         m1, m2 = moment_names(param)
+        if part is not None:
+            m1, m2 = moment_slice_name(m1, part[0]), moment_slice_name(m2, part[0])
         inputs, op_type = [param, grad, m1, m2, lr, count], "AdamWUpdate"
     else:
         inputs, op_type = [param, grad, lr], "SGDUpdate"
-    return Op(index, f"{param}{STATE_MARK}update", op_type, POET_DOMAIN, inputs, [f"{param}{STATE_MARK}updated"],
-              Role.UPDATE)
+    return Op(index, f"{param}{STATE_MARK}update{suffix}", op_type, POET_DOMAIN, inputs,
+              [f"{param}{STATE_MARK}updated{suffix}"], Role.UPDATE)
 
 
 def _index(ops: list[Op], tensors: dict[str, Tensor]) -> None:
@@ -212,7 +278,7 @@ def _add_dependencies(ops: list[Op], tensors: dict[str, Tensor]) -> None:
         ancestors = _ancestors(ops, tensors, u.index)
         deps: list[str] = []
         for r in sorted(tensors[param].consumers, reverse=True):
-            if r == u.index or r in ancestors:
+            if r == u.index or r in ancestors or ops[r].role is Role.UPDATE:  # (its other slices: chained)
                 continue
             out = ops[r].outputs[0]
             if max(tensors[out].consumers, default=r) >= u.index:
@@ -224,7 +290,9 @@ def _add_dependencies(ops: list[Op], tensors: dict[str, Tensor]) -> None:
                 inserts.setdefault(r, []).append(Op(0, token, "Shape", "", [out], [token], Role.BACKWARD))
                 deps.append(token)
             ancestors |= _ancestors(ops, tensors, r)
-        u.inputs.extend(deps or [u.inputs[1]])  # the op takes at least one dependency: the gradient again
+        u.inputs.extend(deps)
+        if len(u.inputs) == _UPDATE_FIXED_INPUTS[u.op_type]:  # at least one dependency: the gradient again
+            u.inputs.append(u.inputs[1])
     if inserts:
         ordered: list[Op] = []
         for op in ops:
@@ -233,7 +301,8 @@ def _add_dependencies(ops: list[Op], tensors: dict[str, Tensor]) -> None:
         ops[:] = ordered
 
 
-def _fused_model(graph: TrainGraph, ops: list[Op], tensors: dict[str, Tensor], spec: OptimizerSpec) -> onnx.ModelProto:
+def _fused_model(graph: TrainGraph, ops: list[Op], tensors: dict[str, Tensor], spec: OptimizerSpec,
+                 ranges: dict[str, list]) -> onnx.ModelProto:
     src = graph.model
     model = onnx.ModelProto()
     model.CopyFrom(src)
@@ -244,7 +313,10 @@ def _fused_model(graph: TrainGraph, ops: list[Op], tensors: dict[str, Tensor], s
         if op.name in by_name:
             nodes.append(by_name[op.name])
             continue
-        attrs = spec.attributes if op.op_type == "AdamWUpdate" else {}
+        attrs = dict(spec.attributes) if op.op_type == "AdamWUpdate" else {}
+        if op.op_type == "AdamWUpdate" and op.inputs[0] in ranges:
+            i = int(op.name.rpartition(SLICE_MARK)[2])
+            attrs["begin"], attrs["end"] = ranges[op.inputs[0]][i][:2]
         nodes.append(helper.make_node(op.op_type, op.inputs, op.outputs, name=op.name,
                                       domain=op.domain if op.domain else None, **attrs))
     del g.node[:]
@@ -271,8 +343,31 @@ def fused_state_arrays(parameters: dict[str, tuple[np.ndarray, bool]], graph: Tr
         out[STEP] = np.zeros([1], np.float32)
     for p in graph.parameter_names:
         for m in moment_names(p)[:spec.moments]:
-            out[m] = np.zeros_like(parameters[p][0])
+            if m in graph.tensors:
+                out[m] = np.zeros_like(parameters[p][0])
+            else:  # sliced: its slices
+                for name in moment_slices(graph, m):
+                    t = graph.tensors[name]
+                    out[name] = np.zeros(t.shape, parameters[p][0].dtype)
     return out
+
+
+def moment_slices(graph: TrainGraph, moment: str) -> list[str]:
+    """The slices of a sliced moment in order (empty when `moment` is whole or absent)."""
+    out, i = [], 0
+    while moment_slice_name(moment, i) in graph.tensors:
+        out.append(moment_slice_name(moment, i))
+        i += 1
+    return out
+
+
+def update_slices(graph: TrainGraph) -> dict[str, int]:
+    """Parameter -> number of its sliced updates (only parameters updated in more than one slice)."""
+    count: dict[str, int] = {}
+    for op in graph.ops:
+        if op.role is Role.UPDATE and op.op_type == "AdamWUpdate":
+            count[op.inputs[0]] = count.get(op.inputs[0], 0) + 1
+    return {p: k for p, k in count.items() if k > 1}
 
 
 def write_fused_checkpoint(parameters: dict[str, tuple[np.ndarray, bool]], graph: TrainGraph,
@@ -350,14 +445,18 @@ def state_tensors(graph: TrainGraph) -> list[StateTensor]:
                 groups.append((u, u))
         return StateTensor(name, role, t.nbytes, t.alloc_bytes, uses, tuple(groups), update, why)
 
+    # each moment (or moment slice) is updated by the update op that reads it
+    moments: dict[str, list[tuple[str, int]]] = {}
+    for op in graph.ops:
+        if op.role is Role.UPDATE and op.op_type == "AdamWUpdate":
+            moments.setdefault(op.inputs[0], []).extend((m, op.index) for m in op.inputs[2:4])
     out: list[StateTensor] = []
     trainable = set(graph.parameter_names)
     for p in sorted(n for n, t in graph.tensors.items() if t.kind is TensorKind.PARAMETER):
         if p in trainable:
             out.append(make(p, "parameter", updates.get(p)))
-            for m in moment_names(p):
-                if m in graph.tensors:
-                    out.append(make(m, "moment", updates.get(p)))
+            for m, at in moments.get(p, []):
+                out.append(make(m, "moment", at))
         else:
             out.append(make(p, "frozen", None))
     return out

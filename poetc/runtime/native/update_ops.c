@@ -20,6 +20,12 @@
  *     writes).  The arithmetic is that of ORT 1.19's CPU AdamWOptimizer (com.microsoft), operation
  *     for operation in float, so the results are bitwise identical; the library is compiled with
  *     -ffp-contract=off so no compiler fuses a multiply and an add.
+ *     Sliced update (attributes `begin`, `end`, int64 element offsets; default 0 and -1 = the whole
+ *     tensor): only elements [begin, end) of W are updated, reading G at the same elements; M1 and
+ *     M2 then hold end - begin elements (element j of W pairs with element j - begin of M1, M2).
+ *     The update is elementwise, and each element's arithmetic (Eigen's packet or scalar square
+ *     root included) is chosen from its position in the WHOLE W, so updating W in k disjoint
+ *     ranges gives bitwise the whole update.
  *
  *   SGDUpdate(W, G, LR, D...) -> F
  *     W -= LR * G in place, as ORT's SGDOptimizerV2 computes it (W + (-LR) * G).
@@ -60,6 +66,7 @@ typedef struct {
   const UpdOp *op;
   float alpha, beta, epsilon, weight_decay;
   int64_t correct_bias, adam_mode;
+  int64_t begin, end; /* AdamWUpdate: the element range of W it updates (end -1: to the end) */
 } UpdKernel;
 
 static OrtStatus *upd_status(const char *name, const char *fmt, const char *detail) {
@@ -189,7 +196,15 @@ static OrtStatusPtr ORT_API_CALL upd_create(const OrtCustomOp *op, const OrtApi 
   k->weight_decay = 0.f;
   k->correct_bias = 1;
   k->adam_mode = 0;
+  k->begin = 0;
+  k->end = -1;
   if (p->kind == UPD_ADAMW) {
+    attr_int(info, "begin", &k->begin);
+    attr_int(info, "end", &k->end);
+    if (k->begin < 0 || (k->end != -1 && k->end <= k->begin)) {
+      free(k);
+      return upd_status(p->name, "begin must be >= 0 and end -1 or > begin%s", NULL);
+    }
     attr_float(info, "alpha", &k->alpha);
     attr_float(info, "beta", &k->beta);
     attr_float(info, "epsilon", &k->epsilon);
@@ -255,8 +270,7 @@ static OrtStatus *step_compute(const UpdKernel *k, OrtKernelContext *ctx) {
  * step, denormals flushed to 0: not IEEE sqrt, up to 2 ulp apart), from the first element whose
  * destination address is 16-byte aligned (`head`) to the last whole packet (`vec_end`), and the
  * other elements with scalar sqrtf; reproduce exactly that.  Elsewhere (aarch64: Eigen's NEON
- * packet sqrt is the IEEE vsqrtq_f32) sqrtf everywhere.  Fills out[0..hi-lo) for elements
- * [lo, hi); lo is 0 or head plus a multiple of 4. */
+ * packet sqrt is the IEEE vsqrtq_f32) sqrtf everywhere.  `head` of the whole W (the destination). */
 static size_t eigen_head(const float *dst, size_t n) {
   size_t head = 0;
 #ifdef POET_EIGEN_SSE_SQRT
@@ -270,28 +284,38 @@ static size_t eigen_head(const float *dst, size_t n) {
   return head;
 }
 
-static void adamw_denominators(const float *m2, size_t lo, size_t hi, size_t head, size_t vec_end,
-                               float epsilon, float *out) {
+/* sqrt(m2[j]) + epsilon into out[j - lo] for the W elements j in [lo, hi), m2 indexed from `base`
+ * (m2[j - base]); whether element j takes Eigen's packet path depends only on j, `head` and `vec_end`
+ * (its position in the whole W): the packet arithmetic is per lane, so a partial packet is computed
+ * through a padded copy. */
+static void adamw_denominators(const float *m2, size_t base, size_t lo, size_t hi, size_t head,
+                               size_t vec_end, float epsilon, float *out) {
   size_t j = lo;
   while (j < hi) {
 #ifdef POET_EIGEN_SSE_SQRT
-    if (j >= head && j + 4 <= vec_end) {
-      __m128 x = _mm_loadu_ps(m2 + j);
-      __m128 minus_half_x = _mm_mul_ps(x, _mm_set1_ps(-0.5f));
-      __m128 denormal = _mm_andnot_ps(_mm_cmplt_ps(x, _mm_setzero_ps()),
-                                      _mm_cmplt_ps(x, _mm_set1_ps(FLT_MIN)));
-      __m128 r = _mm_rsqrt_ps(x);
+    if (j >= head && j < vec_end) {
+      size_t take = hi - j, i;
+      float in4[4] = {1.f, 1.f, 1.f, 1.f}, out4[4];
+      __m128 x, minus_half_x, denormal, r;
+      if (take > 4) take = 4;
+      if (j + take > vec_end) take = vec_end - j;
+      for (i = 0; i < take; i++) in4[i] = m2[j + i - base];
+      x = _mm_loadu_ps(in4);
+      minus_half_x = _mm_mul_ps(x, _mm_set1_ps(-0.5f));
+      denormal = _mm_andnot_ps(_mm_cmplt_ps(x, _mm_setzero_ps()), _mm_cmplt_ps(x, _mm_set1_ps(FLT_MIN)));
+      r = _mm_rsqrt_ps(x);
       r = _mm_mul_ps(r, _mm_add_ps(_mm_mul_ps(minus_half_x, _mm_mul_ps(r, r)), _mm_set1_ps(1.5f)));
       r = _mm_andnot_ps(denormal, _mm_mul_ps(x, r));
-      _mm_storeu_ps(out + (j - lo), _mm_add_ps(r, _mm_set1_ps(epsilon)));
-      j += 4;
+      _mm_storeu_ps(out4, _mm_add_ps(r, _mm_set1_ps(epsilon)));
+      for (i = 0; i < take; i++) out[j + i - lo] = out4[i];
+      j += take;
       continue;
     }
 #else
     (void)head;
     (void)vec_end;
 #endif
-    out[j - lo] = sqrtf(m2[j]) + epsilon;
+    out[j - lo] = sqrtf(m2[j - base]) + epsilon;
     j++;
   }
 }
@@ -304,14 +328,19 @@ static OrtStatus *adamw_compute(const UpdKernel *k, OrtKernelContext *ctx) {
   float lr, lr_corrected, alpha_correction = 1.f, beta_correction = 1.f;
   float c1, c2, decay;
   int64_t step;
-  size_t head, vec_end, lo, hi;
+  size_t head, vec_end, lo, hi, begin, end;
   OrtStatus *st;
   if ((st = float_input(k, ctx, 0, &w, &n)) || (st = float_input(k, ctx, 1, &g, &ng)) ||
       (st = float_input(k, ctx, 2, &m1, &n1)) || (st = float_input(k, ctx, 3, &m2, &n2)) ||
       (st = float_input(k, ctx, 4, &lr_p, &nl)))
     return st;
-  if (ng != n || n1 != n || n2 != n)
-    return upd_status(k->op->name, "parameter, gradient and moments differ in size%s", NULL);
+  begin = (size_t)k->begin;
+  end = k->end < 0 ? n : (size_t)k->end;
+  if (ng != n) return upd_status(k->op->name, "parameter and gradient differ in size%s", NULL);
+  if (begin >= end || end > n)
+    return upd_status(k->op->name, "the range [begin, end) lies outside the parameter%s", NULL);
+  if (n1 != end - begin || n2 != end - begin)
+    return upd_status(k->op->name, "the moments' size differs from the updated range end - begin%s", NULL);
   st = u_ort->KernelContext_GetInput(ctx, 5, &sv);
   if (!st) st = u_ort->GetTensorMutableData((OrtValue *)sv, (void **)&step_p);
   if (st) return upd_wrap(k->op->name, st, "reading the step count");
@@ -327,21 +356,22 @@ static OrtStatus *adamw_compute(const UpdKernel *k, OrtKernelContext *ctx) {
   c1 = 1.f - k->alpha;
   c2 = 1.f - k->beta;
   decay = lr * k->weight_decay;
-  head = eigen_head(w, n);
+  head = eigen_head(w, n); /* of the whole W: each element's path is that of the whole update */
   vec_end = head + (n - head) / 4 * 4;
-  for (lo = 0; lo < n; lo = hi) {
+  /* moments are indexed from `begin`: point them at a virtual element 0 of W */
+  for (lo = begin; lo < end; lo = hi) {
     size_t j;
-    float denom[POET_CHUNK + 4];
-    hi = (lo == 0 ? head : lo) + POET_CHUNK; /* later chunks start at head + a multiple of 4 */
-    if (hi > n) hi = n;
+    float denom[POET_CHUNK];
+    hi = lo + POET_CHUNK;
+    if (hi > end) hi = end;
     for (j = lo; j < hi; j++) {
       float gj = g[j];
-      m1[j] = k->alpha * m1[j] + c1 * gj;
-      m2[j] = k->beta * m2[j] + (c2 * gj) * gj;
+      m1[j - begin] = k->alpha * m1[j - begin] + c1 * gj;
+      m2[j - begin] = k->beta * m2[j - begin] + (c2 * gj) * gj;
     }
-    adamw_denominators(m2, lo, hi, head, vec_end, k->epsilon, denom);
+    adamw_denominators(m2, begin, lo, hi, head, vec_end, k->epsilon, denom);
     for (j = lo; j < hi; j++) {
-      float wj = w[j] - (lr_corrected * m1[j]) / denom[j - lo];
+      float wj = w[j] - (lr_corrected * m1[j - begin]) / denom[j - lo];
       w[j] = wj - decay * wj;
     }
   }

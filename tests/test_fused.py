@@ -285,3 +285,209 @@ def test_an_update_comes_after_every_reader_of_a_view_of_its_parameter(tmp_path)
         for view in parameter_views(fused, param):
             late = [c for c in fused.tensors[view].consumers if c > at]
             assert not late, (param, view, [fused.ops[c].name for c in late])
+
+
+# ---------------------------------------------------------------------------------------------------
+# sliced updates (issue #17): a parameter updated in k row ranges, its moments as k slice tensors
+
+
+def _adamw_session(lib, n, ranges, weight_decay=0.01):
+    """A session updating W (n floats) with one poet.AdamWUpdate per (begin, end) range, moment
+    slices M1_i, M2_i of end - begin floats; ranges None: one whole update."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from poetc.runtime.session import contract_session_options
+    attrs = dict(alpha=0.9, beta=0.999, epsilon=1e-6, weight_decay=weight_decay, correct_bias=1, adam_mode=1)
+    nodes = [h.make_node("StepCount", ["S"], ["N"], domain="poet")]
+    inputs = [h.make_tensor_value_info("W", T.FLOAT, [n]), h.make_tensor_value_info("G", T.FLOAT, [n]),
+              h.make_tensor_value_info("LR", T.FLOAT, [1]), h.make_tensor_value_info("S", T.FLOAT, [1])]
+    outputs = [h.make_tensor_value_info("N", T.INT64, [1])]
+    prev = "G"
+    for i, r in enumerate(ranges or [None]):
+        size = n if r is None else r[1] - r[0]
+        inputs += [h.make_tensor_value_info(f"M1_{i}", T.FLOAT, [size]),
+                   h.make_tensor_value_info(f"M2_{i}", T.FLOAT, [size])]
+        extra = {} if r is None else dict(begin=r[0], end=r[1])
+        nodes.append(h.make_node("AdamWUpdate", ["W", "G", f"M1_{i}", f"M2_{i}", "LR", "N", prev], [f"F{i}"],
+                                 domain="poet", **attrs, **extra))
+        outputs.append(h.make_tensor_value_info(f"F{i}", T.BOOL, [1]))
+        prev = f"F{i}"
+    model = h.make_model(h.make_graph(nodes, "g", inputs, outputs),
+                         opset_imports=[h.make_opsetid("", 17), h.make_opsetid("poet", 1)], ir_version=8)
+    return ort.InferenceSession(model.SerializeToString(), contract_session_options(lib, 1),
+                                providers=["CPUExecutionProvider"])
+
+
+def _aligned_at(values, offset_floats):
+    import numpy as np
+    raw = np.zeros(values.size + 32, np.float32)
+    start = (-(raw.ctypes.data // 4)) % 16 + offset_floats
+    out = raw[start:start + values.size]
+    out[...] = values
+    return out
+
+
+@pytest.mark.parametrize("n,offset", [(5003, 0), (5003, 3), (2049, 1), (7, 2)])
+def test_sliced_adamw_update_is_bitwise_the_whole_update(spill_lib, n, offset):
+    """k range updates (random cut points, none a multiple of the 1024-element chunk or of the 4-float
+    packet by construction, plus ranges of one element) equal the whole update bit for bit, over
+    steps with zero and tiny gradients (the square root's scalar, packet and denormal paths); W starts
+    `offset` floats past a 64-byte boundary, so the packet head moves."""
+    import numpy as np
+    rng = np.random.default_rng(n * 10 + offset)
+    cuts = sorted(set(rng.choice(np.arange(1, n), size=min(n - 1, 5), replace=False).tolist()) | {1})
+    edges = [0] + [c for c in cuts if c < n] + [n]
+    ranges = list(zip(edges[:-1], edges[1:]))
+    assert len(ranges) >= 2 and any(b - a == 1 for a, b in ranges)
+    whole, sliced = _adamw_session(spill_lib, n, None), _adamw_session(spill_lib, n, ranges)
+    w0 = rng.standard_normal(n).astype(np.float32)
+    w_whole, w_sliced = _aligned_at(w0, offset), _aligned_at(w0, offset)
+    m_whole = [np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    m_sliced = [[np.zeros(b - a, np.float32), np.zeros(b - a, np.float32)] for a, b in ranges]
+    s_whole, s_sliced = np.zeros([1], np.float32), np.zeros([1], np.float32)
+    lr = np.array([3e-3], np.float32)
+    for step in range(4):
+        g = (rng.standard_normal(n) * 10.0 ** rng.integers(-5, 2)).astype(np.float32)
+        g[rng.random(n) < 0.05] = 0.0
+        if step == 3:
+            g[: n // 2] = np.float32(1e-30)  # second moments in the denormal range
+        whole.run(None, {"W": w_whole, "G": g, "LR": lr, "S": s_whole, "M1_0": m_whole[0], "M2_0": m_whole[1]})
+        feeds = {"W": w_sliced, "G": g, "LR": lr, "S": s_sliced}
+        for i, (m1, m2) in enumerate(m_sliced):
+            feeds[f"M1_{i}"], feeds[f"M2_{i}"] = m1, m2
+        sliced.run(None, feeds)
+        assert w_sliced.tobytes() == w_whole.tobytes(), f"parameter differs at step {step}"
+        assert np.concatenate([m[0] for m in m_sliced]).tobytes() == m_whole[0].tobytes()
+        assert np.concatenate([m[1] for m in m_sliced]).tobytes() == m_whole[1].tobytes()
+    assert not np.array_equal(w_whole, w0)  # the updates did something
+
+
+def test_sliced_adamw_update_refuses_a_bad_range(spill_lib):
+    import numpy as np
+    sess = _adamw_session(spill_lib, 8, [(0, 4), (4, 9)])  # the second range ends past W
+    z = np.zeros(8, np.float32)
+    with pytest.raises(Exception, match="outside the parameter"):
+        sess.run(None, {"W": z, "G": z, "LR": np.ones([1], np.float32), "S": np.zeros([1], np.float32),
+                        "M1_0": np.zeros(4, np.float32), "M2_0": np.zeros(4, np.float32),
+                        "M1_1": np.zeros(5, np.float32), "M2_1": np.zeros(5, np.float32)})
+
+
+def test_slice_ranges_cover_rows_then_elements():
+    from poetc.ir.fused import slice_ranges
+    assert slice_ranges((5, 3), 2) == [(0, 9, (3, 3)), (9, 15, (2, 3))]
+    assert slice_ranges((2, 3), 4) == [(0, 2, (2,)), (2, 4, (2,)), (4, 5, (1,)), (5, 6, (1,))]
+    assert slice_ranges((7,), 1) == [(0, 7, (7,))]
+
+
+def test_sliced_fusion_structure(mlp_graph):
+    from poetc.ir.fused import moment_names, slice_parent, state_tensors, update_slices
+    artifacts, graph = mlp_graph
+    spec = read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx")))
+    param = max(graph.parameter_names, key=lambda p: graph.tensors[p].nbytes)
+    whole, sliced = fuse_optimizer(graph, spec), fuse_optimizer(graph, spec, {param: 3})
+    check_fused_structure(graph, sliced)
+    assert update_slices(sliced) == {param: 3} and update_slices(whole) == {}
+    assert sliced.optimizer_state_bytes == whole.optimizer_state_bytes  # the same bytes, cut in three
+    ups = [op for op in sliced.ops if op.role is Role.UPDATE and op.inputs[0] == param]
+    assert [op.index for op in ups] == list(range(ups[0].index, ups[0].index + 3))  # one after the other
+    for a, b in zip(ups, ups[1:]):
+        assert a.outputs[0] in b.inputs[6:]  # chained: slice i+1 after slice i
+    assert sliced.parameter_updates()[param] == ups[-1].index  # the parameter is updated after the last
+    states = {s.name: s for s in state_tensors(sliced)}
+    for m in moment_names(param):
+        assert m not in states
+        parts = [states[f"{m}__s{i}"] for i in range(3)]
+        assert sum(s.nbytes for s in parts) == graph.tensors[param].nbytes
+        assert [s.update for s in parts] == [op.index for op in ups]
+        assert all(slice_parent(s.name) == m and s.groups == ((s.update, s.update),) for s in parts)
+    node = {n.name: n for n in sliced.model.graph.node}
+    ranges = [tuple(a.i for a in node[op.name].attribute if a.name in ("begin", "end")) for op in ups]
+    rows = graph.tensors[param].shape[0]
+    per_row = graph.tensors[param].nbytes // 4 // rows
+    assert ranges[0][0] == 0 and ranges[-1][1] == rows * per_row
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert keep_all(sliced).total_peak_bytes == keep_all(whole).total_peak_bytes  # all resident: same RAM
+
+
+def test_slicing_lowers_the_bound_set_by_an_update(mlp_graph):
+    """The fused MLP's bound is set by its largest weight's update (weight, gradient, both moments);
+    choose_update_slices cuts just that update, the smallest number of slices that brings the bound
+    to the budget; with the budget at the unsliced bound nothing is sliced."""
+    from poetc.api import choose_update_slices, step_costs_for
+    from poetc.targets import load_target
+    artifacts, graph = mlp_graph
+    spec = read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx")))
+    costs = lambda g: step_costs_for(g, load_target("rpi4"), None)  # noqa: E731
+    whole = fuse_optimizer(graph, spec)
+    bound = lower_bound(build_problem(whole, costs(whole)))
+    op = whole.ops[bound.position]
+    assert op.op_type == "AdamWUpdate", bound
+    param = op.inputs[0]
+    moment = graph.tensors[param].nbytes
+    assert choose_update_slices(graph, spec, costs, bound.ram_bytes) == {}
+    target = bound.ram_bytes - moment // 2  # needs the moments' share cut by more than a half
+    slices = choose_update_slices(graph, spec, costs, target)
+    assert set(slices) == {param} and slices[param] >= 2
+    sliced_bound = lower_bound(build_problem(fuse_optimizer(graph, spec, slices), costs(whole)))
+    assert sliced_bound.ram_bytes <= target < bound.ram_bytes
+    if slices[param] > 2:  # the smallest k: one slice fewer does not reach the budget
+        fewer = fuse_optimizer(graph, spec, {param: slices[param] - 1})
+        assert lower_bound(build_problem(fewer, costs(fewer))).ram_bytes > target
+
+
+@pytest.fixture(scope="module")
+def sliced_mlp(mlp_onnx, mlp_graph, tmp_path_factory):
+    """The test MLP compiled (fused) at half its largest weight below the unsliced fused bound."""
+    artifacts, graph = mlp_graph
+    whole_bound = _bound(_fused(artifacts, graph))
+    ram = whole_bound - graph.tensors[max(graph.parameter_names, key=lambda p: graph.tensors[p].nbytes)].nbytes // 2
+    out = tmp_path_factory.mktemp("sliced") / "out"
+    report = compile_model(mlp_onnx, CompileOptions(ram_bytes=ram, out_dir=out, baselines=(), optimizer_mode="fused",
+                                                    time_limit_s=30)).report
+    return ram, out, report
+
+
+def test_compiled_sliced_mlp_verifies_bitwise(mlp_onnx, sliced_mlp, tmp_path):
+    """Below the unsliced fused bound: compile slices the binding update (with --slice-updates off the
+    same budget is refused), the schedule pages moment slices, report.json lists the slices with their
+    parent, and verify is bitwise against the unfused reference."""
+    ram, out, report = sliced_mlp
+    with pytest.raises(InfeasibleError):  # off: below the bound
+        compile_model(mlp_onnx, CompileOptions(ram_bytes=ram, out_dir=tmp_path / "off", baselines=(),
+                                               optimizer_mode="fused", slice_updates="off", time_limit_s=20))
+    assert report.update_slices and all(k >= 2 for k in report.update_slices.values())
+    slices = [s for s in report.state_tensors if s["parent"]]
+    assert slices and all(s["role"] == "moment" and s["parent"].split("__poet_")[0] in report.update_slices
+                          for s in slices)
+    assert any(s["paged"] for s in slices)
+    v = verify(out, steps=3)
+    assert v.to_json()["bitwise_identical_params"] and v.ok, v.to_json()
+
+
+@pytest.mark.slow
+def test_sliced_state_directory_resumes_and_exports_whole_parameters(mlp_graph, sliced_mlp, tmp_path):
+    """A state directory of a sliced compile: two steps then resumed to four equals four in one run;
+    the export holds whole parameters, bitwise equal between the two, and no optimizer state."""
+    import numpy as np
+
+    from poetc.export import _read_checkpoint, export
+    from poetc.run import train
+    from poetc.runtime.statedir import StateDir
+    _, graph = mlp_graph
+    _, out, _ = sliced_mlp
+    train(out, steps=2, state=tmp_path / "a", threads=1)
+    train(out, steps=4, state=tmp_path / "a", threads=1)
+    train(out, steps=4, state=tmp_path / "b", threads=1)
+    exported = {}
+    for run in ("a", "b"):
+        with StateDir.open(tmp_path / run) as s:
+            assert s.step == 4
+        export(out, tmp_path / f"exp-{run}", state=tmp_path / run)
+        exported[run] = {n: np.asarray(v) for n, (v, _) in _read_checkpoint(tmp_path / f"exp-{run}" / "checkpoint",
+                                                                           artifact=True).items()}
+    assert sorted(exported["a"]) == sorted(graph.parameter_names + graph.frozen_parameter_names)
+    for name, value in exported["a"].items():
+        assert value.shape == graph.tensors[name].shape
+        assert value.tobytes() == exported["b"][name].tobytes(), name

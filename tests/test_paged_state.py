@@ -405,3 +405,69 @@ def test_an_empty_directory_does_not_make_an_output_foreign(tmp_path):
     (out / "other").mkdir()
     (out / "other" / "data.txt").write_text("x")
     assert "other" in foreign_content(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the soft default deadline
+
+
+class _FakePlan:
+    """What soft_deadline_plan reads of a plan: fits, the keep-all time and the schedule's time."""
+
+    def __init__(self, fits, time_s, base_s=1.0):
+        from types import SimpleNamespace
+        self.fits = fits
+        self.problem = SimpleNamespace(base_time_s=base_s)
+        self.result = SimpleNamespace(sim=SimpleNamespace(time_s=time_s))
+
+
+def test_soft_deadline_relaxes_to_the_fastest_schedule_that_fits():
+    """A fake planner whose fastest fitting schedule takes 2.713x keep-all: the default 1.3x finds
+    nothing, a time-minimising run at no deadline finds 2.713x, the energy run at 2.72x fits; the note
+    says so. When 1.3x fits nothing is relaxed; when nothing fits at any deadline, the default's
+    failure is returned."""
+    from poetc.api import DEFAULT_DEADLINE, soft_deadline_plan
+    calls = []
+
+    def run(deadline, objective):
+        calls.append((str(deadline), objective))
+        return _FakePlan(deadline.factor >= 2.713, 2.713 if objective == "time" else min(deadline.factor, 2.72))
+    p, note = soft_deadline_plan(run, "energy")
+    assert calls == [("1.3x", "energy"), ("1000x", "time"), ("2.72x", "energy")]
+    assert p.fits and str(note[0]) == "2.72x"
+    assert note[1] == "1.3x default not reachable at this budget; using 2.72x, the fastest schedule that fits"
+
+    p, note = soft_deadline_plan(lambda d, o: _FakePlan(True, 1.1), "energy")
+    assert note is None and p.fits and str(DEFAULT_DEADLINE) == "1.3x"
+
+    first = _FakePlan(False, 1.0)
+    p, note = soft_deadline_plan(lambda d, o: first if d.factor == 1.3 else _FakePlan(False, 1.0), "energy")
+    assert p is first and note is None
+
+
+def test_explicit_deadline_stays_strict_and_default_is_soft(tmp_path, capsys):
+    """The bundled-MLP-like case at a budget where state I/O needs more than 1.3x keep-all: an explicit
+    --deadline 1.3x is refused; no --deadline compiles with the relaxed deadline in report.json and the
+    CLI summary."""
+    import models
+    from poetc.api import CompileOptions, compile_model
+    from poetc.cli import main
+    path = models.export_onnx("mlp", tmp_path / "mlp.onnx", batch=64, seed=0)
+    from poetc.api import open_graph
+    from poetc.importer import ImportOptions
+    artifacts, graph = open_graph(path, tmp_path / "art", ImportOptions())
+    fg = _fused(artifacts, graph)
+    ram = lower_bound(build_problem(fg, _costs(fg))).ram_bytes + 64 * 1024
+    with pytest.raises(InfeasibleError):
+        compile_model(path, CompileOptions(ram_bytes=ram, out_dir=tmp_path / "strict", baselines=(),
+                                           optimizer_mode="fused", slice_updates="off", time_limit_s=20,
+                                           deadline=Deadline(factor=1.3)))
+    report = compile_model(path, CompileOptions(ram_bytes=ram, out_dir=tmp_path / "soft", baselines=(),
+                                                optimizer_mode="fused", slice_updates="off",
+                                                time_limit_s=20)).report
+    assert report.result.fits and report.deadline != "1.3x" and float(report.deadline[:-1]) > 1.3
+    assert report.deadline_note.startswith("1.3x default not reachable at this budget; using ")
+    assert report.deadline_s <= float(report.deadline[:-1]) * report.keep_all.time_s * (1 + 1e-9)
+    assert main(["compile", str(path), "--ram", f"{ram}B", "-o", str(tmp_path / "cli"), "--baselines", "",
+                 "--optimizer-mode", "fused", "--slice-updates", "off"]) == 0
+    assert f"deadline: {report.deadline_note}" in capsys.readouterr().out

@@ -4,6 +4,10 @@ Also: a damaged state directory (truncated file, flipped byte, a file from anoth
 of an older generation, a replaced CURRENT) makes `poetc train` exit 9 and trains nothing on it, and
 `poetc export` writes the committed step of a state directory.
 
+Kills at fixed points of a step (POETC_TEST_KILL_AT, a test-only hook of the runtime: docs/state.md) land
+whatever the machine's speed; the random-time campaigns scale their moments by an uninterrupted run's wall
+time.
+
 The output is examples/mlp.onnx (batch 512) compiled in the fused optimizer mode with net.4.* frozen, then
 paged by hand (tests/statepaging.py): net.2.weight and net.0.bias with their moments, and the frozen
 net.4.weight, are StateRead/StateWrite'd; everything else is resident. One ORT thread: bitwise reproducible.
@@ -71,6 +75,23 @@ def compiled_paged_out(tmp_path_factory) -> tuple[Path, Path]:
     with StateDir.open(out / "initial_state", library=lib, lock=False, clean=False) as s:
         assert any(i.paged for i in s.tensors.values()), "the 12 MB schedule pages nothing: the premise changed"
     return out, lib
+
+
+@pytest.fixture(scope="module")
+def sliced_paged_out(tmp_path_factory) -> tuple[Path, Path]:
+    """examples/mlp.onnx at batch 512 compiled by poetc at 8 MB: the first layer's AdamW update is sliced
+    (its moments are slice tensors, paged one by one), with the default (soft) deadline."""
+    from poetc.api import CompileOptions, compile_model
+    from poetc.importer import ImportOptions
+    out = tmp_path_factory.mktemp("kill-sliced") / "out"
+    try:
+        report = compile_model(MLP, CompileOptions(ram_bytes=8_000_000, out_dir=out, baselines=(),
+                                                   import_options=ImportOptions(batch=512))).report
+    except Exception as exc:  # noqa: BLE001 - e.g. the op library cannot be built here
+        pytest.skip(f"cannot compile examples/mlp.onnx at 8 MB here: {exc}")
+    assert report.update_slices, "the 8 MB schedule slices no update: the premise changed"
+    assert any(s["paged"] and s["parent"] for s in report.state_tensors), "no moment slice is paged"
+    return out, out / "libpoet_spill.so"
 
 
 def _reference(out: Path, lib: Path, tmp: Path, steps: int) -> StateDir:
@@ -167,6 +188,45 @@ def test_resume_equals_uninterrupted(paged_out, tmp_path):
         assert s.read("net.4.weight").tobytes() == init.read("net.4.weight").tobytes()  # frozen
 
 
+def _state_write_order(out: Path) -> list[str]:
+    """The keys of the compiled graph's StateWrites in node (= execution) order."""
+    import onnx
+    m = onnx.load(str(out / "training_model.onnx"), load_external_data=False)
+    return [next(a.s.decode() for a in n.attribute if a.name == "key") for n in m.graph.node
+            if n.op_type == "StateWrite"]
+
+
+def test_kill_at_fixed_points_of_a_sliced_schedule(sliced_paged_out, tmp_path):
+    """SIGKILLs at fixed points (POETC_TEST_KILL_AT, honoured by the runtime: they land whatever the
+    machine's speed) of `poetc train` on the sliced 8 MB schedule: after a StateRead, between the
+    StateWrites of two slices of one moment (one slice written for the next generation, the other
+    not), while persisting the resident state, between fsync and the rename of CURRENT, and just after
+    it. Each resume is at the expected step with every tensor, every slice included, bitwise the
+    uninterrupted run's at that step."""
+    out, lib = sliced_paged_out
+    writes = _state_write_order(out)
+    first_slice = next(i for i, k in enumerate(writes) if k.endswith("__s0"))
+    assert any(k.endswith("__s1") for k in writes[first_slice + 1:]), writes  # another slice written later
+    steps = 5
+    ref = _reference(out, lib, tmp_path, steps)
+    d = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # (generation the killed step writes, phase, n, step committed after the kill)
+    points = [(1, "read", 1, 0), (2, "write", first_slice + 1, 1), (2, "persist", 1, 1), (2, "commit", 0, 1),
+              (2, "commit", 1, 2), (4, "write", len(writes), 3)]
+    for gen, phase, n, committed in points:
+        proc = subprocess.run([sys.executable, "-m", "poetc", "train", str(out), "--state", str(d), "--steps",
+                               str(steps), "--threads", "1"], capture_output=True, text=True, timeout=900,
+                              env=dict(env, POETC_TEST_KILL_AT=f"{gen}:{phase}:{n}"))
+        assert proc.returncode != 0, f"the kill at {gen}:{phase}:{n} did not happen: {proc.stdout}"
+        k, _ = _assert_same_as_reference(d, ref, lib)
+        assert k == committed, f"after a kill at {gen}:{phase}:{n}: committed step {k}, expected {committed}"
+    last = _poetc("train", str(out), "--state", str(d), "--steps", str(steps), "--threads", "1")
+    assert last.returncode == 0, last.stderr
+    assert f"resumed from step 3 of {d}" in last.stdout
+    assert _assert_same_as_reference(d, ref, lib)[0] == steps
+
+
 def test_kill_fast(paged_out, tmp_path):
     _kill_campaign(paged_out, tmp_path, kills=5, steps=6, seed=1)
 
@@ -184,6 +244,11 @@ def test_kill_many_commit_every_3(paged_out, tmp_path):
 @pytest.mark.slow
 def test_kill_many_compiled_schedule(compiled_paged_out, tmp_path):
     _kill_campaign(compiled_paged_out, tmp_path, kills=25, steps=16, seed=23)
+
+
+@pytest.mark.slow
+def test_kill_many_sliced_schedule(sliced_paged_out, tmp_path):
+    _kill_campaign(sliced_paged_out, tmp_path, kills=20, steps=12, seed=31)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,20 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+# TEST ONLY (tests/test_kill.py): POETC_TEST_KILL_AT="S:PHASE:N" SIGKILLs the process at a fixed point of
+# the step that writes generation S, so kill tests land whatever the machine's speed. Phases here:
+# "persist" (after the N-th resident tensor is written), "commit" (N=0: files and directories fsync'ed,
+# CURRENT not yet renamed; N=1: CURRENT renamed, the older generation not yet removed); the native ops
+# add "read" / "write" (after the N-th StateRead / StateWrite of the step). Unset: no effect.
+KILL_AT_ENV = "POETC_TEST_KILL_AT"
+
+
+def _test_kill_point(generation: int, phase: str, n: int) -> None:
+    spec = os.environ.get(KILL_AT_ENV)
+    if spec and spec == f"{generation}:{phase}:{n}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _mac(key: bytes, doc: Mapping) -> str:
     body = json.dumps({k: doc[k] for k in sorted(doc) if k != "mac"}, sort_keys=True).encode()
     return hashlib.blake2b(body, key=key, digest_size=16).hexdigest()
@@ -294,6 +309,7 @@ class StateDir:
 
     def __init__(self, path: Path, manifest: dict, mac_key: bytes, generation: int, library=None) -> None:
         self.path = path
+        self._written: dict[int, int] = {}  # generation -> resident tensors written (the test kill hook)
         self.manifest = manifest
         self.mac_key = mac_key
         self.generation = generation
@@ -478,6 +494,8 @@ class StateDir:
             raise ValueError(f"state tensor {name!r} is {a.dtype}{list(a.shape)}, the manifest says "
                              f"{np.dtype(ONNX_TO_NUMPY[info.dtype])}{list(info.shape)}")
         write_tensor(self.tensor_path(name, generation), name, a, generation, self.mac_key, library=self.library)
+        self._written[generation] = self._written.get(generation, 0) + 1
+        _test_kill_point(generation, "persist", self._written[generation])
 
     def commit(self, generation: int, *, keep_previous: bool = False) -> None:
         """Make ``generation`` (== latest + 1, every non-frozen tensor written) the committed one: fsync its
@@ -491,10 +509,12 @@ class StateDir:
             _fsync_path(f)
         _fsync_path(gdir, directory=True)
         _fsync_path(self.path, directory=True)  # gen-<g+1>'s own entry is durable before CURRENT names it
+        _test_kill_point(generation, "commit", 0)
         current = {"generation": generation, "step": generation,
                    "manifest_sha256": hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()}
         current["mac"] = _mac(self.mac_key, current)
         _write_atomic(self.path / CURRENT, json.dumps(current, sort_keys=True).encode())
+        _test_kill_point(generation, "commit", 1)
         self.generation = self.latest = generation
         if not keep_previous:
             self._remove_other_generations()

@@ -47,6 +47,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,6 +76,34 @@ static int s_configured = 0;
 static char s_dir[POET_PATH_BYTES];
 static unsigned char s_key[16];
 static uint64_t s_read_gen, s_write_gen;
+
+/* TEST ONLY (tests/test_kill.py): POETC_TEST_KILL_AT="S:read:N" or "S:write:N" SIGKILLs this process
+ * right after the N-th StateRead (resp. StateWrite, its file written) of the step that writes
+ * generation S, so a kill lands at the same point of a step whatever the machine's speed.  Read at
+ * each poet_state_configure; unset (always, outside tests): no effect. */
+static uint64_t s_kill_gen, s_kill_n, s_reads_done, s_writes_done;
+static int s_kill_kind = -1; /* 0 read, 1 write, -1 none */
+
+static void kill_hook_configure(void) {
+  const char *spec = getenv("POETC_TEST_KILL_AT");
+  unsigned long long gen = 0, n = 0;
+  char phase[16] = {0};
+  s_kill_kind = -1;
+  s_reads_done = s_writes_done = 0;
+  if (!spec || sscanf(spec, "%llu:%15[a-z]:%llu", &gen, phase, &n) != 3) return;
+  if (strcmp(phase, "read") == 0) s_kill_kind = 0;
+  else if (strcmp(phase, "write") == 0) s_kill_kind = 1;
+  s_kill_gen = gen;
+  s_kill_n = n;
+}
+
+static void kill_hook(int kind) {
+  uint64_t done;
+  pthread_mutex_lock(&s_lock);
+  done = kind == 0 ? ++s_reads_done : ++s_writes_done;
+  if (s_kill_kind == kind && s_write_gen == s_kill_gen && done == s_kill_n) kill(getpid(), SIGKILL);
+  pthread_mutex_unlock(&s_lock);
+}
 
 /* ---- helpers ------------------------------------------------------------ */
 
@@ -345,6 +374,7 @@ ST_EXPORT int poet_state_configure(const char *dir, const unsigned char key[16],
   s_read_gen = read_gen;
   s_write_gen = write_gen;
   s_configured = 1;
+  kill_hook_configure();
   pthread_mutex_unlock(&s_lock);
   return 0;
 }
@@ -561,6 +591,7 @@ static OrtStatus *read_compute(StateKernel *k, OrtKernelContext *ctx) {
     return st_status(k, "%s; the step was not run and nothing was trained on it", err);
   }
   close(fd);
+  kill_hook(0);
   return NULL;
 }
 
@@ -600,6 +631,7 @@ static OrtStatus *write_compute(StateKernel *k, OrtKernelContext *ctx) {
   if (!st) st = s_ort->GetTensorMutableData(t, (void **)&tdata);
   if (st) return st_wrap(k, st, "allocating output T");
   tdata[0] = (int64_t)wg;
+  kill_hook(1);
   return NULL;
 }
 

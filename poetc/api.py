@@ -124,7 +124,8 @@ def _inspect_fused(artifacts: Path, graph: TrainGraph, target: str) -> dict:
     from .solver.problem import MIN_STATE_BYTES
     from .targets import load_target
     try:
-        fused = fuse_optimizer(graph, read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx"))))
+        spec = read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx")))
+        fused = fuse_optimizer(graph, spec)
     except UnsupportedModelError as exc:
         return {"available": False, "why": str(exc)}
     problem = build_problem(fused, step_costs_for(fused, load_target(target), None))
@@ -136,10 +137,19 @@ def _inspect_fused(artifacts: Path, graph: TrainGraph, target: str) -> dict:
         if st.pageable and st.nbytes >= MIN_STATE_BYTES:
             entry["pageable_tensors"] += 1
             entry["pageable_bytes"] += st.nbytes
-    return {"available": True, "fixed_total_bytes": problem.fixed_bytes, "state": by_role,
-            "state_directory_bytes": state_directory_bytes(fused),
-            "keep_all_peak_bytes": problem.keep_all.total_peak_bytes,
-            "lower_bound": lower_bound(problem).to_json()}
+    bound = lower_bound(problem)
+    doc = {"available": True, "fixed_total_bytes": problem.fixed_bytes, "state": by_role,
+           "state_directory_bytes": state_directory_bytes(fused),
+           "keep_all_peak_bytes": problem.keep_all.total_peak_bytes,
+           "lower_bound": bound.to_json(), "sliced_lower_bound": None}
+    op = fused.ops[bound.position]
+    if op.op_type == "AdamWUpdate":  # what a sliced update (compile --slice-updates auto) can reach there
+        param = op.inputs[0]
+        k = min(MAX_UPDATE_SLICES, int(np.prod(fused.tensors[param].shape)))
+        sliced = fuse_optimizer(graph, spec, {param: k})
+        doc["sliced_lower_bound"] = dict(lower_bound(build_problem(sliced, step_costs_for(
+            sliced, load_target(target), None))).to_json(), parameter=param, slices=k)
+    return doc
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -254,6 +254,10 @@ def cmd_inspect(args) -> int:
               f"{format_size(fb['floor_state_bytes'])} of state it reads; largest tensor {fb['largest_tensor']} "
               f"{format_size(fb['largest_tensor_bytes'])}); state directory {format_size(fused['state_directory_bytes'])} "
               f"of flash")
+        sb = fused.get("sliced_lower_bound")
+        if sb:
+            print(f"  with the update of {sb['parameter']} in {sb['slices']} slices (compile --slice-updates auto): "
+                  f"lower bound {format_size(sb['ram_bytes'])}, set by {sb['set_by']}")
     _print_canonicalizations(doc["canonicalizations"])
     print("largest saved activations:")
     for a in doc["largest_activations"]:

@@ -112,3 +112,50 @@ def test_a_worse_final_solution_never_replaces_the_start():
     report = solve_in_child(build, solver="highs", time_limit_s=60, t0=time.perf_counter(),
                             incumbent=("start", -7.0))
     assert report.payload == [1, 0, 1] and not report.from_start
+
+
+@pytest.mark.parametrize("limit", [0.5, 7.0, 60.0, 600.0])
+def test_the_time_budget_sums_to_the_limit(limit):
+    """solve_milp's phases: the solver child is killed at solver_s and the simulation after it has
+    the rest, so the two sum to the limit; the warm starts end well before the child's share."""
+    from poetc.solver.strategies import TimeBudget
+    b = TimeBudget.of(limit)
+    assert b.solver_s + b.simulation_s == pytest.approx(limit, rel=1e-12)
+    assert 0 < b.simulation_s <= 0.02 * limit + 1e-12 and b.simulation_s <= 1.0
+    assert b.local_search_s <= b.warm_start_s < b.solver_s
+
+
+@pytest.mark.parametrize("solver", ["highs", "highs-lns"])
+def test_the_time_limit_is_passed_down_to_every_phase(cnn_graph, monkeypatch, solver):
+    """The limit given to solve_milp reaches the warm starts and the solver child as TimeBudget says,
+    all measured from one start time (the child's own hard stop is test_the_time_limit_is_hard_...)."""
+    from poetc.solver import strategies
+    from poetc.solver.strategies import TimeBudget
+    seen = {"greedy": [], "start": [], "child": []}
+    real_greedy, real_start, real_child = strategies.greedy, strategies.best_start, strategies.solve_in_child
+
+    def spy_greedy(*args, deadline=None, **kw):
+        seen["greedy"].append(deadline)
+        return real_greedy(*args, deadline=deadline, **kw)
+
+    def spy_start(problem, limits, greedy, *, deadline, search_s):
+        seen["start"].append((deadline, search_s))
+        return real_start(problem, limits, greedy, deadline=deadline, search_s=search_s)
+
+    def spy_child(build, *, time_limit_s, t0, **kw):
+        seen["child"].append((time_limit_s, t0))
+        return real_child(build, time_limit_s=time_limit_s, t0=t0, **kw)
+    monkeypatch.setattr(strategies, "greedy", spy_greedy)
+    monkeypatch.setattr(strategies, "best_start", spy_start)
+    monkeypatch.setattr(strategies, "solve_in_child", spy_child)
+    _, g = cnn_graph
+    problem = build_problem(g, costs_for(g, 0.3, 1.0))
+    limits = Limits(problem.keep_all_peak_bytes * 0.6, problem.base_time_s * 5, 1e12)
+    b = TimeBudget.of(120.0)
+    r = solve_milp(problem, limits, "poet", time_limit_s=120.0, solver=solver)
+    assert r.fits
+    [(child_limit, t0)] = seen["child"]
+    assert child_limit == b.solver_s
+    if solver == "highs-lns":
+        assert seen["start"] == [(t0 + b.warm_start_s, b.local_search_s)]
+    assert seen["greedy"] and all(d == t0 + b.warm_start_s for d in seen["greedy"])

@@ -24,6 +24,7 @@ from .errors import InfeasibleError
 from .importer import ImportOptions, canonicalizations, import_model
 from .ir.graph import TensorKind, TrainGraph
 from .ir.lower import load_artifacts
+from .overlap import OverlapCosts
 from .plan import BASELINES
 from .report import CompileReport, KeepAllSummary, StrategySummary, memory_breakdown, state_tensor_list
 from .run import INITIAL_STATE, input_specs, label_classes, measure_artifacts
@@ -301,6 +302,7 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         flash = options.flash_bytes if options.flash_bytes is not None else target.flash_bytes
 
         deadline_notes: dict[int, tuple[Deadline, str]] = {}  # id(plan) -> (deadline used, why), when relaxed
+        overlap_costs = OverlapCosts(target.mem_bytes_per_s, target.active_power_w) if options.overlap else None
 
         def plan_graph(g: TrainGraph):
             problem = build_problem(g, step_costs_for(g, target, options.costs_path), page_state=options.page_state)
@@ -310,7 +312,7 @@ def compile_model(model_path: Path, options: CompileOptions, *,
                 return plan(problem, Budget.from_ram(options.ram_bytes, problem.fixed_bytes), deadline,
                             flash_bytes=flash, objective=objective, strategy=options.strategy, baselines=(),
                             time_limit_s=options.time_limit_s, seed=options.seed, threads=options.threads,
-                            solver=options.solver)
+                            solver=options.solver, overlap=overlap_costs)
             if options.deadline is not None:
                 return run(options.deadline, options.objective)
             chosen_plan, note = soft_deadline_plan(run, options.objective)
@@ -455,8 +457,12 @@ def _infeasible_message(chosen) -> str:
 def _overlap(main, problem, budget, target, options: CompileOptions):
     """(result, OverlapPlan or None): the chosen schedule with its transfers made asynchronous where that
     hides their time within the activation budget; the result's simulation then counts the staging
-    buffers and the overlapped time."""
+    buffers and the overlapped time. The MILP's windows when it chose any (already in the result);
+    otherwise (a heuristic strategy, or a deadline loose enough that the energy objective wanted no
+    window: each costs its staging copy) the greedy planner within the budget's headroom."""
     from .overlap import plan_overlap
+    if main.overlap is not None and main.overlap.asynchronous:  # the MILP's windows, realised exactly
+        return main, main.overlap
     if not options.overlap or not any(s.kind is StepKind.PAGE_OUT for s in main.schedule.steps):
         return main, None
     moved = {s.tensor for s in main.schedule.steps if s.tensor is not None}

@@ -22,9 +22,14 @@ from when it is queued (or the channel frees up) and the step only for the stagi
 wait for their transfer. Energy is the blocking schedule's plus the staging copies: overlap saves time,
 not joules.
 
-The placement is a greedy pass over the transfers in step order (a write is waited for once the compute
-after it covers its transfer time, a read is issued as late as still hides it), each bounded by the
-budget's headroom; a transfer that cannot hide more than its staging copy costs stays synchronous.
+Two placements:
+- the MILP's (poetc/solver/overlap_rows.py): the solver chooses, per paged tensor, an asynchronous window
+  for its Spill and for its first Restore among a few candidates (`Window`), with the staging bytes in its
+  memory rows and the hidden time in its deadline row; `plan_from_windows` realises exactly those windows;
+- the greedy fallback (`plan_overlap`, when the MILP part is off: heuristic strategies): a pass over the
+  transfers in step order (a write is waited for once the compute after it covers its transfer time, a
+  read is issued as late as still hides it), each bounded by the budget's headroom; a transfer that
+  cannot hide more than its staging copy costs stays synchronous.
 """
 
 from __future__ import annotations
@@ -36,6 +41,65 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .schedule import SimResult, Step, StepCosts, StepKind
+
+
+@dataclass(frozen=True)
+class OverlapCosts:
+    """What an asynchronous transfer costs besides its transfer: the staging copy (read + write of the
+    bytes at the device's memory bandwidth) on the main thread, at the device's active power."""
+
+    copy_bytes_per_s: float
+    copy_power_w: float = 0.0
+
+    def copy_s(self, nbytes: int) -> float:
+        return 2.0 * nbytes / self.copy_bytes_per_s
+
+
+@dataclass(frozen=True)
+class Window:
+    """One asynchronous transfer the MILP may choose, in positions (op indices; "slot" q = the steps
+    from the end of op q-1's steps up to and including op q and the Spills right after it).
+
+    kind "out": the Spill right after op `start` (the tensor's producer) becomes a SpillAsync, its Flush
+    runs before slot `end`; kind "in": the Restore in slot `end` (the tensor's first backward reader)
+    becomes an Await of a Prefetch issued before slot `start`. Either way the staging buffer (`nbytes`)
+    is live from the issue to the wait, and the transfer (`transfer_s`) runs on the storage channel while
+    the ops strictly between issue and wait (`hidden_by_s` of compute) run on the main thread.
+    The step pays the staging copy plus what the compute does not hide: `delta_s` (< 0) against the
+    blocking transfer. Exact under the channel model when no other transfer is queued while the window
+    is open (the MILP's channel rows, `exclusive_slots`) and no recompute runs inside it (a recompute
+    only hides more, so the MILP's time is then an upper bound)."""
+
+    kind: str  # "out" | "in"
+    cand: int  # candidate index in the Problem
+    tensor: str
+    nbytes: int
+    start: int
+    end: int
+    transfer_s: float
+    hidden_by_s: float
+    copy_s: float
+    copy_energy_j: float
+
+    @property
+    def delta_s(self) -> float:
+        return self.copy_s + max(0.0, self.transfer_s - self.hidden_by_s) - self.transfer_s
+
+    def op_positions(self) -> range:
+        """Positions whose op rows count the staging buffer (an "out" window counts it at its producer
+        too: the SpillAsync step after the producer holds the tensor and its copy, and has no row)."""
+        return range(self.start, self.end)
+
+    def stage_positions(self) -> range:
+        """Positions whose regeneration (stage) rows count it: "in" up to the Await's own stage."""
+        return range(self.start, self.end + 1) if self.kind == "in" else range(self.start + 1, self.end)
+
+    def exclusive_slots(self) -> range:
+        """Slots in which no other transfer may be issued while this one holds the channel."""
+        return range(self.start, self.end)
+
+    def to_json(self) -> list:
+        return [self.kind, self.tensor, self.start, self.end]
 
 
 @dataclass(frozen=True)
@@ -64,6 +128,7 @@ class OverlapPlan:
     energy_j: float
     blocking_time_s: float  # the same schedule with every transfer blocking (the channel model, no overlap)
     notes: list[str] = field(default_factory=list)
+    windows: list[Window] = field(default_factory=list)  # the MILP's windows it realises ([]: the greedy's plan)
 
     @property
     def asynchronous(self) -> bool:
@@ -85,7 +150,8 @@ class OverlapPlan:
         return {"transfers": [t.to_json() for t in self.transfers], "peak_bytes": self.peak_bytes,
                 "time_s": self.time_s, "energy_j": self.energy_j, "blocking_time_s": self.blocking_time_s,
                 "asynchronous_spills": sum(t.kind == "out" for t in self.transfers),
-                "prefetched_restores": sum(t.kind == "in" for t in self.transfers), "notes": list(self.notes)}
+                "prefetched_restores": sum(t.kind == "in" for t in self.transfers), "notes": list(self.notes),
+                "placed_by": "milp" if self.windows else "greedy"}
 
 
 #: transfers that stay blocking (the fused mode's paged parameters and moments): they hold the channel too
@@ -228,7 +294,16 @@ def plan_overlap(steps: list[Step], sim: SimResult, costs: StepCosts, nbytes: di
         fixed.append(t)
     transfers = sorted(fixed, key=lambda t: (t.step, t.kind))
 
-    total = live + extra
+    return _finish(steps, sim, costs, nbytes, transfers, extra, copy_s, copy_power_w, notes)
+
+
+def _finish(steps, sim: SimResult, costs: StepCosts, nbytes: dict[str, int], transfers: list[AsyncTransfer],
+            extra: np.ndarray, copy_s, copy_power_w: float, notes: list[str]) -> OverlapPlan:
+    """The plan of `transfers` (staging bytes `extra` per step): its peak, channel time and energy; no
+    transfer at all if the model says it is slower than blocking."""
+    n = len(steps)
+    d = _durations(steps, costs, nbytes)
+    total = np.asarray(sim.live_bytes, dtype=np.float64) + extra
     peak_step = int(np.argmax(total)) if n else 0
     time_s = channel_time(steps, d, transfers, nbytes, costs, copy_s)
     blocking = channel_time(steps, d, [], nbytes, costs, copy_s)
@@ -240,4 +315,75 @@ def plan_overlap(steps: list[Step], sim: SimResult, costs: StepCosts, nbytes: di
                        time_s, energy, blocking, notes)
 
 
-__all__ = ["AsyncTransfer", "OverlapPlan", "channel_time", "plan_overlap"]
+def slot_starts(steps: list[Step]) -> dict[int, int]:
+    """Position -> index of the first step of its slot (the regeneration steps and StateReads before
+    the op, or the op itself): where a Prefetch issued "before slot p", or a Flush "before slot p", goes."""
+    starts: dict[int, int] = {}
+    first = 0
+    for i, s in enumerate(steps):
+        if s.kind is StepKind.COMPUTE:
+            starts[s.op] = first
+            first = i + 1
+        elif s.kind in (StepKind.PAGE_OUT, StepKind.STATE_WRITE) and first == i:
+            first = i + 1  # the Spills / StateWrites right after an op belong to its slot
+    return starts
+
+
+def _slots(steps: list[Step]) -> list[int | None]:
+    """The slot (position) of each step: a step before an op is in that op's slot, the Spills and
+    StateWrites right after an op in the op's."""
+    slot: list[int | None] = [None] * len(steps)
+    trailing = None
+    for i, s in enumerate(steps):
+        if s.kind is StepKind.COMPUTE:
+            trailing = slot[i] = s.op
+        elif s.kind in (StepKind.PAGE_OUT, StepKind.STATE_WRITE) and trailing is not None:
+            slot[i] = trailing
+        else:
+            trailing = None
+    nxt = None
+    for i in range(len(steps) - 1, -1, -1):
+        if steps[i].kind is StepKind.COMPUTE:
+            nxt = steps[i].op
+        elif slot[i] is None:
+            slot[i] = nxt
+    return slot
+
+
+def plan_from_windows(steps: list[Step], sim: SimResult, costs: StepCosts, nbytes: dict[str, int],
+                      windows: list[Window], overlap_costs: OverlapCosts) -> OverlapPlan:
+    """Realise the MILP's chosen windows exactly: each "out" window's Spill becomes a SpillAsync whose
+    Flush runs before slot `end`; each "in" window's first Restore of its tensor becomes an Await of a
+    Prefetch issued before slot `start`. The staging bytes of each are added to every step from its
+    issue to its wait (an "in" window's Await included). A window the schedule does not have where the
+    MILP put it (its Restore not in slot `end`) stays blocking, with a note."""
+    n = len(steps)
+    starts = slot_starts(steps)
+    slot_of = _slots(steps)
+    extra = np.zeros(n)
+    transfers: list[AsyncTransfer] = []
+    notes: list[str] = []
+    for w in sorted(windows, key=lambda w: (w.start, w.kind, w.tensor)):
+        kind = StepKind.PAGE_OUT if w.kind == "out" else StepKind.PAGE_IN
+        step = next((i for i, s in enumerate(steps) if s.kind is kind and s.tensor == w.tensor), None)
+        if step is None or slot_of[step] != (w.start if w.kind == "out" else w.end) or w.end not in starts:
+            notes.append(f"{w.kind} window of {w.tensor} [{w.start}, {w.end}) is not in the schedule: kept blocking")
+            continue
+        if w.kind == "out":
+            wait = starts[w.end]
+            extra[step:wait] += w.nbytes
+            transfers.append(AsyncTransfer("out", step, w.tensor, w.nbytes, step, wait))
+        else:
+            issue = starts[w.start]
+            extra[issue: step + 1] += w.nbytes
+            transfers.append(AsyncTransfer("in", step, w.tensor, w.nbytes, issue))
+    transfers.sort(key=lambda t: (t.step, t.kind))
+    plan = _finish(steps, sim, costs, nbytes, transfers, extra, overlap_costs.copy_s, overlap_costs.copy_power_w,
+                   notes)
+    if plan.transfers:
+        plan.windows = sorted(windows, key=lambda w: (w.start, w.kind, w.tensor))
+    return plan
+
+
+__all__ = ["AsyncTransfer", "OverlapCosts", "OverlapPlan", "Window", "channel_time", "plan_from_windows", "plan_overlap",
+           "slot_starts"]

@@ -11,6 +11,8 @@ all go through here; nothing else computes a budget, a bound or a keep-all figur
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 
@@ -100,6 +102,9 @@ class Limits:
     objective: str = "energy"  # or "time"
     allow_recompute: bool = True
     allow_page: bool = True
+    # issue #19: asynchronous paging in the MILP (poetc.overlap.OverlapCosts: the staging copy's cost);
+    # None: every transfer blocking in the MILP (poetc.overlap's greedy may still overlap afterwards)
+    overlap: object = None
 
     @classmethod
     def of(cls, budget: Budget, overhead_time_s: float, flash_bytes: float, objective: str = "energy") -> Limits:
@@ -257,8 +262,9 @@ def limits_for(problem: Problem, budget: Budget, deadline: Deadline, flash_bytes
 def plan(problem: Problem, budget: Budget, deadline: Deadline, *, flash_bytes: float, objective: str = "energy",
          strategy: str = "poet", baselines: tuple[str, ...] = BASELINES, time_limit_s: float = 120.0,
          baseline_time_limit_s: float | None = None, seed: int = 0, threads: int = 1, solver: str = "highs",
-         check: bool = True, progress: Callable[[str], None] | None = None) -> Plan:
+         check: bool = True, progress: Callable[[str], None] | None = None, overlap=None) -> Plan:
     """Run `strategy` and `baselines` (each once; the chosen one is not repeated) on `problem`.
+    `overlap` (poetc.overlap.OverlapCosts): the MILPs may make transfers asynchronous (issue #19).
 
     With `check`, a budget below the lower bound raises InfeasibleError before any solving; without,
     the strategies run anyway (and find nothing that fits). Baselines get `baseline_time_limit_s`
@@ -267,6 +273,8 @@ def plan(problem: Problem, budget: Budget, deadline: Deadline, *, flash_bytes: f
     say = progress or (lambda phase: None)
     bound = check_budget(problem, budget) if check else lower_bound(problem)
     limits, deadline_s = limits_for(problem, budget, deadline, flash_bytes, objective)
+    if overlap is not None:
+        limits = dataclasses.replace(limits, overlap=overlap)
     if baseline_time_limit_s is None:
         baseline_time_limit_s = max(time_limit_s / 4, 5)
     say(f"solving ({strategy})")

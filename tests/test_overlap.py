@@ -60,9 +60,11 @@ def _check_plan(steps, plan, live, budget):
     assert plan.time_s <= plan.blocking_time_s + 1e-12
 
 
-def _replay(steps, costs, transfers, copy_s):
+def _replay(steps, costs, transfers, copy_s, nbytes=None):
     """A brute-force replay of the runtime: a main thread running steps, one I/O thread running a FIFO
-    queue; advance time in tiny ticks. Independent of channel_time's bookkeeping."""
+    queue; advance time in tiny ticks. Independent of channel_time's bookkeeping. `nbytes`: each
+    transferred tensor's size (default 1 MiB each)."""
+    size = (lambda name: nbytes[name]) if nbytes else (lambda name: 1 << 20)
     by = {(t.kind, t.step): t for t in transfers}
     issue = {}
     for t in transfers:
@@ -95,10 +97,10 @@ def _replay(steps, costs, transfers, copy_s):
             tick(until=lambda tensor=tensor: ("w", tensor) in done)
         for t in issue.get(i, ()):
             queue.append([costs.page_in(t.nbytes)[0], ("r", t.step)])
-        if s.kind is StepKind.COMPUTE:
+        if s.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
             tick(costs.op_time_s[s.op])
         elif s.kind is StepKind.PAGE_OUT:
-            n = 1 << 20
+            n = size(s.tensor)
             t = by.get(("out", i))
             if t is None:
                 tick(until=lambda: not queue)
@@ -110,7 +112,7 @@ def _replay(steps, costs, transfers, copy_s):
             t = by.get(("in", i))
             if t is None:
                 tick(until=lambda: not queue)
-                tick(costs.page_in(1 << 20)[0])
+                tick(costs.page_in(size(s.tensor))[0])
             else:
                 tick(until=lambda i=i: ("r", i) in done)
                 tick(copy_s(t.nbytes))
@@ -220,3 +222,103 @@ def test_no_overlap_flag_keeps_every_transfer_blocking(tmp_path):
 def test_async_transfer_json_round_trip():
     t = AsyncTransfer("out", 3, "x", 10, 3, 5)
     assert t.to_json() == {"kind": "out", "step": 3, "tensor": "x", "nbytes": 10, "issue": 3, "wait": 5}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the MILP's windows (poetc/solver/overlap_rows.py) on a real graph
+
+def _milp(cnn_graph, frac, deadline, overlap=True, objective="time"):
+    from poetc.overlap import OverlapCosts
+    from poetc.solver import Limits, build_problem, run_strategy
+    from test_solver import costs_for
+    _, g = cnn_graph
+    problem = build_problem(g, costs_for(g, 0.3, 0.3))  # seeded rpi4-roofline costs, not measured ones
+    limits = Limits(problem.keep_all_peak_bytes * frac, problem.base_time_s * (deadline - 1), 1e12, objective,
+                    overlap=OverlapCosts(5.5e9, 3.0) if overlap else None)
+    return problem, limits, run_strategy(problem, limits, "poet", time_limit_s=60)
+
+
+@pytest.mark.parametrize("frac", [0.6, 0.7])
+def test_milp_windows_time_is_the_channel_model_and_the_replay(cnn_graph, frac):
+    """The MILP's time for its windows (blocking time + each window's delta) against the channel model
+    and the brute-force replay of the realised schedule: equal when no recompute runs inside a window,
+    an upper bound otherwise; and no other transfer is issued while a window is open."""
+    problem, limits, r = _milp(cnn_graph, frac, 1.5)
+    assert r.status in ("optimal", "feasible") and r.fits, r.notes
+    plan = r.overlap
+    assert plan is not None and plan.windows and plan.transfers, "the MILP chose no window"
+    assert len(plan.transfers) == len(plan.windows)
+    steps = r.schedule.steps
+    milp_time = plan.blocking_time_s + sum(w.delta_s for w in plan.windows)
+    nbytes = {s.tensor: problem.graph.tensors[s.tensor].nbytes for s in steps if s.tensor}
+
+    def copy_s(b):
+        return limits.overlap.copy_s(b)
+    replay = _replay(steps, problem.costs, plan.transfers, copy_s, nbytes)
+    assert plan.time_s == pytest.approx(replay, abs=2e-5 * len(steps))
+    assert r.sim.time_s == plan.time_s
+    spans = []
+    for t in plan.transfers:
+        lo, hi = (t.step, t.wait) if t.kind == "out" else (t.issue, t.step)
+        spans.append((lo, hi))
+        between = [i for i in range(lo, hi) if i != t.step and steps[i].kind is not StepKind.COMPUTE
+                   and steps[i].kind is not StepKind.RECOMPUTE]
+        assert not between, (t, [steps[i] for i in between])  # the channel is this window's alone
+    recompute_inside = any(steps[i].kind is StepKind.RECOMPUTE for lo, hi in spans for i in range(lo, hi))
+    if recompute_inside:
+        assert milp_time >= plan.time_s - 1e-12
+    else:
+        assert milp_time == pytest.approx(plan.time_s, rel=1e-12, abs=1e-12)
+    assert plan.time_s < plan.blocking_time_s
+
+
+@pytest.mark.parametrize("frac", [0.6, 0.7])
+def test_milp_staging_bytes_are_the_simulators(cnn_graph, frac):
+    """Memory of the prefetched and written-behind buffers, from issue to wait: the simulator (the
+    realised plan's staging bytes per step) equals the MILP's window terms to the byte at every op's
+    row; the MILP's regeneration rows are never below the steps they stand for; the peak fits."""
+    from poetc.overlap import _slots
+    from poetc.solver.overlap_rows import window_bytes
+    problem, limits, r = _milp(cnn_graph, frac, 1.5)
+    plan = r.overlap
+    assert plan is not None and plan.windows
+    steps = r.schedule.steps
+    op_rows, pre_rows = window_bytes(plan.windows, problem.positions, problem.stages)
+    stage_index = {s: k for k, s in enumerate(problem.stages)}
+    slot = _slots(steps)
+    # an out window's producer row counts the staging buffer for the SpillAsync step after the op
+    # (which has no row of its own): the op itself runs without it
+    producer = np.zeros(problem.positions)
+    for w in plan.windows:
+        if w.kind == "out":
+            producer[w.start] += w.nbytes
+    for i, s in enumerate(steps):
+        if s.kind is StepKind.COMPUTE:
+            assert plan.extra_bytes[i] == op_rows[s.op] - producer[s.op], (i, s)
+        elif s.kind in (StepKind.PAGE_IN, StepKind.RECOMPUTE) and slot[i] in stage_index:
+            assert plan.extra_bytes[i] <= pre_rows[stage_index[slot[i]]], (i, s)
+        else:  # a Spill right after its producer: the producer's row counts the staging buffer
+            assert plan.extra_bytes[i] <= op_rows[slot[i]], (i, s)
+    assert r.sim.peak_bytes <= limits.activation_budget_bytes
+    assert r.sim.peak_bytes == max(a + b for a, b in zip(simulate_blocking(problem, r).live_bytes, plan.extra_bytes))
+
+
+def simulate_blocking(problem, r):
+    from poetc.schedule import simulate
+    return simulate(problem.graph, r.schedule.steps, r.schedule.origin, problem.costs)
+
+
+def test_overlap_fits_a_deadline_blocking_cannot(cnn_graph):
+    """The deadline is checked against the overlapped time: halfway between the fastest blocking
+    schedule and the fastest overlapped one (both minimised by the time objective), only the MILP
+    with windows fits; its energy still counts every transfer (overlap saves time, not joules)."""
+    problem, _, fast_blocking = _milp(cnn_graph, 0.6, 3.0, overlap=False)
+    _, _, fast_overlap = _milp(cnn_graph, 0.6, 3.0)
+    assert fast_overlap.sim.time_s < fast_blocking.sim.time_s
+    mid = (fast_overlap.sim.time_s + fast_blocking.sim.time_s) / 2 / problem.base_time_s
+    _, _, blocking = _milp(cnn_graph, 0.6, mid, overlap=False, objective="energy")
+    _, _, overlap = _milp(cnn_graph, 0.6, mid, objective="energy")
+    assert not blocking.fits
+    assert overlap.fits and overlap.overlap is not None and overlap.overlap.windows
+    copies = sum(w.copy_energy_j for w in overlap.overlap.windows)
+    assert overlap.sim.energy_j == pytest.approx(simulate_blocking(problem, overlap).energy_j + copies)

@@ -54,6 +54,7 @@ import numpy as np
 
 from ..plan import Limits
 from ..schedule import Decision
+from . import overlap_rows
 from .problem import LinearEval, Problem, state_delta
 
 INF = float("inf")
@@ -167,6 +168,9 @@ class MilpVars:
     gtau: dict[tuple[int, int], int] = field(default_factory=dict)  # (group, stage) -> reruns there
     w: dict[tuple[int, int], int] = field(default_factory=dict)  # (member, stage) -> transient copy
     drop: dict[tuple[int, int], int] = field(default_factory=dict)  # (candidate, inner gap) -> paged in again
+    # overlap (issue #19, poetc/solver/overlap_rows.py): candidate asynchronous windows and their columns
+    windows: list = field(default_factory=list)
+    win: dict[int, int] = field(default_factory=dict)
 
     def var(self, key: tuple) -> int:
         """The column a memory-row key names: ("keep", i), ("y", i, k), ("ext", b, p), ..."""
@@ -284,6 +288,9 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
             if u in v.rec:
                 row(-INF, 1.0, (col, 1.0), (v.rec[u], 1.0))
 
+    if limits.overlap is not None:  # issue #19: asynchronous windows and the storage channel
+        overlap_rows.add_windows(problem, limits.overlap, m, v, limits.allow_page)
+
     # memory rows
     decidable_rows = memory_rows(problem, v)
     rows: dict[tuple, float] = {}
@@ -315,6 +322,7 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
 
     overhead_time = overhead(lambda c: c.rec_time_s, lambda c: c.alias_time_s, lambda c: c.page_time_s,
                              lambda c: c.repage_time_s)
+    overhead_time.update(overlap_rows.cost_terms(v, "time"))  # (no windows: nothing)
     m.add_row(overhead_time, -INF, max(limits.overhead_time_s, 0.0))
     spillable = [i for i in decidable if not cands[i].state]  # paged state lives in the state directory
     if limits.flash_bytes < sum(cands[i].nbytes for i in spillable):
@@ -324,6 +332,7 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
     else:
         m.obj = overhead(lambda c: c.rec_energy_j, lambda c: c.alias_energy_j, lambda c: c.page_energy_j,
                          lambda c: c.repage_energy_j)
+        m.obj.update(overlap_rows.cost_terms(v, "energy"))
     return m, v
 
 
@@ -363,6 +372,7 @@ def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, 
         pre_terms[k][("gtau", g, k)] = cands[problem.groups[g][0]].transient_bytes
     for (i, k) in v.w:
         pre_terms[k][("w", i, k)] = cands[i].mem_bytes
+    overlap_rows.memory_terms(problem, v, terms, pre_terms)  # issue #19: staging buffers of the windows
     return list(zip(map(float, const), terms)) + list(zip(map(float, pre_const), pre_terms))
 
 
@@ -378,6 +388,7 @@ def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: Line
     start += [(col, ev.tau.get(key, 0.0)) for key, col in v.tau.items()]
     start += [(col, ev.ext.get(key, 0.0)) for key, col in v.ext.items()]
     start += [(col, float(j in (repage or {}).get(i, ()))) for (i, j), col in v.drop.items()]
+    start += [(col, 0.0) for col in v.win.values()]  # every transfer blocking
     at = ev.group_stage
     start += [(col, float(g in at)) for g, col in v.run.items()]
     start += [(col, float(g in at and k >= at[g])) for (g, k), col in v.z.items()]

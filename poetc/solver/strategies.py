@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..plan import STRATEGIES, Limits
 from ..schedule import Decision, Schedule, SimResult, simulate
 from .backend import solve_in_child
+from . import overlap_rows
 from .formulation import build_model, read_choice, read_early, read_repage, start_values
 from .heuristics import best_start, lns_windows
 from .problem import Problem, ProfileEvaluator, chen_checkpoints, evaluate_linear
@@ -39,6 +40,7 @@ class StrategyResult:
     overhead_energy_j: float
     early: dict[int, int] = field(default_factory=dict)  # candidate -> stage index, regenerated ahead of need
     repage: dict[int, list[int]] = field(default_factory=dict)  # PAGE candidate -> inner gaps paged in again
+    overlap: object = None  # poetc.overlap.OverlapPlan of the MILP's asynchronous windows (in `sim` already)
     bound: float | None = None  # lower bound on the overhead objective (MILPs)
     gap: float | None = None  # (objective - bound) / objective, on the overhead
     solve_time_s: float = 0.0
@@ -48,8 +50,10 @@ class StrategyResult:
 
 def evaluate_choice(problem: Problem, strategy: str, choice: list[Decision], limits: Limits, status: str,
                     early: dict[int, int] | None = None, repage: dict[int, list[int]] | None = None,
-                    **kw) -> StrategyResult:
-    """The result of a choice of decisions: its schedule, simulated, and whether it fits `limits`."""
+                    windows: list | None = None, **kw) -> StrategyResult:
+    """The result of a choice of decisions: its schedule, simulated, and whether it fits `limits`.
+    `windows` (poetc.overlap.Window, the MILP's): made asynchronous, their staging bytes and the
+    overlapped time in the simulation the fit is judged on."""
     early = early or {}
     repage = {i: js for i, js in (repage or {}).items() if js and choice[i] is Decision.PAGE}
     schedule = Schedule.from_decisions(problem.graph, problem.decisions_from(dict(enumerate(choice))), strategy,
@@ -57,12 +61,19 @@ def evaluate_choice(problem: Problem, strategy: str, choice: list[Decision], lim
                                        regenerate_at=problem.regenerate_at_from(early),
                                        repage_at=problem.repage_at_from(repage))
     sim = simulate(problem.graph, schedule.steps, schedule.origin, problem.costs)
+    overlap = None
+    if windows and limits.overlap is not None:  # issue #19
+        from ..overlap import plan_from_windows
+        moved = {s.tensor for s in schedule.steps if s.tensor is not None}
+        overlap = plan_from_windows(schedule.steps, sim, problem.costs,
+                                    {t: problem.graph.tensors[t].nbytes for t in moved}, windows, limits.overlap)
+        sim = overlap.adjusted(sim)
     over_t, over_e = sim.time_s - problem.base_time_s, sim.energy_j - problem.base_energy_j
     fits = (sim.peak_bytes <= limits.activation_budget_bytes
             and over_t <= limits.overhead_time_s * (1 + 1e-9) + 1e-12
             and sim.max_flash_bytes <= limits.flash_bytes)
     schedule.solver.update({k: v for k, v in kw.items() if k in ("bound", "gap")})
-    return StrategyResult(strategy, choice, schedule, sim, fits, status, over_t, over_e, early, repage, **kw)
+    return StrategyResult(strategy, choice, schedule, sim, fits, status, over_t, over_e, early, repage, overlap, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,7 +181,8 @@ def _build_for_child(problem: Problem, limits: Limits, start: list[Decision] | N
 
         def decode(x):
             choice = read_choice(problem, v, x)
-            return [d.value for d in choice], read_early(problem, v, choice, x), read_repage(v, choice, x)
+            return ([d.value for d in choice], read_early(problem, v, choice, x), read_repage(v, choice, x),
+                    overlap_rows.read_windows(v, x))
         return model, x0, decode, (lns_windows(problem, v.keep, v.rec, v.page) if lns else None)
     return build
 
@@ -252,7 +264,8 @@ def _solve_milp(problem: Problem, limits: Limits, strategy: str, t0: float, budg
                                    solve_time_s=elapsed, notes=notes + [why + "; no heuristic schedule fits either"])
         notes.append(why + "; falling back to the best heuristic schedule that fits")
         return evaluate_choice(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed, notes=notes)
-    values, early, repage = report.payload
+    values, early, repage, *more = report.payload  # (the warm start has no windows)
+    windows = more[0] if more else []
     choice = [Decision(x) for x in values]
     objective = report.objective
     bound = max(report.bound, 0.0) if report.bound is not None and math.isfinite(report.bound) else None
@@ -269,7 +282,7 @@ def _solve_milp(problem: Problem, limits: Limits, strategy: str, t0: float, budg
         notes.append(f"the solver was stopped at the {time_limit_s:g} s limit; its best solution is kept")
     if report.from_start:
         notes.append("the MILP found nothing better than its warm start (the gap is against its bound)")
-    result = evaluate_choice(problem, strategy, choice, limits, status, early, repage, bound=bound, gap=gap_now,
+    result = evaluate_choice(problem, strategy, choice, limits, status, early, repage, windows, bound=bound, gap=gap_now,
                              solve_time_s=elapsed, time_to_1pct_s=report.time_to_gap(0.01), notes=notes)
     if start is not None and not result.fits:  # never worse than the start: the simulator decides
         fallback = evaluate_choice(problem, strategy, start, limits, "heuristic-fallback", solve_time_s=elapsed,

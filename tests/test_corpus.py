@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.corpus import CORPUS, export_corpus  # noqa: E402
+from poetc.units import Deadline  # noqa: E402
 
 BATCHES = (1, 8)
 FRACTIONS = (0.5, 0.7, 0.9)
@@ -53,8 +54,10 @@ def run_case(name: str, batch: int, work: Path) -> dict:
             for target in ("rpi4", "host"):
                 out = work / f"{name}-b{batch}-{target}"
                 shutil.rmtree(out, ignore_errors=True)
+                # the deadline explicit (strict): the fractions ladder is about fitting within 1.3x
                 result = compile_model(path, CompileOptions(ram_bytes=ram, out_dir=out, target=target,
-                                                            time_limit_s=20, import_options=options, baselines=()))
+                                                            time_limit_s=20, import_options=options, baselines=(),
+                                                            deadline=Deadline(factor=1.3)))
                 summary = result.report.to_json()["result"]
                 row[target] = {"status": summary["status"], "fits": summary["fits"],
                                "decisions": summary["decisions"],

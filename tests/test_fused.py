@@ -430,7 +430,8 @@ def test_slicing_lowers_the_bound_set_by_an_update(mlp_graph):
     target = bound.ram_bytes - moment // 2  # needs the moments' share cut by more than a half
     slices = choose_update_slices(graph, spec, costs, target)
     assert set(slices) == {param} and slices[param] >= 2
-    sliced_bound = lower_bound(build_problem(fuse_optimizer(graph, spec, slices), costs(whole)))
+    sliced = fuse_optimizer(graph, spec, slices)
+    sliced_bound = lower_bound(build_problem(sliced, costs(sliced)))
     assert sliced_bound.ram_bytes <= target < bound.ram_bytes
     if slices[param] > 2:  # the smallest k: one slice fewer does not reach the budget
         fewer = fuse_optimizer(graph, spec, {param: slices[param] - 1})

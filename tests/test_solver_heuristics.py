@@ -144,3 +144,53 @@ def test_highs_lns_proves_the_same_optimum_as_highs(cnn_graph):
     for s, r in results.items():
         assert r.status == "optimal" and r.fits, (s, r.notes)
     assert results["highs-lns"].overhead_energy_j == pytest.approx(results["highs"].overhead_energy_j, rel=2e-4)
+
+
+def _relaxation(problem, limits):
+    model, v = build_model(problem, limits)
+    h = model.to_highs()
+    h.setOptionValue("solve_relaxation", True)
+    h.run()
+    assert h.getModelStatus().name == "kOptimal"
+    return model, v, h
+
+
+@pytest.mark.parametrize("fixture,fraction", [("cnn_graph", 0.6), ("cnn_graph", 0.8), ("bert_tiny_graph", 0.3),
+                                              ("bert_tiny_graph", 0.5)])
+def test_branching_on_the_lp_gives_a_bound_between_the_lp_and_the_optimum(fixture, fraction, request):
+    """bound.branch_bound (60 child LPs, a node limit) lies between the root LP and the optimum HiGHS
+    proves, lifts the root LP on these instances, and leaves the model's column bounds as it found them."""
+    from poetc.solver.bound import branch_bound
+    _, g = request.getfixturevalue(fixture)
+    problem, limits = _setup(g, fraction)
+    model, v, h = _relaxation(problem, limits)
+    lp = h.getInfo().objective_function_value
+    spec = lns_windows(problem, v.keep, v.rec, v.page)
+    bound = branch_bound(h, model.col_lb, model.col_ub, spec.triples, max_nodes=60,
+                         deadline=time.perf_counter() + 3600)
+    assert np.array_equal(h.getLp().col_upper_, model.col_ub) and np.array_equal(h.getLp().col_lower_, model.col_lb)
+    r = solve_milp(problem, limits, "poet", time_limit_s=600, solver="highs")
+    assert r.status == "optimal", r.notes
+    assert lp < bound <= r.overhead_energy_j * (1 + 1e-6) + 1e-15
+
+
+def test_rens_finds_a_schedule_near_the_lp_that_simulates_within_limits(bert_tiny_graph):
+    """heuristics.rens (the LP's integral decisions fixed, the rest solved): a schedule of the full
+    MILP, no better than the proven optimum, and one that the simulator finds within the limits."""
+    from poetc.solver.heuristics import rens
+    _, g = bert_tiny_graph
+    problem, limits = _setup(g, 0.3)
+    model, v, h = _relaxation(problem, limits)
+    x_lp = np.asarray(h.getSolution().col_value)
+    spec = lns_windows(problem, v.keep, v.rec, v.page)
+    assert any(1 - max(x_lp[c] for c in t) > 1e-6 for t in spec.triples)  # something is left to decide
+    x = rens(model, x_lp, spec, time.perf_counter() + 3600)
+    assert x is not None
+    r = solve_milp(problem, limits, "poet", time_limit_s=600, solver="highs")
+    assert r.status == "optimal", r.notes
+    assert model.objective_of(x) >= r.overhead_energy_j * (1 - 1e-6) - 1e-15
+    choice = read_choice(problem, v, x)
+    result = evaluate_choice(problem, "poet", choice, limits, "feasible", read_early(problem, v, choice, x),
+                             read_repage(v, choice, x))
+    assert result.fits, result.notes
+    assert result.overhead_energy_j == pytest.approx(model.objective_of(x), rel=1e-6)

@@ -18,7 +18,8 @@ import numpy as np
 
 from .child import run_in_child
 from .formulation import LinearModel
-from .heuristics import LnsSpec, run_lns
+from .bound import branch_bound
+from .heuristics import LnsSpec, rens, run_lns
 
 BOUND_EVERY_S = 1.0  # how often the child reports the dual bound while solving
 # HiGHS's presolve took 34 s of a 60 s limit on a 24-layer encoder (305k rows) and reduced little;
@@ -74,6 +75,7 @@ def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable,
         elif h.getModelStatus() == highspy.HighsModelStatus.kInfeasible:  # then so is the MILP
             send(("done", "INFEASIBLE", None, None, None))
             return
+        start = _from_the_relaxation(h, model, start, decode, deadline, seed, send, lns)
         h.setOptionValue("solve_relaxation", False)
         if model.num_rows < PRESOLVE_OFF_ROWS:
             h.setOptionValue("presolve", "choose")
@@ -132,6 +134,37 @@ def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable,
                     on_improve, seed=seed)
         payload, objective = decode(x), model.objective_of(x)
     send(("done", name, payload, objective, bound))
+
+
+def _from_the_relaxation(h, model: LinearModel, start: np.ndarray | None, decode: Callable, deadline: float,
+                         seed: int, send, lns: LnsSpec) -> np.ndarray | None:
+    """While the start is more than lns.gap above the LP bound (h: the relaxation, solved): branch on
+    the LP's fractional tensors for a better bound (bound.branch_bound), then, if still above, look
+    for a better schedule near the LP's solution (heuristics.rens). Sends what each proves or finds;
+    returns the start for the full MILP (the RENS schedule if it beats `start`)."""
+    import highspy
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return start
+    bound = float(h.getInfo().objective_function_value)
+    x_lp = np.asarray(h.getSolution().col_value).copy()
+    best = model.objective_of(start) if start is not None else float("inf")
+
+    def above() -> bool:
+        return not np.isfinite(best) or (best > 0 and (best - bound) / best > lns.gap)
+    if above() and lns.branch_nodes > 0:
+        now = time.perf_counter()
+        b = branch_bound(h, model.col_lb, model.col_ub, lns.triples, max_nodes=lns.branch_nodes,
+                         deadline=now + lns.branch_share * (deadline - now), cutoff=best)
+        if b is not None and b > bound:
+            bound = b
+            send(("bound", bound))
+    if above() and lns.rens_nodes > 0:
+        now = time.perf_counter()
+        x = rens(model, x_lp, lns, now + lns.rens_share * (deadline - now), seed)
+        if x is not None and model.objective_of(x) < best:
+            best, start = model.objective_of(x), x
+            send(("incumbent", decode(x), best, None))
+    return start
 
 
 def _cbc_child(model: LinearModel, start: np.ndarray | None, decode: Callable, deadline: float, seed: int,

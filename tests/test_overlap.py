@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poetc.overlap import AsyncTransfer, _durations, channel_time, plan_overlap
@@ -227,12 +227,12 @@ def test_async_transfer_json_round_trip():
 # ---------------------------------------------------------------------------------------------------
 # the MILP's windows (poetc/solver/overlap_rows.py) on a real graph
 
-def _milp(cnn_graph, frac, deadline, overlap=True, objective="time"):
+def _milp(cnn_graph, frac, deadline, overlap=True, objective="time", seed_scale=0.3, page_scale=0.3):
     from poetc.overlap import OverlapCosts
     from poetc.solver import Limits, build_problem, run_strategy
     from test_solver import costs_for
     _, g = cnn_graph
-    problem = build_problem(g, costs_for(g, 0.3, 0.3))  # seeded rpi4-roofline costs, not measured ones
+    problem = build_problem(g, costs_for(g, seed_scale, page_scale))  # seeded rpi4-roofline costs, not measured
     limits = Limits(problem.keep_all_peak_bytes * frac, problem.base_time_s * (deadline - 1), 1e12, objective,
                     overlap=OverlapCosts(5.5e9, 3.0) if overlap else None)
     return problem, limits, run_strategy(problem, limits, "poet", time_limit_s=60)
@@ -244,9 +244,29 @@ def test_milp_windows_time_is_the_channel_model_and_the_replay(cnn_graph, frac):
     and the brute-force replay of the realised schedule: equal when no recompute runs inside a window,
     an upper bound otherwise; and no other transfer is issued while a window is open."""
     problem, limits, r = _milp(cnn_graph, frac, 1.5)
+    assert r.overlap is not None and r.overlap.windows, "the MILP chose no window"
+    _check_milp_windows(problem, limits, r)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frac=st.sampled_from([0.6, 0.7, 0.8]), page_scale=st.sampled_from([0.1, 0.3, 1.0, 3.0]),
+       seed_scale=st.sampled_from([0.0, 0.3, 1.0]), objective=st.sampled_from(["time", "energy"]),
+       deadline=st.sampled_from([1.02, 1.05, 1.5]))
+def test_milp_windows_under_random_costs(cnn_graph, frac, page_scale, seed_scale, objective, deadline):
+    """Whatever the costs, budget, objective and deadline: a schedule the MILP says fits, fits in the
+    simulator with its staging bytes and the channel time, and its windows' time is the replay's."""
+    problem, limits, r = _milp(cnn_graph, frac, deadline, objective=objective, seed_scale=seed_scale,
+                               page_scale=page_scale)
+    if r.status in ("optimal", "feasible"):
+        assert r.fits, r.notes
+    if r.overlap is not None and r.overlap.windows:
+        _check_milp_windows(problem, limits, r)
+
+
+def _check_milp_windows(problem, limits, r):
     assert r.status in ("optimal", "feasible") and r.fits, r.notes
     plan = r.overlap
-    assert plan is not None and plan.windows and plan.transfers, "the MILP chose no window"
+    assert plan.transfers, "the MILP chose windows the schedule does not have"
     assert len(plan.transfers) == len(plan.windows)
     steps = r.schedule.steps
     milp_time = plan.blocking_time_s + sum(w.delta_s for w in plan.windows)

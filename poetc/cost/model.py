@@ -34,6 +34,7 @@ from ..errors import TargetError
 from ..ir.graph import TrainGraph
 from ..targets import Target
 from .flops import count_flops, node_map
+from .timemodel import output_bytes
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ def build_cost_table(graph: TrainGraph, target: Target,
     """Price every op of `graph` on `target` (see the module docstring for the formulas).
 
     `measured` maps op name -> seconds, e.g. from `profile_host` or `load_costs(...)`. A loaded
-    costs file that records the target it was measured on must match `target` (TargetError).
+    costs file that records the target it was measured on must match `target` (TargetError). When
+    `measured` carries a host overhead (`.overhead`), each measured op's share of it is added.
     """
     measured_on = getattr(measured, "target", None)
     if isinstance(measured_on, str) and measured_on != target.name:
@@ -129,6 +131,7 @@ def build_cost_table(graph: TrainGraph, target: Target,
             f"the per-op costs were measured on target {measured_on!r}, not {target.name!r}",
             hint=f"use --target {measured_on}, or profile on the {target.name} device itself")
     nodes = node_map(graph)
+    overhead = getattr(measured, "overhead", None)  # poetc.cost.timemodel.HostOverhead (docs/time-model.md)
     costs: list[OpCost] = []
     sources: list[str] = []
     fallbacks = 0
@@ -136,6 +139,8 @@ def build_cost_table(graph: TrainGraph, target: Target,
         flops, moved = count_flops(graph, op, nodes.get(op.name))
         if measured is not None and op.name in measured:
             time_s, source = _checked_time(measured[op.name], op.name, "measured"), "measured"
+            if overhead is not None:  # the host time model: what the node costs besides its kernel
+                time_s += overhead.op_s(output_bytes(graph, op))
         elif target.is_measured and op.host_time_s is not None:
             time_s, source = _checked_time(op.host_time_s, op.name, "probe"), "probe"
         else:

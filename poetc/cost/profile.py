@@ -47,9 +47,17 @@ def random_feeds(graph: TrainGraph, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
+class HostTimes(dict):
+    """op name -> median kernel seconds (a plain dict), with the host overhead fitted from the same
+    runs (`overhead`, poetc.cost.timemodel.HostOverhead)."""
+
+    overhead = None
+
+
 def profile_host(graph: TrainGraph, repeats: int = 5, seed: int = 0, *, warmup: int = 1,
-                 intra_op_threads: int | None = None) -> dict[str, float]:
-    """op name -> median kernel time in seconds on this machine, for every op of `graph`.
+                 intra_op_threads: int | None = None) -> HostTimes:
+    """op name -> median kernel time in seconds on this machine, for every op of `graph`, and
+    (`.overhead`) what the step costs beyond its kernels (poetc.cost.timemodel, from the same runs).
 
     Runs `warmup` untimed and `repeats` timed steps of `graph.model` in one ONNX Runtime session.
     Readings of 0 us (below the profiler's 1 us resolution) become MIN_MEASURED_OP_TIME_S.
@@ -61,14 +69,16 @@ def profile_host(graph: TrainGraph, repeats: int = 5, seed: int = 0, *, warmup: 
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     feeds = random_feeds(graph, seed)
     durations: dict[str, list[float]] = {}
+    walls: list[float] = []
     try:
-        events = profile_kernels(graph.model, feeds, runs=warmup + repeats, intra_op_threads=intra_op_threads)
+        events = profile_kernels(graph.model, feeds, runs=warmup + repeats, intra_op_threads=intra_op_threads,
+                                 run_seconds=walls)
     except Exception as exc:  # ORT raises its own exception types
         raise RuntimeFailure(f"ONNX Runtime failed while profiling the training graph: "
                              f"{str(exc).strip()[:600]}") from exc
     for name, args in events:  # events are in execution order, so each node's list is in run order
         durations.setdefault(name, []).append(float(args["dur"]) * 1e-6)
-    result: dict[str, float] = {}
+    result = HostTimes()
     missing = []
     for op in graph.ops:
         runs = durations.get(op.name)
@@ -80,6 +90,8 @@ def profile_host(graph: TrainGraph, repeats: int = 5, seed: int = 0, *, warmup: 
     if missing:
         raise RuntimeFailure(f"{len(missing)} op(s) did not appear in the ONNX Runtime profile, "
                              f"e.g. {missing[0]!r}")
+    from .timemodel import overhead_from_events
+    result.overhead = overhead_from_events(graph, events, walls, warmup)
     return result
 
 
@@ -94,6 +106,12 @@ class SavedCosts(Mapping[str, float]):
     target: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     ops: tuple[dict[str, Any], ...] = ()  # per-op records in graph order, as stored
+
+    @property
+    def overhead(self):
+        """The host overhead stored with the times (poetc.cost.timemodel.HostOverhead), or None."""
+        from .timemodel import HostOverhead
+        return HostOverhead.from_json(self.meta.get("overhead"))
 
     def __getitem__(self, op_name: str) -> float:
         return self.times[op_name]
@@ -120,8 +138,12 @@ def save_costs(path: str | os.PathLike[str], graph: TrainGraph,
     """Write per-op times (a CostTable or op name -> seconds) for `graph` as JSON, keys sorted.
 
     With a CostTable every op's energy, FLOPs and bytes are stored too, and `target` defaults to
-    its target's name. Ops absent from a mapping are left out. `meta` is free-form (e.g. repeats).
+    its target's name. Ops absent from a mapping are left out. `meta` is free-form (e.g. repeats);
+    times from `profile_host` add their host overhead to it (`meta.overhead`, docs/time-model.md).
     """
+    overhead = getattr(costs, "overhead", None)
+    if overhead is not None and not isinstance(costs, CostTable):
+        meta = {**(meta or {}), "overhead": overhead.to_json()}
     records = []
     if isinstance(costs, CostTable):
         if costs.op_names != tuple(op.name for op in graph.ops):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 
 import numpy as np
 import onnx
@@ -28,9 +29,10 @@ def probe_array(shape: tuple[int, ...], dtype: int, rng: np.random.Generator) ->
 
 
 def profile_kernels(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int = 1,
-                    intra_op_threads: int | None = None) -> list[tuple[str, dict]]:
-    """Run `model` `runs` times with profiling; return (node name, event args + "dur" in us) for
-    every kernel event, in execution order. ONNX Runtime's exceptions propagate to the caller."""
+                    intra_op_threads: int | None = None, run_seconds: list | None = None) -> list[tuple[str, dict]]:
+    """Run `model` `runs` times with profiling; return (node name, event args + "dur" and "ts" in us)
+    for every kernel event, in execution order. `run_seconds`, if given, receives each run's wall time
+    (session.run, as the caller sees it). ONNX Runtime's exceptions propagate to the caller."""
     import onnxruntime as ort
 
     from .session import contract_session_options
@@ -46,7 +48,10 @@ def profile_kernels(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: 
             so.intra_op_num_threads = intra_op_threads
         session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         for _ in range(runs):
+            t0 = time.perf_counter()
             session.run(None, feeds)
+            if run_seconds is not None:
+                run_seconds.append(time.perf_counter() - t0)
         with open(session.end_profiling()) as fh:
             events = json.load(fh)
     out = []
@@ -55,5 +60,6 @@ def profile_kernels(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: 
         if ev.get("cat") == "Node" and name.endswith(KERNEL_SUFFIX):
             args = dict(ev.get("args", {}))
             args["dur"] = ev.get("dur", 0)
+            args["ts"] = ev.get("ts", 0)
             out.append((name[: -len(KERNEL_SUFFIX)], args))
     return out

@@ -1,0 +1,118 @@
+"""Overlapped vs blocking paging on this host, measured (issue #19's done-when rows).
+
+One model at one batch: lowered and profiled once (`poetc profile`: kernel times and host overhead),
+then compiled twice for the host with the same costs, `--ram` at `--fraction` of keep-all activations
+and the same `--deadline`: "blocking" (`--no-overlap`: the MILP charges every transfer in full) and
+"overlap" (the MILP may hide transfers behind compute, docs/overlap.md). Each output is verified
+`--repeats` times, alternating, with spill files forced out of the page cache
+(POETC_SPILL_DROP_CACHE=1) so reads hit the disk. Prints per variant: the schedule, the asynchronous
+transfers, the predicted and measured step peak, the measured step-time overhead against the
+reference (keep-all, ORT's graph) in each repeat, and whether the parameters are bitwise identical.
+
+    POETC_SPILL_DROP_CACHE=1 python -m benchmarks.overlap_host --model resnet18_cifar --batch 16 \\
+        --fraction 0.3 --deadline 1.08 [--repeats 3] [--steps 4] [--out docs/bench/overlap_host.json]
+
+The done-when rows: ResNet-18-CIFAR b16 at 0.3 (step-time overhead <= +8%, peak no higher than
+24.13 MiB, bitwise) and a schedule with >= 4x lower activation peak than keep-all at <= 10% overhead
+(`--fraction 0.25 --deadline 1.10`). Timings need a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def run(model: str, batch: int, fraction: float, deadline: float, repeats: int, steps: int) -> dict:
+    from poetc.api import CompileOptions, compile_model, step_costs_for
+    from poetc.bench import BenchConfig, _lower
+    from poetc.cost import profile_host, save_costs
+    from poetc.run import verify
+    from poetc.solver import build_problem
+    from poetc.targets import load_target
+    from poetc.units import Deadline
+    os.environ["POETC_SPILL_DROP_CACHE"] = "1"
+    out: dict = {"model": model, "batch": batch, "fraction": fraction, "deadline_factor": deadline, "variants": {}}
+    with tempfile.TemporaryDirectory(prefix="poetc-overlap-host-") as work:
+        work = Path(work)
+        g = _lower(model, BenchConfig(name="overlap-host", models=(model,), targets=("host",), fractions=(fraction,),
+                                      batches={model: batch}), work, None)
+        times = profile_host(g.graph, repeats=5)
+        costs = work / "costs.json"
+        save_costs(costs, g.graph, times, target="host", meta={"repeats": 5})
+        problem = build_problem(g.graph, step_costs_for(g.graph, load_target("host"), costs))
+        ram = problem.fixed_bytes + int(fraction * problem.keep_all_peak_bytes)
+        out.update(ram_bytes=ram, keep_all_activation_bytes=problem.keep_all_peak_bytes)
+        dirs = {}
+        for variant, overlap in (("blocking", False), ("overlap", True)):
+            d = dirs[variant] = work / variant
+            rep = compile_model(g.path, CompileOptions(
+                ram_bytes=ram, out_dir=d, target="host", costs_path=costs, optimizer_mode="unfused",
+                deadline=Deadline(factor=deadline), baselines=(), time_limit_s=120, force=True,
+                overlap=overlap)).report
+            ov = rep.overlap or {}
+            out["variants"][variant] = {
+                "decisions": rep.result.decisions, "predicted_time_s": rep.result.time_s,
+                "predicted_keep_all_time_s": rep.keep_all.time_s,
+                "predicted_activation_peak_bytes": rep.result.activation_peak_bytes,
+                "async_transfers": len(ov.get("transfers", [])), "placed_by": ov.get("placed_by"),
+                "status": rep.result.status, "runs": []}
+        for _ in range(repeats):
+            for variant in ("blocking", "overlap"):
+                v = verify(dirs[variant], steps=steps).to_json()
+                k = v["steady_state_from_step"]
+                compiled, reference = min(v["step_seconds_compiled"][k:]), min(v["step_seconds_reference"][k:])
+                out["variants"][variant]["runs"].append({
+                    "compiled_step_s": compiled, "reference_step_s": reference,
+                    "overhead_pct": 100.0 * (compiled / reference - 1),
+                    "measured_activation_peak_bytes": max(v["measured_step_peak_bytes"][k:]),
+                    "reference_activation_peak_bytes": max(v["reference_step_peak_bytes"][k:]),
+                    "identical": bool(v["identical_results"])})
+    return out
+
+
+def table(doc: dict) -> str:
+    mib = 2 ** 20
+    lines = ["| | " + " | ".join(doc["variants"]) + " |", "|---|" + "---|" * len(doc["variants"])]
+    vs = list(doc["variants"].values())
+
+    def row(label, f):
+        lines.append(f"| {label} | " + " | ".join(f(v) for v in vs) + " |")
+    row("schedule", lambda v: ", ".join(f"{k} {n}" for k, n in v["decisions"].items() if n))
+    row("asynchronous transfers", lambda v: f"{v['async_transfers']} ({v['placed_by'] or '-'})")
+    row("predicted step / keep-all", lambda v: f"{v['predicted_time_s'] * 1e3:.0f} / "
+        f"{v['predicted_keep_all_time_s'] * 1e3:.0f} ms ({100 * (v['predicted_time_s'] / v['predicted_keep_all_time_s'] - 1):+.1f}%)")
+    row("predicted / measured activation peak", lambda v: f"{v['predicted_activation_peak_bytes'] / mib:.2f} / "
+        + ", ".join(f"{r['measured_activation_peak_bytes'] / mib:.2f}" for r in v["runs"]) + " MiB")
+    row("keep-all measured peak", lambda v: ", ".join(f"{r['reference_activation_peak_bytes'] / mib:.2f}"
+                                                      for r in v["runs"]) + " MiB")
+    row("measured overhead per run", lambda v: ", ".join(f"{r['compiled_step_s'] * 1e3:.0f} vs "
+                                                         f"{r['reference_step_s'] * 1e3:.0f} ms ({r['overhead_pct']:+.1f}%)"
+                                                         for r in v["runs"]))
+    row("bitwise identical", lambda v: "yes" if all(r["identical"] for r in v["runs"]) else "NO")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="resnet18_cifar")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--fraction", type=float, default=0.3)
+    ap.add_argument("--deadline", type=float, default=1.08)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    doc = run(args.model, args.batch, args.fraction, args.deadline, args.repeats, args.steps)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    print(table(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -56,10 +56,35 @@ from dataclasses import dataclass, field
 
 from .errors import InternalError
 from .ir.fused import state_read_name, state_tensors, state_token_name
-from .ir.graph import Role, TensorKind, TrainGraph
+from .ir.graph import TENSOR_OBJECT_BYTES, Role, TensorKind, TrainGraph, allocation_bytes
 
-SPILL_HANDLE_BYTES = 16  # Spill returns an int64[2] handle
-STATE_TOKEN_BYTES = 8  # StateWrite returns an int64[1] token (a graph output: never freed)
+SPILL_HANDLE_BYTES = allocation_bytes(16)  # Spill returns an int64[2] handle (a tensor: data block and object)
+STATE_TOKEN_BYTES = allocation_bytes(8)  # StateWrite returns an int64[1] token (a graph output: never freed)
+
+# ONNX Runtime's per-step bookkeeping (measured, docs/memory-model.md "per-step bookkeeping"): the
+# execution frame, allocated when a step starts and freed when it ends, is FRAME_BASE_BYTES plus
+# FRAME_PER_VALUE_BYTES per value of the graph (graph inputs, initializers, node outputs).
+FRAME_BASE_BYTES = 0
+FRAME_PER_VALUE_BYTES = 0
+
+# Ops ONNX Runtime 1.19.2's CPU kernels run in place (KernelDef MayInplace(0, 0)): when their first
+# input's buffer has no reader after the op and is not a graph input, and the output has its size, the
+# output takes over that buffer (also with memory reuse off). Measured one by one (a 1 MiB input that
+# dies at the op: peak 1x, against 2x for Neg, Add, Mul, Exp, Erf, Transpose, the *Grad ops, Gelu,
+# Dropout, ...): tests/test_measure.py.
+INPLACE_OPS = frozenset({"Relu", "LeakyRelu", "Tanh", "Sigmoid", "Elu", "Selu", "ThresholdedRelu", "Clip",
+                         "HardSigmoid", "Softplus", "Softsign", "Softmax", "LogSoftmax"})
+
+
+def frame_bytes(values: int) -> int:
+    """The execution frame of a graph with `values` values."""
+    return FRAME_BASE_BYTES + FRAME_PER_VALUE_BYTES * values
+
+
+def graph_values(graph: TrainGraph, steps: list["Step"]) -> int:
+    """Values of the graph a step list runs as: the lowered graph's tensors and every new version the
+    steps write (recomputed copies, restored copies, Spill handles, StateRead copies and tokens)."""
+    return len(graph.tensors) + len({w for step in steps for w in step.writes if w and w not in graph.tensors})
 
 
 class Decision(str, enum.Enum):
@@ -366,6 +391,15 @@ def simulate_keep_all(graph: TrainGraph, costs: StepCosts | None = None) -> SimR
     return simulate(graph, steps, origin, costs)
 
 
+def _in_place(graph: TrainGraph, step: Step, out, i: int) -> bool:
+    """Whether the op of `step` is one ONNX Runtime may run in place on its first input (INPLACE_OPS,
+    same dtype); the buffer condition is checked by the caller."""
+    if step.op is None or step.kind not in (StepKind.COMPUTE, StepKind.RECOMPUTE) or not step.reads or not step.reads[0]:
+        return False
+    op = graph.ops[step.op]
+    return op.domain in ("", "ai.onnx") and op.op_type in INPLACE_OPS and out.alias_of is None
+
+
 def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None = None,
              costs: StepCosts | None = None) -> SimResult:
     """Replay `steps` under ONNX Runtime's allocation rules; raise ScheduleError on an invalid read."""
@@ -414,6 +448,9 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
     class_timeline: dict[str, list[int]] = {c: [] for c in MEMORY_CLASSES}
     tokens: set[str] = set()
     state_read = state_written = 0
+    frame = frame_bytes(graph_values(graph, steps))
+    live += frame
+    class_live["other"] += frame
     for i, step in enumerate(steps):
         for x in step.reads:
             if x and not persistent(x) and x not in buffer_of:
@@ -434,13 +471,22 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
                 op = graph.ops[step.op]
                 src_versioned = step.reads[op.inputs.index(t.alias_of)]
                 src = buffer_of.get(src_versioned)
-            if src is not None:
+            if src is None and w == step.writes[0] and t is not None and _in_place(graph, step, t, i):
+                src = buffer_of.get(step.reads[0])
+                if not (src is not None and buffer_users[src] == 1 and last_read.get(step.reads[0]) == i
+                        and step.reads[0] not in outputs and buffer_bytes[src] == t.alloc_bytes):
+                    src = None
+            if src is not None:  # a view or an in-place output: its Tensor object is held to the step's end
                 buffer_of[w] = src
                 buffer_users[src] += 1
+                live += TENSOR_OBJECT_BYTES
+                class_live["other"] += TENSOR_OBJECT_BYTES
             elif t is not None and t.alias_of is not None and persistent(t.alias_of):
-                buffer_of[w] = w  # alias of a persistent buffer (e.g. accumulator output): no bytes
+                buffer_of[w] = w  # alias of a persistent buffer (e.g. accumulator output): its object only
                 buffer_bytes[w], buffer_users[w] = 0, 1
                 buffer_class[w] = "other"
+                live += TENSOR_OBJECT_BYTES
+                class_live["other"] += TENSOR_OBJECT_BYTES
             elif step.kind is StepKind.STATE_WRITE:
                 buffer_of[w], buffer_bytes[w], buffer_users[w] = w, STATE_TOKEN_BYTES, 1
                 live += STATE_TOKEN_BYTES

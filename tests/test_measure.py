@@ -326,3 +326,55 @@ def test_worker_failure_is_a_measurement_error(small, tmp_path):
     with pytest.raises(MeasurementError) as ei:
         measure_training(art, bad, steps=1, workdir=tmp_path / "w")
     assert "labels" in str(ei.value)
+
+
+# --------------------------------------------------------------------------- #
+# the simulator's ONNX Runtime rules, against measured steps (docs/memory-model.md)
+
+_INPLACE_SCRIPT = textwrap.dedent("""
+    import ctypes, json, sys
+    import numpy as np, onnx, onnxruntime as ort
+    from onnx import helper as oh, TensorProto as TP
+    from poetc.runtime.session import contract_session_options
+    h = ctypes.CDLL(None)
+    for f in (h.poetc_heap_peak_bytes, h.poetc_heap_current_bytes):
+        f.restype = ctypes.c_uint64
+    N = 1 << 18  # a 1 MiB float tensor
+    out = {}
+    for op in sys.argv[1:]:
+        # A dies at `op` (its only reader); `op`'s output is reduced to a scalar
+        nodes = [oh.make_node("Neg", ["X"], ["A"]), oh.make_node(op, ["A"], ["Y"]),
+                 oh.make_node("ReduceSum", ["Y"], ["Z"], keepdims=0)]
+        g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("X", TP.FLOAT, [N])],
+                          [oh.make_tensor_value_info("Z", TP.FLOAT, [])])
+        m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+        s = ort.InferenceSession(m.SerializeToString(), contract_session_options(intra_op_threads=1),
+                                 providers=["CPUExecutionProvider"])
+        x = np.ones(N, np.float32)
+        s.run(None, {"X": x})
+        base = h.poetc_heap_current_bytes(); h.poetc_heap_reset_peak()
+        s.run(None, {"X": x})
+        out[op] = (h.poetc_heap_peak_bytes() - base) / (4 * N)
+    print(json.dumps(out))
+""")
+
+
+def test_in_place_ops_are_the_ones_onnx_runtime_runs_in_place():
+    """Each op of poetc.schedule.INPLACE_OPS, whose input dies there, takes no new buffer (the step
+    peaks at one 1 MiB tensor); ops outside the set (a sample) take a second one. This is the rule
+    `simulate` applies."""
+    import json
+
+    from poetc.schedule import INPLACE_OPS
+    lib = nativelib.build_heap_counter()
+    others = ["Neg", "Abs", "Exp", "Sqrt", "Erf", "Reciprocal", "Floor", "Transpose"]
+    ops = sorted(INPLACE_OPS) + others
+    env = dict(os.environ, LD_PRELOAD=str(lib), MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", _INPLACE_SCRIPT, *ops], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ratio = json.loads(out.stdout.strip().splitlines()[-1])
+    for op in ops:
+        # 1 MiB (+ bookkeeping below 2%) in place; 2 MiB otherwise
+        assert (1.0 <= ratio[op] < 1.02) if op in INPLACE_OPS else (2.0 <= ratio[op] < 2.02), (op, ratio[op])

@@ -72,7 +72,7 @@ def add_markers(art: Path, dst: Path) -> None:
     onnx.save(m, str(dst / "training_model.onnx"))
 
 
-def traced_step(art: str, out: str) -> None:  # runs in the child, with the tracer preloaded
+def traced_step(art: str, out: str, threads: int = 1) -> None:  # runs in the child, with the tracer preloaded
     import numpy as np
 
     from poetc.run import load_report, training_feeds
@@ -80,7 +80,7 @@ def traced_step(art: str, out: str) -> None:  # runs in the child, with the trac
     report = load_report(Path(art))
     feeds = training_feeds(report.inputs, report.label_classes)
     lib = Path(art) / "libpoet_spill.so"
-    sess = open_training(art, spill_library=str(lib) if lib.exists() else None, intra_op_threads=1)
+    sess = open_training(art, spill_library=str(lib) if lib.exists() else None, intra_op_threads=threads or None)
     feeds = {n: np.ascontiguousarray(feeds[n]) for n in sess.input_names}
     c = ctypes.CDLL(None)
     c.poetc_heap_current_bytes.restype = ctypes.c_uint64
@@ -123,6 +123,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--loss", default="cross_entropy")
     ap.add_argument("--strategy", default="poet")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of the traced run (0: ORT's default, as verify measures)")
+    ap.add_argument("--all", action="store_true", help="print every step, in order")
+    ap.add_argument("--keep", type=Path, help="copy the compiled artifacts and the raw trace here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import poetc.api as api
@@ -132,9 +135,9 @@ def main(argv: list[str]) -> int:
         captured = {}
         rewrite = api.rewrite
 
-        def capture(graph, schedule, options, dump_dir):
+        def capture(graph, schedule, options, dump_dir, **kw):
             captured["graph"] = graph
-            return rewrite(graph, schedule, options, dump_dir)
+            return rewrite(graph, schedule, options, dump_dir, **kw)
         api.rewrite = capture
         result = api.compile_model(args.model, api.CompileOptions(
             ram_bytes=args.ram, out_dir=work / "out", target=args.target, time_limit_s=30, baselines=(),
@@ -144,22 +147,26 @@ def main(argv: list[str]) -> int:
         tracer = build_tracer(work / "tracer.so")
         env = dict(os.environ, LD_PRELOAD=str(tracer), MALLOC_MMAP_THRESHOLD_="65536",
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        code = "import sys; sys.path.insert(0, sys.argv[3]); import memtrace; memtrace.traced_step(sys.argv[1], sys.argv[2])"
+        code = "import sys; sys.path.insert(0, sys.argv[3]); import memtrace; memtrace.traced_step(sys.argv[1], sys.argv[2], int(sys.argv[4]))"
         subprocess.run([sys.executable, "-c", code, str(work / "marked"), str(work / "step.trace"),
-                        str(Path(__file__).parent)], env=env, check=True)
+                        str(Path(__file__).parent), str(args.threads)], env=env, check=True)
         measured = per_step_live(work / "step.trace", len(steps))
+        if args.keep:
+            shutil.copytree(work, args.keep, dirs_exist_ok=True)
+    # fused mode: the simulator counts the resident parameters and moments, which exist before the step
+    sim_live = [b - sim.resident_state_bytes for b in sim.live_bytes]
     rows = []
     for i, step in enumerate(steps):
         if i in measured:
             op = graph.ops[step.op] if step.op is not None else None
-            rows.append((measured[i] - sim.live_bytes[i], i, step.kind.value, op.op_type if op else "-",
-                         (op.name if op else step.tensor)[-60:], sim.live_bytes[i], measured[i]))
-    print(f"simulated peak {sim.peak_bytes} B at step {sim.peak_step}; measured peak {max(measured.values())} B "
+            rows.append((measured[i] - sim_live[i], i, step.kind.value, op.op_type if op else "-",
+                         (op.name if op else step.tensor)[-60:], sim_live[i], measured[i]))
+    print(f"simulated peak {sim.peak_bytes - sim.resident_state_bytes} B at step {sim.peak_step}; measured peak {max(measured.values())} B "
           f"(markers subtracted)")
     print("measured - simulated at the first steps (per-step bookkeeping):",
           ", ".join(f"{r[0]:+d}" for r in rows[:3]))
     print(f"{'diff':>9} {'step':>5} kind      op type                sim        measured  op")
-    for r in sorted(rows, key=lambda r: -abs(r[0]))[:args.top]:
+    for r in (rows if args.all else sorted(rows, key=lambda r: -abs(r[0]))[:args.top]):
         print(f"{r[0]:+9d} {r[1]:5d} {r[2]:9s} {r[3]:20s} {r[5]:10d} {r[6]:10d}  {r[4]}")
     return 0
 

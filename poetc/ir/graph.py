@@ -74,13 +74,26 @@ def tensor_nbytes(shape: tuple[int, ...], dtype: int) -> int:
 PAGE_BYTES = 4096
 MMAP_THRESHOLD_BYTES = 65536
 ALLOCATION_SLACK_BYTES = 96
+# Every tensor ONNX Runtime creates during a step has a Tensor object on the heap: a 200 B and a 40 B
+# block (usable sizes), allocated with the tensor. An owning tensor's object is freed with its buffer;
+# a view's (alias op) or an in-place output's is held until the step ends (poetc.schedule.simulate).
+# Measured with tools/memtrace.py (docs/memory-model.md, "per-step bookkeeping").
+TENSOR_OBJECT_BYTES = 240
+
+
+def data_block_bytes(nbytes: int) -> int:
+    """Heap the data buffer of `nbytes` takes: whole pages from the mmap threshold up, else glibc's
+    usable size of a 64-byte aligned block (16-byte granules plus an 8-byte header; measured: 64 -> 72,
+    480 -> 488, 18,840 -> 18,856)."""
+    if nbytes >= MMAP_THRESHOLD_BYTES:
+        return -(-(nbytes + ALLOCATION_SLACK_BYTES) // PAGE_BYTES) * PAGE_BYTES
+    return -(-nbytes // 16) * 16 + 8 if nbytes > 0 else 0
 
 
 def allocation_bytes(nbytes: int) -> int:
-    """Heap a tensor of `nbytes` occupies under the runtime contract (no arena)."""
-    if nbytes >= MMAP_THRESHOLD_BYTES:
-        return -(-(nbytes + ALLOCATION_SLACK_BYTES) // PAGE_BYTES) * PAGE_BYTES
-    return -(-nbytes // 64) * 64
+    """Heap a tensor of `nbytes` occupies under the runtime contract (no arena): its data buffer and
+    its Tensor object."""
+    return data_block_bytes(nbytes) + TENSOR_OBJECT_BYTES
 
 
 # Ops whose output shares its input's buffer in ONNX Runtime's CPU kernels (declared `Alias`): the

@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 _TIMEOUT_S = 900
 
 
+# Ops whose scratch is one buffer sized by the intra-op thread count, measured at one thread and at ONNX
+# Runtime's default count (every core, as `verify` and a deployed step run; the larger is kept): MLAS's
+# segmented im2col convolution allocates 64 KiB per thread in one block (lenet_opset9 batch 1's first
+# Conv: 65,544 B at one thread, 131,080 B at two), so the size does not depend on timing.
+PER_THREAD_OPS = frozenset({"Conv"})
+
+
 class WorkspaceError(RuntimeError):
     """The workspace worker failed; carries the tail of its stderr."""
 
@@ -195,20 +202,23 @@ def _measure_one(node, types, constants, feeds, initializers, opsets, ir_version
             feed[x] = initializers[x]
         else:
             feed[x] = probe_array(types[x][1], types[x][0], rng)
-    try:
-        session = ort.InferenceSession(one.SerializeToString(), contract_session_options(intra_op_threads=1),
-                                       providers=["CPUExecutionProvider"])
-        session.run(None, feed)  # first call: one-time allocations (kernel state) are not workspace
-        before = heap.mid_current()
-        heap.reset_peak()
-        out = session.run(None, feed)
-        peak = heap.mid_peak() - before
-        returned = heap.mid_current() - before  # the outputs, still held by `out`
-        del out
-    except Exception as exc:  # an op that cannot run alone (e.g. needs state): no workspace known
-        log.warning("workspace: %s %s: not measured (%s)", node.op_type, node.name, str(exc)[:200])
-        return 0
-    return max(0, int(peak - returned))
+    sizes = []
+    for threads in (1, None) if node.op_type in PER_THREAD_OPS and node.domain in ("", "ai.onnx") else (1,):
+        try:
+            session = ort.InferenceSession(one.SerializeToString(), contract_session_options(intra_op_threads=threads),
+                                           providers=["CPUExecutionProvider"])
+            session.run(None, feed)  # first call: one-time allocations (kernel state) are not workspace
+            before = heap.mid_current()
+            heap.reset_peak()
+            out = session.run(None, feed)
+            peak = heap.mid_peak() - before
+            returned = heap.mid_current() - before  # the outputs, still held by `out`
+            del out
+        except Exception as exc:  # an op that cannot run alone (e.g. needs state): no workspace known
+            log.warning("workspace: %s %s: not measured (%s)", node.op_type, node.name, str(exc)[:200])
+            return 0
+        sizes.append(max(0, int(peak - returned)))
+    return max(sizes)
 
 
 if __name__ == "__main__":  # the worker: its stderr goes to the parent's log

@@ -330,8 +330,43 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         if not cand.fixed and not cand.state:
             const[cand.prod: cand.last_read + 1] -= cand.mem_bytes
             before[cand.prod + 1: cand.last_read + 1] -= cand.mem_bytes
+    # ONNX Runtime's per-step bookkeeping that decisions add (poetc.schedule: frame, view objects): a bound
+    bookkeeping = decision_bookkeeping_bytes(graph, candidates, alias_ops)
+    const += bookkeeping
+    before += bookkeeping
     return Problem(graph, costs, candidates, stages, const, backward_start, sim.fixed_bytes,
                    sim.time_s, sim.energy_j, sim.peak_bytes, sim, groups, regen_order, before[stages])
+
+
+def decision_bookkeeping_bytes(graph: TrainGraph, candidates: list[Candidate], alias_ops: list[set[int]]) -> int:
+    """An upper bound on the per-step bookkeeping any set of decisions adds to the keep-all step, for
+    the whole step (the simulator counts it exactly): the execution frame grows by
+    FRAME_PER_VALUE_BYTES per value the rewrite adds (recomputed outputs, rebuilt views, Spill handles,
+    restored copies, StateRead copies and StateWrite tokens), and every view or in-place output a
+    recompute or a page-in creates holds a Tensor object (TENSOR_OBJECT_BYTES) to the step's end. Each
+    candidate contributes its costliest option; a recompute is charged every output of its chain."""
+    from ..ir.graph import TENSOR_OBJECT_BYTES
+    from ..schedule import FRAME_PER_VALUE_BYTES, INPLACE_OPS
+
+    def cost(values: int, objects: int) -> int:
+        return FRAME_PER_VALUE_BYTES * values + TENSOR_OBJECT_BYTES * objects
+
+    total = 0
+    for cand, views in zip(candidates, alias_ops + [set()] * (len(candidates) - len(alias_ops))):
+        if cand.fixed:
+            continue
+        options = [0]
+        if cand.state:
+            options.append(cost(cand.state_reads + cand.state_writes, 0))
+        if cand.recomputable:
+            outs = [o for i in cand.chain_ops for o in graph.ops[i].outputs if o]
+            objects = sum(1 for i in cand.chain_ops if graph.ops[i].op_type in INPLACE_OPS
+                          or any(graph.tensors[o].alias_of for o in graph.ops[i].outputs if o))
+            options.append(cost(len(outs) + len(views) + len(cand.reads_state), objects + len(views)))
+        if cand.pageable and not cand.state:
+            options.append(cost(2 + len(cand.inner) + len(views), len(views)))
+        total += max(options)
+    return total
 
 
 def _add_state_candidates(graph: TrainGraph, costs: StepCosts, candidates: list[Candidate]) -> None:

@@ -61,11 +61,13 @@ from .ir.graph import TENSOR_OBJECT_BYTES, Role, TensorKind, TrainGraph, allocat
 SPILL_HANDLE_BYTES = allocation_bytes(16)  # Spill returns an int64[2] handle (a tensor: data block and object)
 STATE_TOKEN_BYTES = allocation_bytes(8)  # StateWrite returns an int64[1] token (a graph output: never freed)
 
-# ONNX Runtime's per-step bookkeeping (measured, docs/memory-model.md "per-step bookkeeping"): the
-# execution frame, allocated when a step starts and freed when it ends, is FRAME_BASE_BYTES plus
-# FRAME_PER_VALUE_BYTES per value of the graph (graph inputs, initializers, node outputs).
-FRAME_BASE_BYTES = 0
-FRAME_PER_VALUE_BYTES = 0
+# ONNX Runtime's per-step bookkeeping (measured with tools/memtrace.py, docs/memory-model.md "per-step
+# bookkeeping"), allocated when a step starts and freed when it ends: the execution frame's OrtValue
+# per value of the graph (one block of 24 B x values: 3,672 B for 153 values, 25,784 B for 1,074), and
+# about 152 B per graph input (the feeds and their names, vectors sized by them: fitted on lenet,
+# squeezenet and mobilenet_v3 traces, within 1.1 KB of each).
+FRAME_PER_VALUE_BYTES = 24
+FRAME_PER_INPUT_BYTES = 152
 
 # Ops ONNX Runtime 1.19.2's CPU kernels run in place (KernelDef MayInplace(0, 0)): when their first
 # input's buffer has no reader after the op and is not a graph input, and the output has its size, the
@@ -76,15 +78,22 @@ INPLACE_OPS = frozenset({"Relu", "LeakyRelu", "Tanh", "Sigmoid", "Elu", "Selu", 
                          "HardSigmoid", "Softplus", "Softsign", "Softmax", "LogSoftmax"})
 
 
-def frame_bytes(values: int) -> int:
-    """The execution frame of a graph with `values` values."""
-    return FRAME_BASE_BYTES + FRAME_PER_VALUE_BYTES * values
+def frame_bytes(values: int, inputs: int) -> int:
+    """The per-step bookkeeping of a graph with `values` values and `inputs` graph inputs."""
+    return FRAME_PER_VALUE_BYTES * values + FRAME_PER_INPUT_BYTES * inputs
 
 
 def graph_values(graph: TrainGraph, steps: list["Step"]) -> int:
     """Values of the graph a step list runs as: the lowered graph's tensors and every new version the
     steps write (recomputed copies, restored copies, Spill handles, StateRead copies and tokens)."""
     return len(graph.tensors) + len({w for step in steps for w in step.writes if w and w not in graph.tensors})
+
+
+def graph_inputs(graph: TrainGraph, steps: list["Step"]) -> int:
+    """Graph inputs of the graph a step list runs as: the lowered graph's, less the paged parameters and
+    moments (read by StateRead instead)."""
+    paged = {step.tensor for step in steps if step.kind is StepKind.STATE_READ}
+    return sum(1 for i in graph.model.graph.input if i.name not in paged)
 
 
 class Decision(str, enum.Enum):
@@ -448,7 +457,7 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
     class_timeline: dict[str, list[int]] = {c: [] for c in MEMORY_CLASSES}
     tokens: set[str] = set()
     state_read = state_written = 0
-    frame = frame_bytes(graph_values(graph, steps))
+    frame = frame_bytes(graph_values(graph, steps), graph_inputs(graph, steps))
     live += frame
     class_live["other"] += frame
     for i, step in enumerate(steps):

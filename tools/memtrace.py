@@ -77,19 +77,30 @@ def traced_step(art: str, out: str, threads: int = 1) -> None:  # runs in the ch
 
     from poetc.run import load_report, training_feeds
     from poetc.runtime.session import open_training
+    from poetc.run import create_state_dir, is_paged
     report = load_report(Path(art))
     feeds = training_feeds(report.inputs, report.label_classes)
     lib = Path(art) / "libpoet_spill.so"
-    sess = open_training(art, spill_library=str(lib) if lib.exists() else None, intra_op_threads=threads or None)
+    if is_paged(Path(art)):  # paged state: a fresh state directory, as verify trains on
+        from poetc.runtime.session import StateSession
+        from poetc.runtime.statedir import StateDir
+        state_dir = Path(out).parent / "state"
+        create_state_dir(Path(art), report, state_dir, lib)
+        sess = StateSession(art, StateDir.open(state_dir, library=str(lib), lock_wait_s=60), str(lib),
+                            intra_op_threads=threads or None)
+        step = lambda f: sess.step(f, commit=False)  # noqa: E731 (persisting is not the step's RAM)
+    else:
+        sess = open_training(art, spill_library=str(lib) if lib.exists() else None, intra_op_threads=threads or None)
+        step = sess.step
     feeds = {n: np.ascontiguousarray(feeds[n]) for n in sess.input_names}
     c = ctypes.CDLL(None)
     c.poetc_heap_current_bytes.restype = ctypes.c_uint64
-    sess.step(feeds)
-    sess.step(feeds)
+    step(feeds)
+    step(feeds)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     base = c.poetc_heap_current_bytes()
     c.poetc_heap_trace(fd)
-    sess.step(feeds)
+    step(feeds)
     c.poetc_heap_trace(-1)
     os.write(fd, f"BASE {base}\n".encode())
     os.close(fd)
@@ -123,6 +134,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--loss", default="cross_entropy")
     ap.add_argument("--strategy", default="poet")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--deadline", default="1.3x", help="as poetc compile's --deadline")
+    ap.add_argument("--time-limit", type=float, default=30.0, help="solver time limit, seconds")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of the traced run (0: ORT's default, as verify measures)")
     ap.add_argument("--all", action="store_true", help="print every step, in order")
     ap.add_argument("--keep", type=Path, help="copy the compiled artifacts and the raw trace here")
@@ -130,6 +143,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     import poetc.api as api
     from poetc.importer import ImportOptions
+    from poetc.units import parse_deadline
     with tempfile.TemporaryDirectory(prefix="memtrace-") as work:
         work = Path(work)
         captured = {}
@@ -140,7 +154,8 @@ def main(argv: list[str]) -> int:
             return rewrite(graph, schedule, options, dump_dir, **kw)
         api.rewrite = capture
         result = api.compile_model(args.model, api.CompileOptions(
-            ram_bytes=args.ram, out_dir=work / "out", target=args.target, time_limit_s=30, baselines=(),
+            ram_bytes=args.ram, out_dir=work / "out", target=args.target, time_limit_s=args.time_limit, baselines=(),
+            deadline=parse_deadline(args.deadline),
             strategy=args.strategy, import_options=ImportOptions(loss=args.loss)))
         graph, sim, steps = captured["graph"], result.timelines.compiled, result.timelines.steps
         add_markers(work / "out", work / "marked")

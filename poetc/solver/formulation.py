@@ -55,7 +55,7 @@ import numpy as np
 from ..plan import Limits
 from ..schedule import Decision
 from . import overlap_rows
-from .problem import LinearEval, Problem, state_delta
+from .problem import LinearEval, Problem, bookkeeping_bytes, state_delta
 
 INF = float("inf")
 
@@ -171,6 +171,9 @@ class MilpVars:
     # overlap (issue #19, poetc/solver/overlap_rows.py): candidate asynchronous windows and their columns
     windows: list = field(default_factory=list)
     win: dict[int, int] = field(default_factory=dict)
+    # {0: column}: the per-step bookkeeping the decisions add, as a fraction of its largest value
+    # (problem.bookkeeping_bytes; in every memory row)
+    bk: dict[int, int] = field(default_factory=dict)
 
     def var(self, key: tuple) -> int:
         """The column a memory-row key names: ("keep", i), ("y", i, k), ("ext", b, p), ..."""
@@ -288,13 +291,21 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
             if u in v.rec:
                 row(-INF, 1.0, (col, 1.0), (v.rec[u], 1.0))
 
+    # ONNX Runtime's bookkeeping the decisions add (problem.decision_bookkeeping): one column, in every memory row
+    bk_max = bookkeeping_max(problem)
+    if bk_max > 0:
+        v.bk[0] = m.add_var("bookkeeping", lb=0.0, ub=1.0)
+        row(0.0, INF, (v.bk[0], bk_max), *[(v.rec[i], -float(cands[i].rec_bookkeeping_bytes)) for i in decidable
+                                           if cands[i].rec_bookkeeping_bytes],
+            *[(v.page[i], -float(cands[i].page_bookkeeping_bytes)) for i in decidable if cands[i].page_bookkeeping_bytes])
+
     if limits.overlap is not None:  # issue #19: asynchronous windows and the storage channel
         overlap_rows.add_windows(problem, limits.overlap, m, v, limits.allow_page)
 
     # memory rows
     decidable_rows = memory_rows(problem, v)
     rows: dict[tuple, float] = {}
-    budget = limits.milp_budget_bytes(len(decidable))
+    budget = limits.milp_budget_bytes(sum(1 for i in decidable if cands[i].pageable and not cands[i].state))  # Spill handles
     for c0, row_terms in decidable_rows:
         key = tuple(sorted(row_terms.items()))
         if c0 + sum(b for b in row_terms.values() if b > 0) <= budget:
@@ -364,6 +375,10 @@ def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, 
         a, b = cands[i].inner[j]
         for p in range(a + 1, b):
             terms[p][("drop", i, j)] = -cands[i].mem_bytes
+    if v.bk:
+        bk_max = bookkeeping_max(problem)
+        for t in terms:
+            t[("bk", 0)] = bk_max
     pre_const = problem.pre_const_bytes + (const - problem.const_bytes)[stages]
     pre_terms: list[dict] = [dict(terms[p]) for p in stages]
     for (u, k) in v.tau:
@@ -395,7 +410,14 @@ def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: Line
     start += [(col, float(at.get(g) == k)) for (g, k), col in v.gtau.items()]
     start += [(col, float(at.get(cands[i].group) == k and choice[i] is not Decision.RECOMPUTE))
               for (i, k), col in v.w.items()]
+    if v.bk:
+        start.append((v.bk[0], bookkeeping_bytes(problem, choice) / bookkeeping_max(problem)))
     return start
+
+
+def bookkeeping_max(problem: Problem) -> float:
+    """The largest per-step bookkeeping any decisions add (the bookkeeping column's scale)."""
+    return float(sum(max(c.rec_bookkeeping_bytes, c.page_bookkeeping_bytes) for c in problem.candidates if not c.fixed))
 
 
 def read_choice(problem: Problem, v: MilpVars, x) -> list[Decision]:

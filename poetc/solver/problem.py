@@ -87,6 +87,10 @@ class Candidate:
     state_writes: int = 0  # StateWrites per step when paged (1 if trainable)
     state_update: int = -1  # position of its update (trainable)
     reads_state: list[int] = field(default_factory=list)  # recomputable: state candidates its chain reads
+    # ONNX Runtime's per-step bookkeeping a RECOMPUTE / PAGE decision adds, charged for the whole step
+    # (decision_bookkeeping: frame values, view and in-place objects held to the step's end)
+    rec_bookkeeping_bytes: int = 0
+    page_bookkeeping_bytes: int = 0
 
 
 @dataclass
@@ -330,43 +334,50 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         if not cand.fixed and not cand.state:
             const[cand.prod: cand.last_read + 1] -= cand.mem_bytes
             before[cand.prod + 1: cand.last_read + 1] -= cand.mem_bytes
-    # ONNX Runtime's per-step bookkeeping that decisions add (poetc.schedule: frame, view objects): a bound
-    bookkeeping = decision_bookkeeping_bytes(graph, candidates, alias_ops)
-    const += bookkeeping
-    before += bookkeeping
+    decision_bookkeeping(graph, candidates, alias_ops)
     return Problem(graph, costs, candidates, stages, const, backward_start, sim.fixed_bytes,
                    sim.time_s, sim.energy_j, sim.peak_bytes, sim, groups, regen_order, before[stages])
 
 
-def decision_bookkeeping_bytes(graph: TrainGraph, candidates: list[Candidate], alias_ops: list[set[int]]) -> int:
-    """An upper bound on the per-step bookkeeping any set of decisions adds to the keep-all step, for
-    the whole step (the simulator counts it exactly): the execution frame grows by
-    FRAME_PER_VALUE_BYTES per value the rewrite adds (recomputed outputs, rebuilt views, Spill handles,
-    restored copies, StateRead copies and StateWrite tokens), and every view or in-place output a
-    recompute or a page-in creates holds a Tensor object (TENSOR_OBJECT_BYTES) to the step's end. Each
-    candidate contributes its costliest option; a recompute is charged every output of its chain."""
+def decision_bookkeeping(graph: TrainGraph, candidates: list[Candidate], alias_ops: list[set[int]]) -> None:
+    """Set each candidate's rec_/page_bookkeeping_bytes: an upper bound on the per-step bookkeeping of
+    ONNX Runtime that the decision adds, charged at every position (the simulator counts it exactly):
+    the execution frame grows by FRAME_PER_VALUE_BYTES per value the rewrite adds (recomputed outputs,
+    rebuilt views, restored copies, Spill handles, StateRead copies and StateWrite tokens), and every
+    view or in-place output a recompute or a page-in creates holds a Tensor object
+    (TENSOR_OBJECT_BYTES) to the step's end. A recompute is charged every output of its chain."""
     from ..ir.graph import TENSOR_OBJECT_BYTES
     from ..schedule import FRAME_PER_VALUE_BYTES, INPLACE_OPS
 
     def cost(values: int, objects: int) -> int:
         return FRAME_PER_VALUE_BYTES * values + TENSOR_OBJECT_BYTES * objects
 
-    total = 0
-    for cand, views in zip(candidates, alias_ops + [set()] * (len(candidates) - len(alias_ops))):
+    for i, cand in enumerate(candidates):
+        views = alias_ops[i] if i < len(alias_ops) else set()
         if cand.fixed:
             continue
-        options = [0]
         if cand.state:
-            options.append(cost(cand.state_reads + cand.state_writes, 0))
+            cand.page_bookkeeping_bytes = cost(cand.state_reads + cand.state_writes, 0)
+            continue
+        # dropped after its last reader before the gap, it may die at an in-place op there, whose output's
+        # object then outlives the output
+        last = graph.ops[cand.last_before_gap] if cand.last_before_gap >= 0 else None
+        dies_in_place = int(last is not None and last.op_type in INPLACE_OPS and bool(last.inputs)
+                            and graph.storage_root(last.inputs[0]) == cand.name)
         if cand.recomputable:
-            outs = [o for i in cand.chain_ops for o in graph.ops[i].outputs if o]
-            objects = sum(1 for i in cand.chain_ops if graph.ops[i].op_type in INPLACE_OPS
-                          or any(graph.tensors[o].alias_of for o in graph.ops[i].outputs if o))
-            options.append(cost(len(outs) + len(views) + len(cand.reads_state), objects + len(views)))
-        if cand.pageable and not cand.state:
-            options.append(cost(2 + len(cand.inner) + len(views), len(views)))
-        total += max(options)
-    return total
+            outs = [o for j in cand.chain_ops for o in graph.ops[j].outputs if o]
+            objects = sum(1 for j in cand.chain_ops if graph.ops[j].op_type in INPLACE_OPS
+                          or any(graph.tensors[o].alias_of for o in graph.ops[j].outputs if o))
+            cand.rec_bookkeeping_bytes = cost(len(outs) + len(views) + len(cand.reads_state),
+                                              objects + len(views) + dies_in_place)
+        if cand.pageable:
+            cand.page_bookkeeping_bytes = cost(2 + len(cand.inner) + len(views), len(views) + dies_in_place)
+
+
+def bookkeeping_bytes(problem: "Problem", choice: list[Decision]) -> float:
+    """The per-step bookkeeping the decisions add (decision_bookkeeping), at every position."""
+    return float(sum(c.rec_bookkeeping_bytes if d is Decision.RECOMPUTE else c.page_bookkeeping_bytes
+                     for c, d in zip(problem.candidates, choice) if not c.fixed and d is not Decision.KEEP))
 
 
 def _add_state_candidates(graph: TrainGraph, costs: StepCosts, candidates: list[Candidate]) -> None:
@@ -523,6 +534,7 @@ def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, i
                     if (b, p) not in ext:
                         ext[(b, p)] = 1.0
                         res[p] += t.mem_bytes
+    res += bookkeeping_bytes(problem, choice)
     op_rows = problem.const_bytes + res
     pre = problem.pre_const_bytes + res[stages] + trans
     prof = op_rows.copy()
@@ -637,7 +649,7 @@ class ProfileEvaluator:
         for b, to in ext_to.items():
             d[cands[b].last_read + 1] += cands[b].mem_bytes
             d[to + 1] -= cands[b].mem_bytes
-        op_rows = self.base + np.cumsum(d)[:n]
+        op_rows = self.base + np.cumsum(d)[:n] + bookkeeping_bytes(problem, choice)
         barred = False
         if self.state:
             paged = np.array([choice[i] is Decision.PAGE for i in self.state])

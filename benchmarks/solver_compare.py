@@ -72,7 +72,7 @@ def _fused_problem(g, work: Path, target_name: str):
     from poetc.ir.fused import fuse_optimizer, read_optimizer_spec
     from poetc.solver import build_problem
     from poetc.targets import load_target
-    artifacts = work / f"{g.model.replace(':', '-')}-b{g.batch}"
+    artifacts = work / f"{g.model.replace(':', '-')}-b{g.batch}" / "imported"  # where _lower's open_graph put them
     fused = fuse_optimizer(g.graph, read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx"))))
     target = load_target(target_name)
     return build_problem(fused, step_costs_for(fused, target, None)), target

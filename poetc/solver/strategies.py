@@ -231,14 +231,15 @@ def _solve_milp(problem: Problem, limits: Limits, strategy: str, t0: float, budg
             return None, None
         return [d.value for d in start], (([d.value for d in start], {}, {}), _objective(problem, start, limits))
 
-    if lns:
+    if lns and _a_core_is_free():
         # the child builds the model and solves the LP relaxation while the parent computes the start
         report = solve_in_child(_build_for_child(problem, limits, None, lns), solver="highs",
                                 time_limit_s=budget.solver_s, t0=t0, seed=seed, threads=threads, gap=gap,
                                 meanwhile=warm_start)
     else:
         _, incumbent = warm_start()
-        report = solve_in_child(_build_for_child(problem, limits, found["start"], lns), solver=solver,
+        report = solve_in_child(_build_for_child(problem, limits, found["start"], lns),
+                                solver="highs" if lns else solver,
                                 time_limit_s=budget.solver_s, t0=t0, seed=seed, threads=threads, gap=gap,
                                 incumbent=incumbent)
     start, start_notes, ran_out = found["start"], found["notes"], found.get("ran_out", True)
@@ -291,6 +292,18 @@ def _solve_milp(problem: Problem, limits: Limits, strategy: str, t0: float, budg
         if fallback.fits:
             return fallback
     return result
+
+
+def _a_core_is_free() -> bool:
+    """Whether the child may build the model while the parent runs the greedy: only if a core is idle
+    (1-minute load average at most the core count less one). On a shared 2-core machine at load 9 the
+    child took enough of the parent's share that encoder32 at 30% lost the greedy start it otherwise
+    found just within its 30 s (one run each; docs/benchmarks.md)."""
+    import os
+    try:
+        return os.getloadavg()[0] <= (os.cpu_count() or 1) - 1
+    except OSError:  # no load average on this platform
+        return False
 
 
 def _objective(problem: Problem, choice: list[Decision], limits: Limits) -> float:

@@ -5,7 +5,9 @@
 
 An instance is MODEL:FRACTION (a model of models/, of models/scaling.py, or corpus:NAME), solved
 with the poet strategy on rpi4 at that fraction of keep-all activations and the 1.3x deadline,
-exactly as `poetc bench --scaling` does. Solvers run one after the other on the same problem.
+exactly as `poetc bench --scaling` does. MODEL+fused:FRACTION is the same model in the fused
+optimizer mode (issue #17: its parameters and moments are decidable too), as `poetc compile
+--optimizer-mode fused` plans it. Solvers run one after the other on the same problem.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--solvers", default="highs,highs-lns")
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--target", default="rpi4")
+    ap.add_argument("--batch", type=int, default=None, help="batch of every model (default: the sweep's)")
     args = ap.parse_args(argv)
 
     from poetc.bench import BenchConfig, _check_config, _lower, _problem, override
@@ -31,14 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     from poetc.units import Deadline
 
     instances = [(m, float(f)) for m, f in (spec.rsplit(":", 1) for spec in args.instances)]
-    config = override(BenchConfig.scaling(), models=tuple(dict.fromkeys(m for m, _ in instances)))
+    bases = tuple(dict.fromkeys(m.removesuffix("+fused") for m, _ in instances))
+    config = override(BenchConfig.scaling(), models=bases)
+    if args.batch is not None:
+        config = override(config, batches={m: args.batch for m in bases})
     _check_config(config)
     with tempfile.TemporaryDirectory(prefix="poetc-solver-compare-") as work:
-        graphs = {}
+        graphs, problems = {}, {}
         for model, fraction in instances:
-            if model not in graphs:
-                graphs[model] = _lower(model, config, Path(work), None)
-            problem, target = _problem(graphs[model], args.target)
+            base = model.removesuffix("+fused")
+            if base not in graphs:
+                graphs[base] = _lower(base, config, Path(work), None)
+            if model not in problems:
+                problems[model] = _problem(graphs[base], args.target) if model == base else \
+                    _fused_problem(graphs[base], Path(work), args.target)
+            problem, target = problems[model]
             budget = problem.fixed_bytes + int(fraction * problem.keep_all_peak_bytes)
             limits, _ = limits_for(problem, Budget.from_ram(budget, problem.fixed_bytes), Deadline(factor=1.3),
                                    target.flash_bytes)
@@ -52,6 +62,20 @@ def main(argv: list[str] | None = None) -> int:
                     "time_to_1pct_s": None if r.time_to_1pct_s is None else round(r.time_to_1pct_s, 1),
                     "solve_time_s": round(r.solve_time_s, 1), "notes": r.notes}), flush=True)
     return 0
+
+
+def _fused_problem(g, work: Path, target_name: str):
+    """The problem of a lowered model in the fused optimizer mode (poetc.api's plan_fused)."""
+    import onnx
+
+    from poetc.api import step_costs_for
+    from poetc.ir.fused import fuse_optimizer, read_optimizer_spec
+    from poetc.solver import build_problem
+    from poetc.targets import load_target
+    artifacts = work / f"{g.model.replace(':', '-')}-b{g.batch}" / "imported"  # where _lower's open_graph put them
+    fused = fuse_optimizer(g.graph, read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx"))))
+    target = load_target(target_name)
+    return build_problem(fused, step_costs_for(fused, target, None)), target
 
 
 if __name__ == "__main__":

@@ -97,7 +97,12 @@ def test_lns_is_never_worse_and_its_schedule_simulates_within_limits(fixture, fr
     assert result.fits, result.notes
 
 
-def test_highs_lns_solver_is_never_worse_than_its_start_and_reports_a_bound(bert_tiny_graph):
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_highs_lns_solver_is_never_worse_than_its_start_and_reports_a_bound(bert_tiny_graph, monkeypatch, concurrent):
+    """Both ways of getting the start: computed while the child builds the model (a core is free) or
+    before the child starts."""
+    from poetc.solver import strategies
+    monkeypatch.setattr(strategies, "_a_core_is_free", lambda: concurrent)
     _, g = bert_tiny_graph
     problem, limits = _setup(g, 0.5)
     start, _ = best_start(problem, limits, greedy)

@@ -54,8 +54,13 @@ class SolveReport:
 
 
 def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable, deadline: float, seed: int,
-                 threads: int, gap: float, send, lns: LnsSpec | None = None) -> None:
+                 threads: int, gap: float, send, lns: LnsSpec | None = None,
+                 get_start: Callable[[], np.ndarray | None] | None = None) -> None:
+    """`get_start`: the start is not known yet (the parent is still computing it): called, blocking,
+    after the LP relaxation (with `lns`) or before the MILP, and it replaces `start`."""
     import highspy
+    if get_start is not None and lns is None:
+        start = get_start()
     main_deadline = deadline  # with an LNS phase, when the full MILP may be stopped for it (below)
     h = model.to_highs()
     h.setOptionValue("random_seed", seed)
@@ -75,6 +80,8 @@ def _highs_child(model: LinearModel, start: np.ndarray | None, decode: Callable,
         elif h.getModelStatus() == highspy.HighsModelStatus.kInfeasible:  # then so is the MILP
             send(("done", "INFEASIBLE", None, None, None))
             return
+        if get_start is not None:
+            start = get_start()
         start = _from_the_relaxation(h, model, start, decode, deadline, seed, send, lns)
         h.setOptionValue("solve_relaxation", False)
         if model.num_rows < PRESOLVE_OFF_ROWS:
@@ -184,26 +191,36 @@ def _cbc_child(model: LinearModel, start: np.ndarray | None, decode: Callable, d
         send(("done", name, None, None, m.objective_bound))
 
 
-def _child(build: Callable, solver: str, deadline: float, seed: int, threads: int, gap: float, send) -> None:
+def _child(build: Callable, solver: str, deadline: float, seed: int, threads: int, gap: float, send,
+           receive: Callable | None = None) -> None:
     t0 = time.perf_counter()
     model, start, decode, *rest = build()
     send(("built", model.num_cols, model.num_rows, model.num_int, time.perf_counter() - t0))
     lns = rest[0] if rest else None
+    get_start = None
+    if receive is not None:  # the parent sends the start when it has it: rest[1] makes it a column vector
+        def get_start():
+            sent = receive()
+            return None if sent is None else rest[1](sent)
     if solver == "highs":
-        _highs_child(model, start, decode, deadline, seed, threads, gap, send, lns)
+        _highs_child(model, start, decode, deadline, seed, threads, gap, send, lns, get_start)
     else:
-        _cbc_child(model, start, decode, deadline, seed, threads, gap, send)
+        _cbc_child(model, start if get_start is None else get_start(), decode, deadline, seed, threads, gap, send)
 
 
 def solve_in_child(build: Callable[[], tuple], *, solver: str,
                    time_limit_s: float, t0: float, seed: int = 0, threads: int = 1, gap: float = 1e-4,
-                   incumbent: tuple[object, float] | None = None) -> SolveReport:
+                   incumbent: tuple[object, float] | None = None,
+                   meanwhile: Callable[[], tuple[object, tuple[object, float] | None]] | None = None) -> SolveReport:
     """Fork, run build() there (model, start vector or None, decode(x) -> payload[, LnsSpec or None:
     a large-neighbourhood search after the full MILP, heuristics.run_lns]), solve, and collect
     what comes back until t0 + time_limit_s (perf_counter clock), when the child is killed if still
     running. The child aims to end a little earlier, leaving time to send its final answer.
     `incumbent`: (payload, objective) of the warm start, the solution to beat (solvers do not report
-    a start they accept as an improving solution); report.from_start says the result is still it."""
+    a start they accept as an improving solution); report.from_start says the result is still it.
+    `meanwhile`: the warm start computed in the parent while the child builds the model (and solves
+    the LP relaxation): it returns (what build's fifth item turns into the start vector in the child,
+    or None; the incumbent as above), and build's start (second item) is then None."""
     hard = t0 + time_limit_s
     margin = min(1.0, 0.03 * time_limit_s)
     report = SolveReport("NO_SOLUTION")
@@ -242,7 +259,14 @@ def solve_in_child(build: Callable[[], tuple], *, solver: str,
             return True
         return False
 
-    done = run_in_child(_child, (build, solver, hard - margin, seed, threads, gap), hard, on_message)
+    def parent_side():
+        for_child, start = meanwhile()
+        if start is not None:
+            report.payload, report.objective, report.from_start = start[0], start[1], True
+        return for_child
+
+    done = run_in_child(_child, (build, solver, hard - margin, seed, threads, gap), hard, on_message,
+                        None if meanwhile is None else parent_side)
     if not done:
         report.killed = True
         report.status = "FEASIBLE" if report.payload is not None else "NO_SOLUTION"

@@ -450,7 +450,7 @@ def _infeasible_message(chosen) -> str:
     notes = "; ".join(result.notes)
     return (f"no schedule found that fits {format_size(budget.ram_bytes)} within the deadline "
             f"(strategy {result.strategy}: {result.status}{', ' + notes if notes else ''}); keep-all needs "
-            f"{format_size(keep.total_peak_bytes)}; schedules are planned with {RESERVE_FRACTION:.0%} of the "
+            f"{format_size(keep.total_peak_bytes)}; schedules are planned with {RESERVE_FRACTION:.1%} of the "
             f"activation budget and {RESERVE_BYTES // 1024} KiB spare for allocations the simulator does not model")
 
 

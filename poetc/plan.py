@@ -210,7 +210,7 @@ def check_budget(problem: Problem, budget: Budget) -> LowerBound:
                if bound.floor_state_bytes else "")
             + (f"; its largest tensor is {bound.largest_tensor!r} ({format_size(bound.largest_tensor_bytes)})"
                if bound.largest_tensor else "")
-            + f", plus the planning reserve ({RESERVE_FRACTION:.0%} of the activation budget and "
+            + f", plus the planning reserve ({RESERVE_FRACTION:.1%} of the activation budget and "
             f"{RESERVE_BYTES // 1024} KiB); the smallest budget that can work is {format_size(bound.ram_bytes)}",
             hint=f"try --ram {math.ceil(bound.ram_bytes / 1e4) / 100:.2f}MB")
     return bound

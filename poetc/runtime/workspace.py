@@ -19,8 +19,11 @@ this; docs/memory-model.md). Integer
 inputs (shapes, indices) get the values they have in the real step, read from one run of the whole
 graph; float inputs are seeded random. Each op runs with one intra-op thread: with more, whether a
 worker thread takes part (and allocates its own buffer) depends on timing, and ConvGrad's scratch
-differed by 4 KB between two measurements, which would make two compiles differ. The small per-thread
-part this leaves out is within poetc's planning reserve. The numbers belong to ONNX Runtime's CPU
+differed by 4 KB between two measurements, which would make two compiles differ. Conv
+(PER_THREAD_OPS) is measured at ORT's default thread count too, the larger kept: its scratch is one
+block sized by the thread count, not by timing (64 KiB per thread on small feature maps: squeezenet
+at batch 1 measured 76 KB above the prediction without it). The small per-thread part left out
+elsewhere is within poetc's planning reserve. The numbers belong to ONNX Runtime's CPU
 kernels, so they carry to an ONNX Runtime build for another CPU.
 
     python -m poetc.runtime.workspace MODEL.onnx FEEDS.npz RESULT.json   (types.json beside MODEL)

@@ -197,11 +197,10 @@ def _child(build: Callable, solver: str, deadline: float, seed: int, threads: in
     model, start, decode, *rest = build()
     send(("built", model.num_cols, model.num_rows, model.num_int, time.perf_counter() - t0))
     lns = rest[0] if rest else None
-    get_start = None
-    if receive is not None:  # the parent sends the start when it has it: rest[1] makes it a column vector
-        def get_start():
-            sent = receive()
-            return None if sent is None else rest[1](sent)
+    def receive_start() -> np.ndarray | None:  # the parent sends it when it has it; rest[1] makes it a vector
+        sent = receive()
+        return None if sent is None else rest[1](sent)
+    get_start = None if receive is None else receive_start
     if solver == "highs":
         _highs_child(model, start, decode, deadline, seed, threads, gap, send, lns, get_start)
     else:

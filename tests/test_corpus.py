@@ -172,7 +172,7 @@ def _table(rows: list[dict]) -> str:
     def mib(x):
         return f"{x / 2**20:.2f}"
     lines = ["| model | batch | ops | rewrites | keep-all act. MiB | budget MiB | rpi4 r/p | host r/p | predicted MiB "
-             "| measured MiB | error | bitwise | in budget |",
+             "| measured MiB | abs. error | bitwise | in budget |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -185,7 +185,7 @@ def _table(rows: list[dict]) -> str:
             f"| {r['name']} | {r['batch']} | {r['ops']} | {rewrites} | {mib(r['keep_all_activation_bytes'])} | "
             f"{mib(r['ram_budget_bytes'])} ({100 * r['budget_fraction']:.0f}%) | {d['rpi4']['recompute']}/{d['rpi4']['page']} | "
             f"{d['host']['recompute']}/{d['host']['page']} | {mib(v['predicted_step_peak_bytes'])} | "
-            f"{mib(v['measured_step_peak_bytes'])} | {100 * v['prediction_error']:+.2f}% | "
+            f"{mib(v['measured_step_peak_bytes'])} | {100 * v['prediction_error']:.2f}% | "
             f"{'yes' if v['bitwise_identical_params'] else 'NO'} | {'yes' if v['within_budget'] else 'NO'} |")
     return "\n".join(lines)
 

@@ -85,34 +85,28 @@ def run_case(name: str, batch: int, work: Path) -> dict:
     return row
 
 
-# Known defects, measured at both batches (docs/corpus.md, commit 1ff2800); strict=False because a case may pass
-# on a quieter machine or another schedule. What remains is, as far as measured (tools/memtrace.py on lenet,
-# densenet and googlenet at batch 1), ONNX Runtime's per-step bookkeeping (execution frame about 60 B per graph
-# value, about 240 B per live tensor; docs/memory-model.md), which the simulator does not model and which is
-# large against the small steps of these models.
-_BOOKKEEPING = "ORT per-step bookkeeping not modelled: "
+# Known misses, measured (docs/corpus.md; batch 1 at commit 7ad1fc5 of branch mem, batch 8 where a reason
+# says so); strict=False because a case may pass with another schedule. ONNX Runtime's per-step bookkeeping,
+# in-place ops and Conv's per-thread scratch are modelled now (docs/memory-model.md); what remains is below.
+_UNDER = "small blocks kernels allocate while they run (under 4 KiB, not in the workspace measurement): "
+_OVER = "over-predicted (in budget): kernel scratch counted in whole pages / "
 KNOWN = {
-    ("densenet", 1): _BOOKKEEPING + "measured +2.4% (+69 KB) over the prediction on a 2.68 MiB step",
-    ("embed_attention", 1): _BOOKKEEPING + "measured +8.9% (+26 KB) over the prediction on a 0.27 MiB step",
-    ("embed_attention", 8): _BOOKKEEPING + "measured +1.3% (+14 KB) over the prediction on a 1.06 MiB step",
-    ("googlenet", 1): _BOOKKEEPING + "measured +3.7% (+58 KB) over the prediction on a 1.49 MiB step",
-    ("lenet_opset9", 1): _BOOKKEEPING + "measured +5.7% (+13 KB) over the prediction on a 0.21 MiB step",
-    ("lenet_opset9", 8): _BOOKKEEPING + "measured +2.7% (+12 KB) over the prediction on a 0.43 MiB step",
-    ("mobilenet_v3", 1): _BOOKKEEPING + "over budget; measured +16.1% (+88 KB) over the prediction on a 0.52 MiB step",
-    ("mobilenet_v3", 8): _BOOKKEEPING + "measured +2.3% (+75 KB) over the prediction on a 3.14 MiB step",
-    ("resnet_sum", 1): _BOOKKEEPING + "measured +3.1% (+34 KB) over the prediction on a 1.03 MiB step",
-    ("resnet_sum", 8): _BOOKKEEPING + "measured +1.3% (+70 KB) over the prediction on a 5.13 MiB step",
-    ("shufflenet_v1", 1): _BOOKKEEPING + "measured +9.9% (+51 KB) over the prediction on a 0.49 MiB step",
-    ("shufflenet_v1", 8): _BOOKKEEPING + "measured +1.4% (+61 KB) over the prediction on a 4.11 MiB step",
-    ("shufflenet_v2", 1): _BOOKKEEPING + "measured +7.9% (+73 KB) over the prediction on a 0.89 MiB step",
-    ("squeezenet", 1): _BOOKKEEPING + "over budget; measured +63.8% (+84 KB) over the prediction on a 0.13 MiB step",
-    ("squeezenet", 8): _BOOKKEEPING + "measured +3.0% (+24 KB) over the prediction on a 0.76 MiB step",
-    ("textcnn", 1): _BOOKKEEPING + "measured +58.1% (+62 KB) over the prediction on a 0.10 MiB step",
-    ("textcnn", 8): _BOOKKEEPING + "measured +4.8% (+15 KB) over the prediction on a 0.30 MiB step",
-    ("torch_encoder", 1): _BOOKKEEPING + "measured +7.7% (+36 KB) over the prediction on a 0.44 MiB step",
-    ("torch_encoder", 8): _BOOKKEEPING + "measured +1.2% (+28 KB) over the prediction on a 2.17 MiB step",
-    ("vit", 1): _BOOKKEEPING + "measured +6.5% (+44 KB) over the prediction on a 0.63 MiB step",
-    ("vit", 8): _BOOKKEEPING + "measured +1.2% (+48 KB) over the prediction on a 3.87 MiB step",
+    ("mobilenet_v3", 1): _UNDER + "measured +1.62% (+10.0 KB) over the prediction on a 0.59 MiB step",
+    ("shufflenet_v1", 1): _UNDER + "measured +1.69% (+9.6 KB) over the prediction on a 0.54 MiB step",
+    ("squeezenet", 1): _OVER + "one steady step 1.87% (4.2 KB) below the prediction on a 0.21 MiB step",
+    ("vit", 1): _OVER + "measured 2.12% (15.8 KB) below the prediction on a 0.71 MiB step",
+    ("torch_encoder", 1): _OVER + "attention steps not traced: measured 4.4% (22.5 KB) below the prediction "
+                                  "on a 0.49 MiB step",
+    # batch 8: measured before this work's modelling (commit 1ff2800), not re-measured yet
+    ("embed_attention", 8): "not re-measured since the bookkeeping model: was +1.3% (+14 KB)",
+    ("lenet_opset9", 8): "not re-measured since the bookkeeping model: was +2.7% (+12 KB)",
+    ("mobilenet_v3", 8): "not re-measured since the bookkeeping model: was +2.3% (+75 KB)",
+    ("resnet_sum", 8): "not re-measured since the bookkeeping model: was +1.3% (+70 KB)",
+    ("shufflenet_v1", 8): "not re-measured since the bookkeeping model: was +1.4% (+61 KB)",
+    ("squeezenet", 8): "not re-measured since the bookkeeping model: was +3.0% (+24 KB)",
+    ("textcnn", 8): "not re-measured since the bookkeeping model: was +4.8% (+15 KB)",
+    ("torch_encoder", 8): "not re-measured since the bookkeeping model: was +1.2% (+28 KB)",
+    ("vit", 8): "not re-measured since the bookkeeping model: was +1.2% (+48 KB)",
 }
 
 
@@ -180,7 +174,7 @@ def _table(rows: list[dict]) -> str:
     def mib(x):
         return f"{x / 2**20:.2f}"
     lines = ["| model | batch | ops | rewrites | keep-all act. MiB | budget MiB | rpi4 r/p | host r/p | predicted MiB "
-             "| measured MiB | error | bitwise | in budget |",
+             "| measured MiB | abs. error | bitwise | in budget |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -193,7 +187,7 @@ def _table(rows: list[dict]) -> str:
             f"| {r['name']} | {r['batch']} | {r['ops']} | {rewrites} | {mib(r['keep_all_activation_bytes'])} | "
             f"{mib(r['ram_budget_bytes'])} ({100 * r['budget_fraction']:.0f}%) | {d['rpi4']['recompute']}/{d['rpi4']['page']} | "
             f"{d['host']['recompute']}/{d['host']['page']} | {mib(v['predicted_step_peak_bytes'])} | "
-            f"{mib(v['measured_step_peak_bytes'])} | {100 * v['prediction_error']:+.2f}% | "
+            f"{mib(v['measured_step_peak_bytes'])} | {100 * v['prediction_error']:.2f}% | "
             f"{'yes' if v['bitwise_identical_params'] else 'NO'} | {'yes' if v['within_budget'] else 'NO'} |")
     return "\n".join(lines)
 

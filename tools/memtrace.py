@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-S0, STEP = 20000, 64  # marker k: a uint8 tensor of S0 + STEP * k bytes (heap-served; usable size up to 40 B more)
+S0, STEP = 20000, 16  # marker k: a uint8 tensor of S0 + STEP * k bytes (heap-served, under the 64 KiB mmap
+# threshold up to 2,800 nodes; usable size up to 40 B more)
 
 
 def build_tracer(out: Path) -> Path:

@@ -539,11 +539,13 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
             state_read += tensors[step.tensor].nbytes
         elif step.kind is StepKind.STATE_WRITE:
             state_written += tensors[step.tensor].nbytes
-        # frees: reads whose last reader is this step, and writes nobody reads
+        # frees: reads whose last reader is this step; a write nobody reads is held to the step's end
+        # (ONNX Runtime releases a value after its last consumer only: BatchNormInternal's running
+        # statistics, the original of a tensor regenerated before any read; docs/memory-model.md)
         for x in set(step.reads) | set(step.writes):
-            if not x or x not in buffer_of or x in outputs or x in tokens:
+            if not x or x not in buffer_of or x in outputs or x in tokens or x not in last_read:
                 continue
-            if last_read.get(x, -1) <= i:
+            if last_read[x] <= i:
                 buf = buffer_of.pop(x)
                 buffer_users[buf] -= 1
                 if buffer_users[buf] == 0:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poetc.schedule import Decision, StepCosts
+from poetc.schedule import SPILL_HANDLE_BYTES, Decision, StepCosts
 from poetc.solver import Limits, build_problem, run_strategy
 from poetc.solver.problem import evaluate_linear
 
@@ -172,7 +172,7 @@ def test_linear_model_never_under_counts_the_simulator(fixture, request):
             assert simulated - 1e-12 <= model <= simulated + slack + 1e-12, (model, simulated, choice)
         # every step against the model's row for it: a compute step against its op's row (a page-out
         # against its producer's), recomputes and page-ins against the regeneration row of the stage
-        # whose op they run before (or of the op, for an alias rebuilt later); spill handles (16 bytes each) are reserved in the MILP's budget
+        # whose op they run before (or of the op, for an alias rebuilt later); spill handles (SPILL_HANDLE_BYTES each) are reserved in the MILP's budget
         # rather than per row
         position = len(g.ops) - 1
         rows = []
@@ -191,7 +191,7 @@ def test_linear_model_never_under_counts_the_simulator(fixture, request):
                     schedule.origin.get, step.writes)), step
                 rows.append(ev.op_profile[position])
         for step, live, row in zip(schedule.steps, timeline, reversed(rows)):
-            assert live <= row + 16 * len(choice), (step, live, row, choice)
+            assert live <= row + SPILL_HANDLE_BYTES * len(choice), (step, live, row, choice)
 
 
 def test_a_multi_output_op_reruns_once_for_all_its_recomputed_outputs(cnn_graph):

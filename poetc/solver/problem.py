@@ -368,8 +368,15 @@ def decision_bookkeeping(graph: TrainGraph, candidates: list[Candidate], alias_o
             outs = [o for j in cand.chain_ops for o in graph.ops[j].outputs if o]
             objects = sum(1 for j in cand.chain_ops if graph.ops[j].op_type in INPLACE_OPS
                           or any(graph.tensors[o].alias_of for o in graph.ops[j].outputs if o))
+            # writes nothing reads are held to the step's end: outputs of the chain it does not read
+            # (the producer's other outputs, a MaxPool's mask, BN's statistics), and the original when
+            # no reader precedes the gap
+            read_in_chain = {x for j in cand.chain_ops for x in graph.ops[j].inputs}
+            unread = sum(graph.tensors[o].alloc_bytes for j in cand.chain_ops for o in graph.ops[j].outputs
+                         if o and o != cand.name and graph.tensors[o].alias_of is None and o not in read_in_chain)
+            unread += cand.mem_bytes if cand.last_before_gap <= cand.prod else 0
             cand.rec_bookkeeping_bytes = cost(len(outs) + len(views) + len(cand.reads_state),
-                                              objects + len(views) + dies_in_place)
+                                              objects + len(views) + dies_in_place) + unread
         if cand.pageable:
             cand.page_bookkeeping_bytes = cost(2 + len(cand.inner) + len(views), len(views) + dies_in_place)
 

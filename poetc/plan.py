@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 
 # What the simulator does not model, measured (docs/memory-model.md, "The reserve"): since ONNX
 # Runtime's per-step bookkeeping (frame, Tensor objects), in-place ops and Conv's per-thread scratch
-# are modelled, a keep-all step of the corpus at batch 1 measures between 23 KB below and 6.1 KB above
-# its prediction (mobilenet_v3: +0.7%; the heap blocks under 4 KiB the kernels allocate while they run);
-# compiled steps in docs/corpus.md. Plans keep this much of the activation budget spare.
+# are modelled, the corpus's compiled steps (docs/corpus.md) measure at most 10.0 KB above their
+# prediction (mobilenet_v3 at batch 1: heap blocks under 4 KiB the kernels allocate while they run).
+# Plans keep this much of the activation budget spare.
 RESERVE_FRACTION = 0.005
 RESERVE_BYTES = 16 * 1024
 

@@ -533,7 +533,15 @@ def unmodelled_bytes(problem: Problem) -> int:
     held = sum(graph.tensors[x].alloc_bytes for x in outputs
                if x in graph.tensors and graph.tensors[x].producer is not None and graph.tensors[x].alias_of is None
                and not graph.tensors[x].kind.is_persistent)
-    return SPILL_HANDLE_BYTES * sum(not c.fixed for c in problem.candidates) + held
+    # ONNX Runtime's per-step bookkeeping (docs/memory-model.md): the execution frame of the keep-all
+    # graph and the bound poetc's MILP charges for what decisions add to it (issue #15, branch mem)
+    from poetc.schedule import frame_bytes, graph_inputs, graph_values
+    from poetc.solver.formulation import bookkeeping_max
+    steps = problem.keep_all_steps if hasattr(problem, "keep_all_steps") else None
+    from poetc.schedule import build_steps
+    steps = steps or build_steps(graph, {})[0]
+    frame = frame_bytes(graph_values(graph, steps), graph_inputs(graph, steps))
+    return SPILL_HANDLE_BYTES * sum(not c.fixed for c in problem.candidates) + held + frame + int(bookkeeping_max(problem))
 
 
 def compare_problem(name: str, problem: Problem, budget_fracs, *, deadline_factor: float = 1.3,

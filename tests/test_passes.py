@@ -588,7 +588,7 @@ def test_paging_a_tensor_in_again_on_a_residual_block(residual, tmp_path, reques
     dropped in between and paged in again (POET's solution at 80% of keep-all). Two Restore nodes from
     one Spill, the first keeping the spill file; the simulator frees the first copy after its reader;
     training is bitwise identical in ONNX Runtime."""
-    from poetc.schedule import SPILL_HANDLE_BYTES, StepCosts
+    from poetc.schedule import FRAME_PER_VALUE_BYTES, SPILL_HANDLE_BYTES, StepCosts
     from poetc.solver.problem import build_problem
     artifacts, graph = residual
     n = len(graph.ops)
@@ -601,11 +601,13 @@ def test_paging_a_tensor_in_again_on_a_residual_block(residual, tmp_path, reques
                                        repage_at={"relu0_out": [b]})
     page_ins = [s for s in schedule.steps if s.kind is StepKind.PAGE_IN]
     assert [s.tensor for s in page_ins] == ["relu0_out"] * 2 and page_ins[0].writes != page_ins[1].writes
-    # resident over (a, b) only without the second page-in (whose spill handle lives on: 16 bytes)
+    # resident over (a, b) only without the second page-in (whose spill handle lives on, and whose second
+    # restored copy is one more value of the graph: the execution frame's 24 B for the whole step)
     live = {name: simulate(graph, s.steps, s.origin).live_bytes for name, s in (("plain", plain), ("again", schedule))}
     at = next(i for i, s in enumerate(schedule.steps) if s.kind is StepKind.COMPUTE and a < s.op < b)
     at_plain = next(i for i, s in enumerate(plain.steps) if s.op == schedule.steps[at].op and s.kind is StepKind.COMPUTE)
-    assert live["plain"][at_plain] - live["again"][at] == graph.tensors["relu0_out"].alloc_bytes - SPILL_HANDLE_BYTES
+    assert live["plain"][at_plain] - live["again"][at] == (graph.tensors["relu0_out"].alloc_bytes - SPILL_HANDLE_BYTES
+                                                           - FRAME_PER_VALUE_BYTES)
     before, after, _ = run_passes(graph, schedule, "default")
     restores = [n for n in after.graph.node if n.domain == SPILL_DOMAIN and n.op_type.startswith("Restore")]
     keep = [next((x.i for x in n.attribute if x.name == "keep_file"), 0) for n in restores]

@@ -525,23 +525,21 @@ class ComparisonRow:
 
 
 def unmodelled_bytes(problem: Problem) -> int:
-    """Bytes poetc's simulator counts and POET's accounting does not: a 16-byte spill handle per
-    decidable candidate (poetc's MILP reserves them all) and the graph outputs (loss, accumulator
-    flags) ONNX Runtime keeps to the end of the step. `compare` takes them off POET's budget."""
+    """Bytes poetc's simulator counts and POET's accounting does not, whatever the decisions: a 16-byte
+    spill handle per decidable candidate (poetc's MILP reserves them all), the graph outputs (loss,
+    accumulator flags) ONNX Runtime keeps to the end of the step, and ONNX Runtime's execution frame
+    of the keep-all graph (docs/memory-model.md). `compare` takes them off POET's budget. What a
+    decision adds (problem.decision_bookkeeping) has no constant equivalent: POET's schedules are
+    checked against it by simulating them (ComparisonRow.mapped_fits)."""
+    from poetc.schedule import build_steps, frame_bytes, graph_inputs, graph_values
     graph = problem.graph
     outputs = {o.name for o in graph.model.graph.output}
     held = sum(graph.tensors[x].alloc_bytes for x in outputs
                if x in graph.tensors and graph.tensors[x].producer is not None and graph.tensors[x].alias_of is None
                and not graph.tensors[x].kind.is_persistent)
-    # ONNX Runtime's per-step bookkeeping (docs/memory-model.md): the execution frame of the keep-all
-    # graph and the bound poetc's MILP charges for what decisions add to it (issue #15, branch mem)
-    from poetc.schedule import frame_bytes, graph_inputs, graph_values
-    from poetc.solver.formulation import bookkeeping_max
-    steps = problem.keep_all_steps if hasattr(problem, "keep_all_steps") else None
-    from poetc.schedule import build_steps
-    steps = steps or build_steps(graph, {})[0]
+    steps = build_steps(graph, {})[0]
     frame = frame_bytes(graph_values(graph, steps), graph_inputs(graph, steps))
-    return SPILL_HANDLE_BYTES * sum(not c.fixed for c in problem.candidates) + held + frame + int(bookkeeping_max(problem))
+    return SPILL_HANDLE_BYTES * sum(not c.fixed for c in problem.candidates) + held + frame
 
 
 def compare_problem(name: str, problem: Problem, budget_fracs, *, deadline_factor: float = 1.3,

@@ -113,13 +113,20 @@ def cnn_b2(tmp_path_factory):
 @pytest.mark.parametrize("frac", (0.9, 0.8))
 def test_faithful_poet_on_the_cnn_matches_poetc(cnn_b2, frac):
     """MaxPool (output, mask) and BatchNorm (output, statistics) have several saved outputs. POET reruns
-    such a node once for all of them, and so does poetc (one run per group): the optima agree. When
-    poetc reran the op once per recomputed output, its optimum here was 13-23% above POET's."""
+    such a node once for all of them, and so does poetc (one run per group). Until ONNX Runtime's
+    bookkeeping was modelled (issue #15) the optima agreed (when poetc reran the op once per recomputed
+    output, its optimum was 13-23% above POET's). POET's accounting has no term for what ONNX Runtime
+    holds because of a decision -- a recomputed BatchNorm's unread output and statistics are kept to the
+    step's end -- so its optimum here no longer fits in poetc's simulator; poetc's fits and costs more.
+    Where POET's schedule does fit, poetc is never worse."""
     row = _solve_both(cnn_b2, frac, "poet")
     assert row.poet_status == "optimal" and row.poetc_status == "optimal", row
     assert row.poetc_objective_j > 0
-    assert row.poetc_objective_j == pytest.approx(row.poet_objective_j, rel=1e-3), row
-    assert row.mapped_fits and row.mapped_objective_j == pytest.approx(row.poet_objective_j, rel=1e-3), row
+    assert row.mapped_fits is not None, row
+    if row.mapped_fits:
+        assert row.poetc_objective_j <= row.mapped_objective_j * (1 + 1e-3), row
+    else:
+        assert row.poetc_objective_j >= row.poet_objective_j * (1 - 1e-3), row
 
 
 def _residual_both(problem, frac):

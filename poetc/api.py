@@ -268,6 +268,30 @@ def choose_update_slices(graph: TrainGraph, spec, costs_for: Callable[[TrainGrap
         slices[param] = k
 
 
+SLICE_RETRIES = 3  # re-plans with one more slice of the heaviest update when no schedule fits
+
+
+def slice_heaviest_update(graph: TrainGraph, slices: dict[str, int]) -> dict[str, int] | None:
+    """`slices` with one more slice for the trainable parameter whose update holds the most while it runs
+    (weight and gradient whole, 1/k of both moments: (2 + 2/k) x its bytes; ties by name), or None when
+    every parameter is at MAX_UPDATE_SLICES or its element count. Deterministic."""
+    from .ir.graph import TensorKind
+    best = None
+    for name in sorted(graph.tensors):
+        t = graph.tensors[name]
+        if t.kind is not TensorKind.PARAMETER or name in graph.frozen_parameter_names:
+            continue
+        k = slices.get(name, 1)
+        if k + 1 > min(MAX_UPDATE_SLICES, int(np.prod(t.shape))):
+            continue
+        held = t.nbytes * (2 + 2 / k)
+        if best is None or held > best[0]:
+            best = (held, name, k)
+    if best is None:
+        return None
+    return {**slices, best[1]: best[2] + 1}
+
+
 def update_slices(graph: TrainGraph) -> dict[str, int]:
     """report.json's update_slices: parameter -> its sliced updates (fused mode; empty when none)."""
     from .ir.fused import update_slices as count
@@ -324,10 +348,24 @@ def compile_model(model_path: Path, options: CompileOptions, *,
             from .ir.fused import fuse_optimizer, read_optimizer_spec
             spec = read_optimizer_spec(onnx.load(str(artifacts / "optimizer_model.onnx")))
             slices = {}
-            if options.slice_updates == "auto" and options.page_state and spec.kind == "adamw":
+            auto = options.slice_updates == "auto" and options.page_state and spec.kind == "adamw"
+            if auto:
                 slices = choose_update_slices(graph, spec, lambda g: step_costs_for(g, target, options.costs_path),
                                               options.ram_bytes)
-            return plan_graph(fuse_optimizer(graph, spec, slices))
+            planned = plan_graph(fuse_optimizer(graph, spec, slices))
+            # the lower bound counts one op's working set; what ONNX Runtime holds across the step (unread
+            # outputs, its bookkeeping) can still leave no schedule at the largest update: cut it further
+            for _ in range(SLICE_RETRIES if auto else 0):
+                if planned.fits:
+                    break
+                more = slice_heaviest_update(graph, slices)
+                if more is None:
+                    break
+                grown = next(p for p in more if more[p] != slices.get(p, 1))
+                say(f"no schedule fits: cutting the update of {grown} into {more[grown]} slices")
+                slices = more
+                planned = plan_graph(fuse_optimizer(graph, spec, slices))
+            return planned
 
         mode, chosen, mode_reason = choose_optimizer_mode(options.optimizer_mode, options.objective,
                                                           lambda: plan_graph(graph), plan_fused)

@@ -497,3 +497,32 @@ def test_sliced_state_directory_resumes_and_exports_whole_parameters(mlp_graph, 
     for name, value in exported["a"].items():
         assert value.shape == graph.tensors[name].shape
         assert value.tobytes() == exported["b"][name].tobytes(), name
+
+
+def test_slice_heaviest_update_cuts_the_largest_trainable_weight_one_more_time(mlp_graph):
+    """When no schedule fits although the bound does (what ONNX Runtime holds across the step), compile
+    re-plans with one more slice of the update that holds the most: (2 + 2/k) x the weight's bytes.
+    Deterministic, never a frozen parameter, never past MAX_UPDATE_SLICES."""
+    from poetc.api import MAX_UPDATE_SLICES, slice_heaviest_update
+    _, graph = mlp_graph
+    params = {n: t.nbytes for n, t in graph.tensors.items() if t.kind is TensorKind.PARAMETER}
+    largest = max(sorted(params), key=lambda n: params[n])
+    assert slice_heaviest_update(graph, {}) == {largest: 2}
+    # once the largest is cut, the next-largest whole update may hold more
+    slices = {largest: 2}
+    for _ in range(40):
+        more = slice_heaviest_update(graph, slices)
+        if more is None:
+            break
+        assert [more.get(n, 1) - slices.get(n, 1) for n in sorted(params) if more.get(n, 1) != slices.get(n, 1)] == [1]
+        held = {n: params[n] * (2 + 2 / slices.get(n, 1)) for n in params
+                if slices.get(n, 1) < MAX_UPDATE_SLICES}
+        grown = next(n for n in more if more[n] != slices.get(n, 1))
+        assert held[grown] == max(held.values())
+        slices = more
+    assert all(k <= MAX_UPDATE_SLICES for k in slices.values())
+    graph.frozen_parameter_names.append(largest)
+    try:
+        assert largest not in (slice_heaviest_update(graph, {}) or {})
+    finally:
+        graph.frozen_parameter_names.remove(largest)

@@ -163,6 +163,12 @@ static inline void account_sub_size(size_t n) {
 
 /* ---- exported counters --------------------------------------------------- */
 
+/* a counter's value as bytes (a transient negative reads as 0) */
+static uint64_t load_bytes(const int64_t *counter) {
+  int64_t v = __atomic_load_n(counter, __ATOMIC_RELAXED);
+  return v < 0 ? 0 : (uint64_t)v;
+}
+
 EXPORT void poetc_heap_reset_peak(void) {
   int64_t cur = __atomic_load_n(&g_current, __ATOMIC_RELAXED);
   int64_t large = __atomic_load_n(&g_large_current, __ATOMIC_RELAXED);
@@ -172,35 +178,17 @@ EXPORT void poetc_heap_reset_peak(void) {
   __atomic_store_n(&g_mid_peak, mid < 0 ? 0 : mid, __ATOMIC_RELAXED);
 }
 
-EXPORT uint64_t poetc_heap_mid_peak_bytes(void) {
-  int64_t v = __atomic_load_n(&g_mid_peak, __ATOMIC_RELAXED);
-  return v < 0 ? 0 : (uint64_t)v;
-}
+EXPORT uint64_t poetc_heap_mid_peak_bytes(void) { return load_bytes(&g_mid_peak); }
 
-EXPORT uint64_t poetc_heap_mid_current_bytes(void) {
-  int64_t v = __atomic_load_n(&g_mid_current, __ATOMIC_RELAXED);
-  return v < 0 ? 0 : (uint64_t)v;
-}
+EXPORT uint64_t poetc_heap_mid_current_bytes(void) { return load_bytes(&g_mid_current); }
 
-EXPORT uint64_t poetc_heap_large_peak_bytes(void) {
-  int64_t v = __atomic_load_n(&g_large_peak, __ATOMIC_RELAXED);
-  return v < 0 ? 0 : (uint64_t)v;
-}
+EXPORT uint64_t poetc_heap_large_peak_bytes(void) { return load_bytes(&g_large_peak); }
 
-EXPORT uint64_t poetc_heap_large_current_bytes(void) {
-  int64_t v = __atomic_load_n(&g_large_current, __ATOMIC_RELAXED);
-  return v < 0 ? 0 : (uint64_t)v;
-}
+EXPORT uint64_t poetc_heap_large_current_bytes(void) { return load_bytes(&g_large_current); }
 
-EXPORT uint64_t poetc_heap_peak_bytes(void) {
-  int64_t v = __atomic_load_n(&g_peak, __ATOMIC_RELAXED);
-  return v < 0 ? 0 : (uint64_t)v;
-}
+EXPORT uint64_t poetc_heap_peak_bytes(void) { return load_bytes(&g_peak); }
 
-EXPORT uint64_t poetc_heap_current_bytes(void) {
-  int64_t v = __atomic_load_n(&g_current, __ATOMIC_RELAXED);
-  return v < 0 ? 0 : (uint64_t)v;
-}
+EXPORT uint64_t poetc_heap_current_bytes(void) { return load_bytes(&g_current); }
 
 EXPORT uint64_t poetc_heap_alloc_count(void) {
   return __atomic_load_n(&g_allocs, __ATOMIC_RELAXED);

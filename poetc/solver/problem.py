@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InternalError
 from ..ir.graph import Role, TensorKind, TrainGraph
 from ..schedule import SPILL_HANDLE_BYTES, STATE_TOKEN_BYTES, Decision, SimResult, StepCosts, simulate_keep_all
 

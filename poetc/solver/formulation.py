@@ -182,6 +182,7 @@ class MilpVars:
     # (recomputed candidate outside a group, stage) -> recomputed and materialized by then
     h: dict[tuple[int, int], int] = field(default_factory=dict)
     held_rows: dict[int, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)  # k -> its definition
+    state_session: dict[int, int] = field(default_factory=dict)  # {0: column}: >= every paged state's page_s
 
     def var(self, key: tuple) -> int:
         """The column a memory-row key names: ("keep", i), ("y", i, k), ("ext", b, p), ..."""
@@ -429,6 +430,8 @@ def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: Line
     start += [(col, float(cands[i].group in at and k >= at[cands[i].group] and choice[i] is not Decision.RECOMPUTE))
               for (i, k), col in v.w.items()]
     start += [(col, float(choice[u] is Decision.RECOMPUTE and ev.y.get((u, k), 0.0) > 0.5)) for (u, k), col in v.h.items()]
+    start += [(col, float(any(choice[i] is Decision.PAGE for i in v.keep if cands[i].state)))
+              for col in v.state_session.values()]
     # the frame and held columns at the least value their rows allow
     value = dict(start)
     for k, col in v.held.items():
@@ -467,6 +470,12 @@ def held_rows(problem: Problem, limits: Limits, m: LinearModel, v: MilpVars, dec
             frame_terms[v.rec[i]] = frame_terms.get(v.rec[i], 0.0) + own
     for g, col in v.run.items():
         frame_terms[col] = float(cands[problem.groups[g][0]].rec_frame_bytes)
+    state = [i for i in decidable if cands[i].state and cands[i].pageable and limits.allow_page]
+    if state and problem.state_session_bytes:  # any paged state: the step runs as a StateSession
+        v.state_session[0] = m.add_var("state_session", lb=0.0, ub=1.0)
+        for i in state:
+            row(0.0, INF, (v.state_session[0], 1.0), (v.page[i], -1.0))
+        frame_terms[v.state_session[0]] = float(problem.state_session_bytes)
     frame_terms = {j: coef for j, coef in frame_terms.items() if coef}
     bk_max = bookkeeping_max(problem)
     if frame_terms and bk_max > 0:
@@ -526,8 +535,8 @@ def held_rows(problem: Problem, limits: Limits, m: LinearModel, v: MilpVars, dec
 
 def bookkeeping_max(problem: Problem) -> float:
     """The most execution-frame values any decisions add (the bookkeeping column's scale)."""
-    return float(sum(max(c.rec_frame_bytes + c.rec_own_frame_bytes, c.page_frame_bytes)
-                     for c in problem.candidates if not c.fixed))
+    return float(problem.state_session_bytes + sum(max(c.rec_frame_bytes + c.rec_own_frame_bytes, c.page_frame_bytes)
+                                                   for c in problem.candidates if not c.fixed))
 
 
 def read_choice(problem: Problem, v: MilpVars, x) -> list[Decision]:

@@ -36,7 +36,8 @@ import numpy as np
 
 from ..errors import InternalError
 from ..ir.graph import Role, TensorKind, TrainGraph
-from ..schedule import SPILL_HANDLE_BYTES, STATE_TOKEN_BYTES, Decision, SimResult, StepCosts, simulate_keep_all
+from ..schedule import (SPILL_HANDLE_BYTES, STATE_TOKEN_BYTES, Decision, SimResult, StepCosts, simulate_keep_all,
+                        state_session_bytes)
 
 # Ops whose output differs between two runs on the same inputs: never recomputed.
 RANDOM_OPS = {"Dropout", "BitmaskDropout", "RandomNormal", "RandomNormalLike", "RandomUniform",
@@ -119,6 +120,8 @@ class Problem:
     # per stage: const_bytes before the stage's op writes anything (its outputs and workspace are not
     # there yet): the memory the regeneration steps inserted before that op run on top of
     pre_const_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # the bookkeeping the step adds when it runs as a StateSession (any paged state: schedule.state_session_bytes)
+    state_session_bytes: int = 0
 
     @property
     def positions(self) -> int:
@@ -345,7 +348,8 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
             before[cand.prod + 1: cand.last_read + 1] -= cand.mem_bytes
     decision_bookkeeping(graph, candidates, alias_ops, by_producer)
     return Problem(graph, costs, candidates, stages, const, backward_start, sim.fixed_bytes,
-                   sim.time_s, sim.energy_j, sim.peak_bytes, sim, groups, regen_order, before[stages])
+                   sim.time_s, sim.energy_j, sim.peak_bytes, sim, groups, regen_order, before[stages],
+                   state_session_bytes(graph) if any(c.state for c in candidates) else 0)
 
 
 def decision_bookkeeping(graph: TrainGraph, candidates: list[Candidate], alias_ops: list[set[int]],
@@ -358,14 +362,17 @@ def decision_bookkeeping(graph: TrainGraph, candidates: list[Candidate], alias_o
     write nothing reads: those are held from where they are written (run_/gap_/fb_/orig_held_bytes,
     see Candidate and held_profile)."""
     from ..ir.graph import TENSOR_OBJECT_BYTES
-    from ..schedule import FRAME_PER_VALUE_BYTES, INPLACE_OPS
+    from ..schedule import (FRAME_PER_VALUE_BYTES, INPLACE_OPS, STATE_SESSION_PER_INPUT_BYTES,
+                            STATE_SESSION_PER_OUTPUT_BYTES)
 
     for i, cand in enumerate(candidates):
         views = alias_ops[i] if i < len(alias_ops) else set()
         if cand.fixed:
             continue
-        if cand.state:
-            cand.page_frame_bytes = FRAME_PER_VALUE_BYTES * (cand.state_reads + cand.state_writes)
+        if cand.state:  # its StateRead copies and token, the token's output; no longer a graph input
+            cand.page_frame_bytes = (FRAME_PER_VALUE_BYTES * (cand.state_reads + cand.state_writes)
+                                     + STATE_SESSION_PER_OUTPUT_BYTES * cand.state_writes
+                                     - STATE_SESSION_PER_INPUT_BYTES)
             continue
         # dropped after its last reader before the gap, it may die at an in-place op there, whose output's
         # object then outlives the output
@@ -396,8 +403,11 @@ def decision_bookkeeping(graph: TrainGraph, candidates: list[Candidate], alias_o
 
 def bookkeeping_bytes(problem: "Problem", choice: list[Decision]) -> float:
     """The execution frame's values the decisions add (decision_bookkeeping), at every position: a
-    group's producer reruns once for all its recomputed members."""
+    group's producer reruns once for all its recomputed members; a paged parameter or moment makes the
+    step a StateSession (Problem.state_session_bytes)."""
     total, runs = 0, set()
+    if any(c.state and d is Decision.PAGE for c, d in zip(problem.candidates, choice)):
+        total += problem.state_session_bytes
     for c, d in zip(problem.candidates, choice):
         if c.fixed or d is Decision.KEEP:
             continue
@@ -408,7 +418,7 @@ def bookkeeping_bytes(problem: "Problem", choice: list[Decision]) -> float:
         if c.group < 0 or c.group not in runs:
             total += c.rec_frame_bytes
             runs.add(c.group)
-    return float(total)
+    return float(max(total, 0))  # (paging state takes inputs away; the MILP's column is not negative)
 
 
 def held_profile(problem: "Problem", choice: list[Decision], first) -> np.ndarray:

@@ -333,10 +333,19 @@ def compile_model(model_path: Path, options: CompileOptions, *,
             say(f"solving ({options.strategy}, {g.optimizer_mode} optimizer)")
 
             def run(deadline: Deadline, objective: str):
-                return plan(problem, Budget.from_ram(options.ram_bytes, problem.fixed_bytes), deadline,
-                            flash_bytes=flash, objective=objective, strategy=options.strategy, baselines=(),
-                            time_limit_s=options.time_limit_s, seed=options.seed, threads=options.threads,
-                            solver=options.solver, overlap=overlap_costs)
+                def solve(overlap):
+                    return plan(problem, Budget.from_ram(options.ram_bytes, problem.fixed_bytes), deadline,
+                                flash_bytes=flash, objective=objective, strategy=options.strategy, baselines=(),
+                                time_limit_s=options.time_limit_s, seed=options.seed, threads=options.threads,
+                                solver=options.solver, overlap=overlap)
+                planned = solve(overlap_costs)
+                if overlap_costs is not None and not planned.fits:
+                    # the overlapped schedule is judged on the simulator; when the one the MILP chose does
+                    # not fit there, the blocking MILP (--no-overlap) may still find one that does
+                    blocking = solve(None)
+                    if blocking.fits:
+                        return blocking
+                return planned
             if options.deadline is not None:
                 return run(options.deadline, options.objective)
             chosen_plan, note = soft_deadline_plan(run, options.objective)

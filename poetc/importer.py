@@ -58,6 +58,49 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return m.group(1), dims
 
 
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the tensors a model keeps in external files (models saved with save_as_external_data, and
+    every model above 2 GB) into the model, from the files next to `path`; errors name the file."""
+    external = [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return
+    base = path.resolve().parent
+    for t in external:
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        file = (base / location).resolve()
+        if not location or Path(location).is_absolute() or base not in file.parents:
+            raise InputFileError(f"tensor {t.name!r} of {path} points to external data {location!r} outside the "
+                                 f"model's directory", hint="keep the external data files next to the model")
+        if not file.is_file():
+            raise InputFileError(f"tensor {t.name!r} of {path} keeps its data in {location!r}, which is not in "
+                                 f"{base}", hint="copy the external data files next to the model")
+        need = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        if need > file.stat().st_size:
+            raise InputFileError(f"external data file {file} is shorter ({file.stat().st_size} bytes) than tensor "
+                                 f"{t.name!r} needs ({need} bytes): truncated or from another export",
+                                 hint="export the model again")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for unreadable data
+        raise InputFileError(f"cannot read the external data of {path}: {exc}",
+                             hint="check the external data files next to the model") from exc
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Initializers and attribute tensors (Constant values) of a graph and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _all_tensors(a.g)
+            for sub in a.graphs:
+                yield from _all_tensors(sub)
+
+
 def load_onnx(path: Path) -> onnx.ModelProto:
     """Load an ONNX file with errors a person can act on."""
     if not path.exists():
@@ -78,6 +121,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     if not model.graph.node or not model.graph.output:
         raise InputFileError(f"{path} does not contain an ONNX graph with nodes and outputs",
                              hint="is it really an ONNX model? (it parsed, but holds no graph)")
+    _load_external_data(model, path)
     checked = model
     if model.ir_version > onnx.IR_VERSION:
         # newer than this onnx's checker (and ONNX Runtime 1.19.2, which loads IR <= 10): check a copy at

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -257,3 +258,52 @@ def test_decoder_of_the_three_classes_compiles_and_trains_bitwise_within_budget(
                                        import_options=options, baselines=(), overlap=False))
     check = verify(out, steps=3).to_json()
     assert check["bitwise_identical_params"] and check["identical_results"] and check["within_budget"], check
+
+
+def _external_data_model(tmp_path) -> Path:
+    """A small trainable model saved with every initializer in one external data file."""
+    rng = np.random.default_rng(2)
+    nodes = [oh.make_node("MatMul", ["x", "W"], ["h"], name="fc"), oh.make_node("Relu", ["h"], ["r"], name="relu"),
+             oh.make_node("MatMul", ["r", "V"], ["y"], name="head")]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+                          [nh.from_array(rng.standard_normal((16, 32)).astype(np.float32), "W"),
+                           nh.from_array(rng.standard_normal((32, 3)).astype(np.float32), "V")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.bin",
+              size_threshold=0)
+    return path
+
+
+def test_a_model_with_external_data_is_read_from_the_files_next_to_it(tmp_path):
+    from poetc.api import inspect_model
+    from poetc.importer import load_onnx
+    path = _external_data_model(tmp_path)
+    model = load_onnx(path)
+    assert all(t.data_location == TensorProto.DEFAULT and t.raw_data for t in model.graph.initializer)
+    doc = inspect_model(path, ImportOptions(loss="mse"))
+    assert doc["ops"] > 3  # lowered: the training graph ran in ONNX Runtime
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "outside"])
+def test_external_data_that_cannot_be_read_is_named(damage, tmp_path):
+    from poetc.errors import InputFileError
+    from poetc.importer import load_onnx
+    path = _external_data_model(tmp_path)
+    data = tmp_path / "ext.bin"
+    if damage == "missing":
+        data.unlink()
+    elif damage == "truncated":
+        data.write_bytes(data.read_bytes()[:100])
+    else:
+        model = onnx.load(str(path), load_external_data=False)
+        for e in model.graph.initializer[0].external_data:
+            if e.key == "location":
+                e.value = "../elsewhere.bin"
+        path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputFileError) as err:
+        load_onnx(path)
+    assert "'W'" in str(err.value) or "ext.bin" in str(err.value)
+    assert err.value.exit_code == 3

@@ -116,10 +116,18 @@ def probe_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str,
 
     The returned args hold `output_type_shape` (list of {dtype: shape}) and `dur` (microseconds).
     """
+    from ..runtime.guard import ChildCrashed, run_guarded
     from ..runtime.profiling import profile_kernels
 
     try:
-        return dict(profile_kernels(model, feeds, runs=1))
+        return dict(run_guarded(profile_kernels, model, feeds, 1))
+    except ChildCrashed as exc:
+        raise UnsupportedModelError(
+            f"ONNX Runtime crashed ({exc.cause}) running one training step of this model: a fault inside "
+            f"onnxruntime-training 1.19.2 on one of the training graph's ops",
+            hint="nothing was written. Try another --batch, --freeze the parameters that feed the layer you "
+            "suspect, or export that layer differently (docs/corpus.md lists the ops poetc rewrites because "
+            "ONNX Runtime cannot train them)") from exc
     except MemoryError as exc:
         raise UnsupportedModelError(
             f"this machine has not enough memory to run one training step at these input sizes ({exc})",

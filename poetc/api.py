@@ -239,7 +239,9 @@ def soft_deadline_plan(run: Callable[[Deadline, str], object], objective: str) -
         if relaxed.fits:
             return relaxed, (deadline, f"{DEFAULT_DEADLINE} default not reachable at this budget; using {deadline}, "
                                        f"the fastest schedule that fits")
-    deadline = Deadline(factor=1000.0)
+    # the energy solves at that factor found nothing in their limits: the fastest schedule it is, reported
+    # at the factor it meets (not the 1000x it was solved under)
+    deadline = Deadline(factor=round(factor, 2))
     return fastest, (deadline, f"{DEFAULT_DEADLINE} default not reachable at this budget; the fastest schedule "
                                f"that fits takes {fastest.result.sim.time_s / base:.2f}x")
 

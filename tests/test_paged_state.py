@@ -444,6 +444,12 @@ def test_soft_deadline_relaxes_to_the_fastest_schedule_that_fits():
     p, note = soft_deadline_plan(lambda d, o: first if d.factor == 1.3 else _FakePlan(False, 1.0), "energy")
     assert p is first and note is None
 
+    # the energy runs at the fastest schedule's factor find nothing: the fastest schedule is kept and the
+    # deadline reported is the factor it meets, not the 1000x it was solved under
+    fastest = _FakePlan(True, 2.713)
+    p, note = soft_deadline_plan(lambda d, o: fastest if o == "time" else _FakePlan(False, 1.0), "energy")
+    assert p is fastest and str(note[0]) == "2.72x" and "takes 2.71x" in note[1]
+
 
 def test_explicit_deadline_stays_strict_and_default_is_soft(tmp_path, capsys):
     """The bundled-MLP-like case at a budget where state I/O needs more than 1.3x keep-all: an explicit

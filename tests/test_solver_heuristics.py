@@ -11,7 +11,7 @@ import pytest
 from poetc.schedule import Decision
 from poetc.solver import Limits, build_problem
 from poetc.solver.formulation import build_model, read_choice, read_early, read_repage, start_values
-from poetc.solver.heuristics import best_start, lns_windows, local_search, objective_of, run_lns
+from poetc.solver.heuristics import best_start, lns_windows, local_search, objective_of, page_first, run_lns
 from poetc.solver.problem import ProfileEvaluator, evaluate_linear
 from poetc.solver.strategies import SOLVERS, evaluate_choice, greedy, solve_milp
 
@@ -199,3 +199,42 @@ def test_rens_finds_a_schedule_near_the_lp_that_simulates_within_limits(bert_tin
                              read_repage(v, choice, x))
     assert result.fits, result.notes
     assert result.overhead_energy_j == pytest.approx(model.objective_of(x), rel=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["cnn_graph", "bert_tiny_graph"])
+@pytest.mark.parametrize("fraction,deadline", [(0.9, 5.0), (0.5, 5.0), (0.3, 5.0), (0.5, 1.3), (0.3, 1.1)])
+def test_page_first_fits_or_finds_nothing(fixture, fraction, deadline, request):
+    """page_first's schedule, when it has one, fits the budget and the deadline in the simulator; it
+    has none exactly when paging everything does not fit the budget or its pass ends above the
+    deadline; and it is deterministic."""
+    _, g = request.getfixturevalue(fixture)
+    problem = build_problem(g, costs_for(g, 0.3, 1.0))
+    limits = Limits(problem.keep_all_peak_bytes * fraction, problem.base_time_s * (deadline - 1), 1e12)
+    choice = page_first(problem, limits)
+    assert page_first(problem, limits) == choice
+    evaluate = ProfileEvaluator(problem)
+    page_all = [Decision.PAGE if c.pageable and not c.fixed else Decision.KEEP for c in problem.candidates]
+    if evaluate(page_all).peak_bytes > limits.activation_budget_bytes:
+        assert choice is None
+    if choice is not None:
+        ev = evaluate(choice)
+        assert ev.peak_bytes <= limits.activation_budget_bytes and ev.time_s <= limits.overhead_time_s
+        assert evaluate_choice(problem, "poet", choice, limits, "heuristic").fits
+
+
+def test_best_start_falls_back_to_page_first_when_no_greedy_fits(bert_tiny_graph, monkeypatch):
+    """When neither plain greedy rule fits (ResNet-200-CIFAR at 30%), the start is page_first's,
+    improved by the local search, and the extended rules are not run."""
+    _, g = bert_tiny_graph
+    problem, limits = _setup(g, 0.5)
+    calls = []
+
+    def no_greedy(problem, limits, *, rule, extended, deadline=None):
+        calls.append((rule, extended))
+        return None
+    start, notes = best_start(problem, limits, no_greedy)
+    expected = page_first(problem, limits)
+    assert expected is not None, "page_first found nothing: the fixture's budget is too tight for this test"
+    assert start == local_search(problem, limits, expected)
+    assert calls == [("cheapest", False), ("capuchin", False)]
+    assert any("page first" in n for n in notes)

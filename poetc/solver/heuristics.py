@@ -76,24 +76,69 @@ def local_search(problem: Problem, limits: Limits, choice: list[Decision], *, de
     return cur
 
 
+def page_first(problem: Problem, limits: Limits, *, deadline: float | None = None) -> list[Decision] | None:
+    """The greedy from the other side: page every pageable tensor (the least memory a schedule of
+    keeps and pages can have), then give back what the deadline needs, one pass in decreasing paging
+    time per byte: keep the tensor if that still fits the budget, else recompute it if that is faster
+    than paging it and fits. None if paging everything does not fit the budget, or the pass ends above
+    the deadline (or `deadline`, time.perf_counter(), passes first).
+    Why: at 30% of keep-all on ResNet-200-CIFAR every forward greedy (recompute or page at the peak
+    until it fits) stalls, because recomputing one block's output there materializes the blocks it
+    reads (9.7x the budget with everything recomputed), and none found a schedule in 190 s; paging
+    everything fits (0.18x the budget, 5.9x the time the deadline leaves), and this pass finds a
+    schedule in 2 s (10.6% overhead energy, 9.9% after local_search; docs/benchmarks.md)."""
+    if not limits.allow_page:
+        return None
+    evaluate = ProfileEvaluator(problem)
+    cands = problem.candidates
+    cur = [Decision.PAGE if not c.fixed and c.pageable else Decision.KEEP for c in cands]
+    ev = evaluate(cur)
+    if ev.peak_bytes > limits.activation_budget_bytes or ev.flash_bytes > limits.flash_bytes:
+        return None
+    order = sorted((i for i, d in enumerate(cur) if d is Decision.PAGE),
+                   key=lambda i: (-cands[i].page_time_s / max(cands[i].nbytes, 1), i))
+    for i in order:
+        if deadline is not None and time.perf_counter() > deadline:
+            return None
+        c = cands[i]
+        moves = [Decision.KEEP]
+        if c.recomputable and limits.allow_recompute and c.rec_time_s + c.alias_time_s < c.page_time_s:
+            moves.append(Decision.RECOMPUTE)
+        for d in moves:
+            trial = list(cur)
+            trial[i] = d
+            ev_t = evaluate(trial)
+            if ev_t.peak_bytes <= limits.activation_budget_bytes and ev_t.flash_bytes <= limits.flash_bytes:
+                cur, ev = trial, ev_t
+                break
+    return cur if _fits(limits, ev) else None
+
+
 def best_start(problem: Problem, limits: Limits, greedy: Callable, *, deadline: float | None = None,
                search_s: float | None = None) -> tuple[list[Decision] | None, list[str]]:
-    """The better of the two plain greedy rules (`greedy`: strategies.greedy), or if neither fits, of
-    the extended ones; improved by local_search until `search_deadline`. (None, notes) if no variant
-    fits before `deadline`."""
+    """The better of the two plain greedy rules (`greedy`: strategies.greedy), or if neither fits,
+    page_first, or if that does not fit either, the better of the extended rules; improved by
+    local_search until `search_deadline`. (None, notes) if no variant fits before `deadline`."""
     evaluate = ProfileEvaluator(problem)
     best = None
     notes = []
-    for tier in (GREEDY_PORTFOLIO[:2], GREEDY_PORTFOLIO[2:]):
-        for rule, extended in tier:
+    tiers = [[(lambda rule=rule, extended=extended: greedy(problem, limits, rule=rule, extended=extended,
+                                                             deadline=deadline),
+               f"{rule}{' extended' if extended else ''}") for rule, extended in GREEDY_PORTFOLIO[:2]],
+             [(lambda: page_first(problem, limits, deadline=deadline), "page first")],
+             [(lambda rule=rule, extended=extended: greedy(problem, limits, rule=rule, extended=extended,
+                                                             deadline=deadline),
+               f"{rule}{' extended' if extended else ''}") for rule, extended in GREEDY_PORTFOLIO[2:]]]
+    for tier in tiers:
+        for run, name in tier:
             if deadline is not None and time.perf_counter() > deadline:
                 break
-            s = greedy(problem, limits, rule=rule, extended=extended, deadline=deadline)
+            s = run()
             if s is None:
                 continue
             obj = objective_of(limits, evaluate(s))
             if best is None or obj < best[0]:
-                best = (obj, s, f"{rule}{' extended' if extended else ''}")
+                best = (obj, s, name)
         if best is not None:
             break
     if best is None:

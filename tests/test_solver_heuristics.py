@@ -4,6 +4,7 @@ simulator. No assertion depends on the machine's speed: the LNS windows have a w
 how much they improve may vary, but never-worse and fits hold at any speed."""
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -238,3 +239,79 @@ def test_best_start_falls_back_to_page_first_when_no_greedy_fits(bert_tiny_graph
     assert start == local_search(problem, limits, expected)
     assert calls == [("cheapest", False), ("capuchin", False)]
     assert any("page first" in n for n in notes)
+
+
+def _random_model(rng, n_cols):
+    from poetc.solver.formulation import LinearModel
+    m = LinearModel()
+    for j in range(n_cols):
+        m.add_var(f"x{j}", 0.0, 1.0, integer=True)
+        m.obj[j] = float(rng.uniform(-0.5, 2.0))
+    for _ in range(int(rng.integers(3, 9))):
+        cols = rng.choice(n_cols, size=int(rng.integers(2, n_cols + 1)), replace=False)
+        terms = {int(c): float(rng.normal()) for c in cols}
+        mid = float(rng.normal())
+        kind = rng.integers(3)
+        m.add_row(terms, mid - 1.0 if kind != 1 else -np.inf, mid + 0.5 if kind != 0 else np.inf)
+    return m
+
+
+def test_the_projection_bound_never_exceeds_the_optimum_brute_force():
+    """projection.project on random 0/1 programs: every feasible integer point's kept part satisfies
+    the projected rows, and projection_bound is at most the brute-force optimum (and at most the
+    LP relaxation of the whole model)."""
+    import itertools
+
+    from poetc.solver.projection import project, projection_bound
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(120):
+        n = int(rng.integers(3, 9))
+        m = _random_model(rng, n)
+        keep = sorted(rng.choice(n, size=int(rng.integers(1, n)), replace=False).tolist())
+        small, constant = project(m, keep)
+        best = np.inf
+        for bits in itertools.product((0.0, 1.0), repeat=n):
+            x = np.array(bits)
+            ok = all(m.row_lb[r] - 1e-9 <= sum(m.row_value[k] * x[m.row_index[k]]
+                                               for k in range(m.row_start[r], m.row_start[r + 1])) <= m.row_ub[r] + 1e-9
+                     for r in range(m.num_rows))
+            if not ok:
+                continue
+            best = min(best, m.objective_of(x))
+            xs = x[keep]
+            for r in range(small.num_rows):
+                act = sum(small.row_value[k] * xs[small.row_index[k]] for k in range(small.row_start[r], small.row_start[r + 1]))
+                assert small.row_lb[r] - 1e-9 <= act <= small.row_ub[r] + 1e-9
+        if not np.isfinite(best):
+            continue
+        h = m.to_highs()
+        h.setOptionValue("solve_relaxation", True)
+        h.run()
+        b = projection_bound(m, keep, time_limit_s=60)
+        assert b is not None
+        assert b <= best + 1e-7
+        assert b <= h.getInfo().objective_function_value + 1e-7
+        checked += 1
+    assert checked >= 30  # enough feasible instances were compared
+
+
+@pytest.mark.parametrize("fixture,fraction", [("cnn_graph", 0.6), ("bert_tiny_graph", 0.3), ("bert_tiny_graph", 0.5)])
+def test_the_projection_bound_lies_below_the_lp_of_the_real_model(fixture, fraction, request):
+    """On poetc's own MILP (overlap windows on, as compile solves it) the projection onto the decision
+    columns is a far smaller LP whose value is positive and at most the full LP's."""
+    from poetc.overlap import OverlapCosts
+    from poetc.solver.projection import project, projection_bound
+    _, g = request.getfixturevalue(fixture)
+    problem, limits = _setup(g, fraction)
+    limits = replace(limits, overlap=OverlapCosts(1e9, 1.0))
+    model, v = build_model(problem, limits)
+    cols = [*v.keep.values(), *v.rec.values(), *v.page.values(), *v.run.values(), *v.drop.values(),
+            *v.win.values(), *v.bk.values()]
+    h = model.to_highs()
+    h.setOptionValue("solve_relaxation", True)
+    h.run()
+    lp = h.getInfo().objective_function_value
+    b = projection_bound(model, cols, time_limit_s=600)
+    assert b is not None and 0 < b <= lp * (1 + 1e-7) + 1e-15
+    assert project(model, cols)[0].num_rows < model.num_rows

@@ -14,7 +14,7 @@ caller's deadline. Every schedule is still checked by the simulator in the paren
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -167,6 +167,10 @@ class LnsSpec:
     branch_share: float = 0.1  # ... within this share of the time left (a cap: it only cuts it short)
     rens_nodes: int = 500  # branch-and-bound nodes of the RENS sub-MILP (rens) ...
     rens_share: float = 0.5  # ... within this share of the time left
+    # the columns the projection bound keeps (projection.py: decisions, group runs, page-in-again,
+    # windows, bookkeeping), and its time cap as a share of the time left; empty: no projection bound
+    bound_cols: list[int] = field(default_factory=list)
+    projection_share: float = 0.2
 
     @property
     def triples(self) -> list[tuple[int, int, int]]:

@@ -185,8 +185,12 @@ def _build_for_child(problem: Problem, limits: Limits, start: list[Decision] | N
             choice = read_choice(problem, v, x)
             return ([d.value for d in choice], read_early(problem, v, choice, x), read_repage(v, choice, x),
                     overlap_rows.read_windows(v, x))
-        return (model, None if start is None else to_x0([d.value for d in start]), decode,
-                (lns_windows(problem, v.keep, v.rec, v.page) if lns else None), to_x0)
+        spec = None
+        if lns:
+            spec = lns_windows(problem, v.keep, v.rec, v.page)
+            spec.bound_cols = [*v.keep.values(), *v.rec.values(), *v.page.values(), *v.run.values(),
+                               *v.drop.values(), *v.win.values(), *v.bk.values()]
+        return model, None if start is None else to_x0([d.value for d in start]), decode, spec, to_x0
     return build
 
 

@@ -307,7 +307,7 @@ def test_the_projection_bound_lies_below_the_lp_of_the_real_model(fixture, fract
     limits = replace(limits, overlap=OverlapCosts(1e9, 1.0))
     model, v = build_model(problem, limits)
     cols = [*v.keep.values(), *v.rec.values(), *v.page.values(), *v.run.values(), *v.drop.values(),
-            *v.win.values(), *v.bk.values()]
+            *v.win.values(), *v.bk.values(), *v.held.values(), *v.state_session.values()]
     h = model.to_highs()
     h.setOptionValue("solve_relaxation", True)
     h.run()

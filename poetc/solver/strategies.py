@@ -189,7 +189,8 @@ def _build_for_child(problem: Problem, limits: Limits, start: list[Decision] | N
         if lns:
             spec = lns_windows(problem, v.keep, v.rec, v.page)
             spec.bound_cols = [*v.keep.values(), *v.rec.values(), *v.page.values(), *v.run.values(),
-                               *v.drop.values(), *v.win.values(), *v.bk.values()]
+                               *v.drop.values(), *v.win.values(), *v.bk.values(), *v.held.values(),
+                               *v.state_session.values()]
         return model, None if start is None else to_x0([d.value for d in start]), decode, spec, to_x0
     return build
 

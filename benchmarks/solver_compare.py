@@ -5,7 +5,8 @@
 
 An instance is MODEL:FRACTION (a model of models/, of models/scaling.py, or corpus:NAME), solved
 with the poet strategy on rpi4 at that fraction of keep-all activations and the 1.3x deadline,
-exactly as `poetc bench --scaling` does. MODEL+fused:FRACTION is the same model in the fused
+exactly as `poetc bench --scaling` and `poetc compile` do (with the MILP's overlap windows, issue #19,
+unless --no-overlap). MODEL+fused:FRACTION is the same model in the fused
 optimizer mode (issue #17: its parameters and moments are decidable too), as `poetc compile
 --optimizer-mode fused` plans it. Solvers run one after the other on the same problem.
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -25,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--solvers", default="highs,highs-lns")
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--target", default="rpi4")
+    ap.add_argument("--no-overlap", dest="overlap", action="store_false",
+                    help="no asynchronous paging windows in the MILP (default: with them, as compile and bench)")
     ap.add_argument("--batch", type=int, default=None, help="batch of every model (default: the sweep's)")
     args = ap.parse_args(argv)
 
-    from poetc.bench import BenchConfig, _check_config, _lower, _problem, override
+    from poetc.bench import BenchConfig, _check_config, _lower, _problem, overlap_costs, override
     from poetc.plan import Budget, limits_for
     from poetc.solver.strategies import solve_milp
     from poetc.units import Deadline
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             budget = problem.fixed_bytes + int(fraction * problem.keep_all_peak_bytes)
             limits, _ = limits_for(problem, Budget.from_ram(budget, problem.fixed_bytes), Deadline(factor=1.3),
                                    target.flash_bytes)
+            limits = replace(limits, overlap=overlap_costs(target, args.overlap))
             for solver in args.solvers.split(","):
                 r = solve_milp(problem, limits, "poet", time_limit_s=args.time_limit, solver=solver)
                 print(json.dumps({

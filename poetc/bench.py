@@ -87,6 +87,9 @@ class BenchConfig:
     seed: int = 0
     threads: int = 1
     solver: str = "highs"  # strategies.SOLVERS
+    # asynchronous paging windows in the MILPs (issue #19), as `poetc compile` plans by default
+    # (`--no-overlap` on both commands turns them off): the sweep solves the problem compile solves
+    overlap: bool = True
 
     @classmethod
     def full(cls) -> "BenchConfig":
@@ -359,11 +362,18 @@ def _solve_all(rows: list[dict], experiment: str, g: _LoweredModel, target_name:
     chosen = plan(problem, Budget.from_ram(base["ram_budget_bytes"], problem.fixed_bytes), Deadline(factor=factor),
                   flash_bytes=target.flash_bytes, strategy=strategies[0], baselines=tuple(strategies[1:]),
                   time_limit_s=config.time_limit_s, baseline_time_limit_s=config.time_limit_s, seed=config.seed,
-                  threads=config.threads, solver=config.solver)
+                  threads=config.threads, solver=config.solver, overlap=overlap_costs(target, config.overlap))
     results = {strategies[0]: chosen.result, **chosen.baselines}
     for s in strategies:
         rows.append(dict(base, strategy=s, **_strategy_columns(problem, results[s])))
     return results
+
+
+def overlap_costs(target, enabled: bool = True):
+    """The MILP's overlap costs on `target` (poetc.overlap.OverlapCosts), exactly as `poetc compile`
+    builds them (poetc.api), or None when overlap is off (`--no-overlap`)."""
+    from .overlap import OverlapCosts
+    return OverlapCosts(target.mem_bytes_per_s, target.active_power_w) if enabled else None
 
 
 def _strategy_columns(problem, r) -> dict:

@@ -534,6 +534,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--no-scaling", action="store_true", help="skip the extra models of the solver-scaling sweep")
     p.add_argument("--time-limit", help="per-solve limit (default 60s; quick: 20s)")
     p.add_argument("--solver", choices=SOLVER_CHOICES, help="the MILP solver (default highs; see compile --solver)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="no asynchronous paging windows in the MILPs (as compile --no-overlap; default: the "
+                        "windows compile plans with)")
     p.add_argument("--strict", action="store_true", help="exit 70 if rows are inconsistent (see tables.md)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
 
@@ -552,7 +555,7 @@ def cmd_bench(args) -> int:
         measure_models=() if args.no_measure else None,
         scaling_models=() if args.no_scaling else None,
         time_limit_s=parse_time(args.time_limit, what="--time-limit") if args.time_limit else None,
-        solver=args.solver)
+        solver=args.solver, overlap=None if args.overlap else False)
     if args.models:  # the other sweeps follow the chosen models
         config = override(config, deadline_models=tuple(m for m in config.deadline_models if m in config.models),
                           measure_models=tuple(m for m in config.measure_models if m in config.models),

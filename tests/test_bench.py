@@ -137,3 +137,34 @@ def test_progress_silent_without_a_terminal(mlp_onnx, tmp_path, capsys):
     out = capsys.readouterr()
     assert code == 0 and out.err == ""
     json.loads(out.out)
+
+
+class _Planned(Exception):
+    pass
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_bench_solves_the_problem_compile_solves(cnn_onnx, tmp_path, monkeypatch, overlap):
+    """`poetc bench` (the scaling sweep included) passes the MILP the same overlap costs as `poetc
+    compile` (issue #19's windows), and `--no-overlap` turns them off in both."""
+    import poetc.plan
+    from poetc.api import CompileOptions, compile_model
+    from poetc.bench import _LoweredModel, _solve_all, override
+    seen = {}
+
+    def fake_plan(*args, **kw):
+        seen.setdefault("calls", []).append(kw.get("overlap"))
+        raise _Planned
+    monkeypatch.setattr(poetc.plan, "plan", fake_plan)
+    with pytest.raises(_Planned):
+        compile_model(cnn_onnx, CompileOptions(ram_bytes=6_000_000, out_dir=tmp_path / "o", baselines=(),
+                                               overlap=overlap, deadline=None))
+    from poetc.api import open_graph
+    from poetc.importer import ImportOptions
+    _, graph = open_graph(cnn_onnx, tmp_path / "w", ImportOptions())
+    g = _LoweredModel("cnn", 16, cnn_onnx, graph, 0.0)
+    with pytest.raises(_Planned):
+        _solve_all([], "scaling", g, "rpi4", 0.9, 1.3, ["poet"], override(TINY, overlap=overlap))
+    compiled, benched = seen["calls"]
+    assert compiled == benched
+    assert (compiled is not None) is overlap

@@ -4,6 +4,7 @@ simulator. No assertion depends on the machine's speed: the LNS windows have a w
 how much they improve may vary, but never-worse and fits hold at any speed."""
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from poetc.schedule import Decision
 from poetc.solver import Limits, build_problem
 from poetc.solver.formulation import build_model, read_choice, read_early, read_repage, start_values
-from poetc.solver.heuristics import best_start, lns_windows, local_search, objective_of, run_lns
+from poetc.solver.heuristics import best_start, lns_windows, local_search, objective_of, page_first, run_lns
 from poetc.solver.problem import ProfileEvaluator, evaluate_linear
 from poetc.solver.strategies import SOLVERS, evaluate_choice, greedy, solve_milp
 
@@ -199,3 +200,118 @@ def test_rens_finds_a_schedule_near_the_lp_that_simulates_within_limits(bert_tin
                              read_repage(v, choice, x))
     assert result.fits, result.notes
     assert result.overhead_energy_j == pytest.approx(model.objective_of(x), rel=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["cnn_graph", "bert_tiny_graph"])
+@pytest.mark.parametrize("fraction,deadline", [(0.9, 5.0), (0.5, 5.0), (0.3, 5.0), (0.5, 1.3), (0.3, 1.1)])
+def test_page_first_fits_or_finds_nothing(fixture, fraction, deadline, request):
+    """page_first's schedule, when it has one, fits the budget and the deadline in the simulator; it
+    has none exactly when paging everything does not fit the budget or its pass ends above the
+    deadline; and it is deterministic."""
+    _, g = request.getfixturevalue(fixture)
+    problem = build_problem(g, costs_for(g, 0.3, 1.0))
+    limits = Limits(problem.keep_all_peak_bytes * fraction, problem.base_time_s * (deadline - 1), 1e12)
+    choice = page_first(problem, limits)
+    assert page_first(problem, limits) == choice
+    evaluate = ProfileEvaluator(problem)
+    page_all = [Decision.PAGE if c.pageable and not c.fixed else Decision.KEEP for c in problem.candidates]
+    if evaluate(page_all).peak_bytes > limits.activation_budget_bytes:
+        assert choice is None
+    if choice is not None:
+        ev = evaluate(choice)
+        assert ev.peak_bytes <= limits.activation_budget_bytes and ev.time_s <= limits.overhead_time_s
+        assert evaluate_choice(problem, "poet", choice, limits, "heuristic").fits
+
+
+def test_best_start_falls_back_to_page_first_when_no_greedy_fits(bert_tiny_graph, monkeypatch):
+    """When neither plain greedy rule fits (ResNet-200-CIFAR at 30%), the start is page_first's,
+    improved by the local search, and the extended rules are not run."""
+    _, g = bert_tiny_graph
+    problem, limits = _setup(g, 0.5)
+    calls = []
+
+    def no_greedy(problem, limits, *, rule, extended, deadline=None):
+        calls.append((rule, extended))
+        return None
+    start, notes = best_start(problem, limits, no_greedy)
+    expected = page_first(problem, limits)
+    assert expected is not None, "page_first found nothing: the fixture's budget is too tight for this test"
+    assert start == local_search(problem, limits, expected)
+    assert calls == [("cheapest", False), ("capuchin", False)]
+    assert any("page first" in n for n in notes)
+
+
+def _random_model(rng, n_cols):
+    from poetc.solver.formulation import LinearModel
+    m = LinearModel()
+    for j in range(n_cols):
+        m.add_var(f"x{j}", 0.0, 1.0, integer=True)
+        m.obj[j] = float(rng.uniform(-0.5, 2.0))
+    for _ in range(int(rng.integers(3, 9))):
+        cols = rng.choice(n_cols, size=int(rng.integers(2, n_cols + 1)), replace=False)
+        terms = {int(c): float(rng.normal()) for c in cols}
+        mid = float(rng.normal())
+        kind = rng.integers(3)
+        m.add_row(terms, mid - 1.0 if kind != 1 else -np.inf, mid + 0.5 if kind != 0 else np.inf)
+    return m
+
+
+def test_the_projection_bound_never_exceeds_the_optimum_brute_force():
+    """projection.project on random 0/1 programs: every feasible integer point's kept part satisfies
+    the projected rows, and projection_bound is at most the brute-force optimum (and at most the
+    LP relaxation of the whole model)."""
+    import itertools
+
+    from poetc.solver.projection import project, projection_bound
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(120):
+        n = int(rng.integers(3, 9))
+        m = _random_model(rng, n)
+        keep = sorted(rng.choice(n, size=int(rng.integers(1, n)), replace=False).tolist())
+        small, constant = project(m, keep)
+        best = np.inf
+        for bits in itertools.product((0.0, 1.0), repeat=n):
+            x = np.array(bits)
+            ok = all(m.row_lb[r] - 1e-9 <= sum(m.row_value[k] * x[m.row_index[k]]
+                                               for k in range(m.row_start[r], m.row_start[r + 1])) <= m.row_ub[r] + 1e-9
+                     for r in range(m.num_rows))
+            if not ok:
+                continue
+            best = min(best, m.objective_of(x))
+            xs = x[keep]
+            for r in range(small.num_rows):
+                act = sum(small.row_value[k] * xs[small.row_index[k]] for k in range(small.row_start[r], small.row_start[r + 1]))
+                assert small.row_lb[r] - 1e-9 <= act <= small.row_ub[r] + 1e-9
+        if not np.isfinite(best):
+            continue
+        h = m.to_highs()
+        h.setOptionValue("solve_relaxation", True)
+        h.run()
+        b = projection_bound(m, keep, time_limit_s=60)
+        assert b is not None
+        assert b <= best + 1e-7
+        assert b <= h.getInfo().objective_function_value + 1e-7
+        checked += 1
+    assert checked >= 30  # enough feasible instances were compared
+
+
+@pytest.mark.parametrize("fixture,fraction", [("cnn_graph", 0.6), ("bert_tiny_graph", 0.3), ("bert_tiny_graph", 0.5)])
+def test_the_projection_bound_lies_below_the_lp_of_the_real_model(fixture, fraction, request):
+    """On poetc's own MILP (overlap windows on, as compile solves it) the projection onto the decision
+    columns is a far smaller LP whose value is positive and at most the full LP's."""
+    from poetc.overlap import OverlapCosts
+    from poetc.solver.projection import project, projection_bound
+    _, g = request.getfixturevalue(fixture)
+    problem, limits = _setup(g, fraction)
+    limits = replace(limits, overlap=OverlapCosts(1e9, 1.0))
+    model, v = build_model(problem, limits)
+    cols = [*v.keep.values(), *v.rec.values(), *v.page.values(), *v.run.values(), *v.drop.values(),
+            *v.win.values(), *v.bk.values(), *v.held.values(), *v.state_session.values()]
+    h = model.to_highs()
+    h.setOptionValue("solve_relaxation", True)
+    h.run()
+    lp = h.getInfo().objective_function_value
+    b = projection_bound(model, cols, time_limit_s=600)
+    assert b is not None and 0 < b <= lp * (1 + 1e-7) + 1e-15
+    assert project(model, cols)[0].num_rows < model.num_rows

@@ -9,8 +9,9 @@ authenticates and copies. `measure_paging` times those ops themselves: a graph `
 minimum over the repeats (the least disturbed reading: other processes only add time), then
 `time = latency + bytes / bandwidth` by least squares over the sizes, per direction.
 
-It also measures how much of each transfer is CPU work (the process's CPU time over the op's wall
-time, in unprofiled runs): on a host whose compute already uses every core, an asynchronous transfer
+It also measures how much of each transfer is CPU work (in unprofiled runs, the CPU time of the
+calling thread, which the sequential executor runs the op on, over the run's wall time; ORT's pool
+threads, which may spin, are not counted): on a host whose compute already uses every core, an asynchronous transfer
 hides only its device wait, not its CPU work (MAC, copies into and out of the kernel), which the I/O
 thread takes from compute. poetc.overlap uses it (`OverlapCosts.cpu_out_fraction` / `cpu_in_fraction`).
 
@@ -155,13 +156,13 @@ def measure_paging(library: str | os.PathLike, *, sizes=SIZES, repeats: int = 5,
                     plain = ort.InferenceSession(_graph(nbytes, restore), contract_session_options(library),
                                                  providers=["CPUExecutionProvider"])
                     plain.run(None, x)
-                    best = None
+                    cpus, walls = [], []
                     for _ in range(repeats):
-                        c0, t0 = time.process_time(), time.perf_counter()
+                        c0, t0 = time.thread_time(), time.perf_counter()
                         plain.run(None, x)
-                        c, t = time.process_time() - c0, time.perf_counter() - t0
-                        if best is None or t < best[1]:
-                            best = (c, t)
+                        cpus.append(time.thread_time() - c0)
+                        walls.append(time.perf_counter() - t0)
+                    best = (min(cpus), min(walls))  # each the least disturbed reading
                     if kind == "out":
                         spill_only = best
                         cpu["out"][0] += best[0]

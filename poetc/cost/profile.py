@@ -105,7 +105,7 @@ def profile_host(graph: TrainGraph, repeats: int = 5, seed: int = 0, *, warmup: 
     notes = []
     if artifacts is not None:
         try:
-            extras = measure_step_extras(graph, artifacts, feeds, min(walls[warmup:]), repeats=repeats)
+            extras = measure_step_extras(graph, artifacts, feeds, repeats=repeats)
         except Exception as exc:  # ORT raises its own exception types
             raise RuntimeFailure(f"ONNX Runtime failed while timing the training API's step on {artifacts}: "
                                  f"{str(exc).strip()[:600]}") from exc

@@ -68,7 +68,9 @@ def _row(name: str, fraction: float, steps: int, work: Path, repeats: int = 5) -
     compiled_kernels = rep.result.time_s - share
     v = verify(out, steps=steps).to_json()
     k = v["steady_state_from_step"]
-    return {"model": name, "batch": batch, "fraction": fraction, "ops": len(graph.ops),
+    allocations = sum(1 for op in graph.ops for t in op.outputs
+                      if t and graph.tensors.get(t) is not None and graph.tensors[t].alias_of is None)
+    return {"model": name, "batch": batch, "fraction": fraction, "ops": len(graph.ops), "allocations": allocations,
             "profiled_run_s": oh.run_s,
             "overhead": oh.to_json(), "step_extras": extras.to_json(),
             "paging": times.paging.to_json() if times.paging else None, "notes": list(times.notes),
@@ -77,6 +79,47 @@ def _row(name: str, fraction: float, steps: int, work: Path, repeats: int = 5) -
             "compiled": {"kernels_s": compiled_kernels, "model_s": compiled_model,
                          "measured_s": min(v["step_seconds_compiled"][k:]),
                          "decisions": rep.result.decisions, "identical": bool(v["identical_results"])}}
+
+
+_MALLOC_LOOP = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+malloc, free, n = libc.malloc, libc.free, int(sys.argv[1])
+best = float("inf")
+for _ in range(7):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        free(malloc(4096))
+    best = min(best, time.perf_counter() - t0)
+print(best / n)
+"""
+
+
+def heap_counter_cost_s(n: int = 200_000) -> float:
+    """What poetc's heap counter (verify's LD_PRELOAD) adds to one malloc + free: a loop of n pairs
+    through ctypes in two child processes, with and without it (each the fastest of 7 rounds). Not part
+    of the table (docs/time-model.md: the difference is below what this loop resolves):
+
+        python -c "from benchmarks.time_model import heap_counter_cost_s as f; print(f())"
+    """
+    import os
+    import subprocess
+    import sys
+
+    from poetc.runtime import nativelib
+    counter = nativelib.build_heap_counter()
+    per = {}
+    for key, preload in (("plain", None), ("counted", str(counter))):
+        env = dict(os.environ)
+        env.pop("LD_PRELOAD", None)
+        if preload:
+            env["LD_PRELOAD"] = preload
+        out = subprocess.run([sys.executable, "-c", _MALLOC_LOOP, str(n)], env=env, capture_output=True, text=True,
+                             check=True)
+        per[key] = float(out.stdout.strip())
+    return per["counted"] - per["plain"]
 
 
 def _out_bytes(graph, op_index: int) -> int:

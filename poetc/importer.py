@@ -144,7 +144,9 @@ def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> tuple[onnx.M
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     notes += _clean_node_names(model)
     notes += _fix_input_shapes(model, options)
-    model = onnx.shape_inference.infer_shapes(model)
+    # data_prop: shapes computed by Shape -> Reshape (torch's GroupNorm, flatten(2)) reach the rewrites that
+    # need static shapes (ConvTranspose, LRN, ...)
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     notes += expose_optional_outputs(model)
     notes += rewrite_without_gradients(model)
     notes += seed_random_ops(model)
@@ -513,14 +515,17 @@ def _check_output_dtypes(model: onnx.ModelProto) -> None:
 
 def _fix_artifacts(out_dir: Path) -> None:
     """IR <= 10 everywhere (generate_artifacts with newer onnx writes IR 14 optimizer models),
-    eval-mode BatchNormalization with a single output (ORT 1.19 rejects the three it keeps), and
-    names that do not depend on what ran before in the process."""
+    eval-mode BatchNormalization with a single output (ORT 1.19 rejects the three it keeps), names
+    that do not depend on what ran before in the process, and the training graph's function ops
+    replaced by the bodies ONNX Runtime would run (inline_function_ops)."""
     for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
         path = out_dir / name
         model = onnx.load(str(path))
         changed = model.ir_version > MAX_IR_VERSION
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
         changed |= _renumber_generated_names(model)
+        if name == "training_model.onnx":
+            changed |= bool(inline_function_ops(model))
         if name == "eval_model.onnx":
             for node in model.graph.node:
                 training = next((a.i for a in node.attribute if a.name == "training_mode"), 0)
@@ -529,6 +534,78 @@ def _fix_artifacts(out_dir: Path) -> None:
                     changed = True
         if changed:
             onnx.save(model, str(path))
+
+
+def inline_function_ops(model: onnx.ModelProto) -> list[str]:
+    """Replace, in place, every node ONNX Runtime 1.19.2 runs as a function body by that body; return
+    the replaced nodes' names.
+
+    Some gradient ops have no CPU kernel but a function body (DivGrad, the gradient of a Div whose
+    divisor depends on a parameter: Shape, Neg, Mul, Div, BroadcastGradientArgs, ReduceSumTraining,
+    Reshape). ONNX Runtime inlines such a node when the session is created, so the node poetc
+    schedules never runs: the probe finds no kernel for it, and a schedule could not place, recompute
+    or free its parts. The bodies come from ONNX Runtime itself (the session's graph saved with every
+    optimisation off, which holds only the inlining), and the body nodes are named after the node they
+    replace; the graph then runs the same kernels in the same order, in the reference and in every
+    compiled graph alike."""
+    import tempfile
+
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory(prefix="poetc-inline-") as tmp:
+        saved = Path(tmp) / "session.onnx"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.optimized_model_filepath = str(saved)
+        so.log_severity_level = 4
+        try:
+            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - the probe reports ORT's own error with its hint
+            return []
+        session = onnx.load(str(saved))
+    kept = {n.name for n in session.graph.node}
+    replaced = [n for n in model.graph.node if n.name and n.name not in kept and n.op_type != "Constant"]
+    if not replaced:
+        return []
+    g = model.graph
+    known = {x for n in g.node for x in n.output} | {t.name for t in g.initializer} | {v.name for v in g.input}
+    producer = {o: k for k, n in enumerate(session.graph.node) for o in n.output if o}
+    session_inits = {t.name: t for t in session.graph.initializer}
+    bodies: dict[str, list[onnx.NodeProto]] = {}
+    for node in replaced:
+        own, stack, seen, consts = set(), [o for o in node.output if o], set(), []
+        while stack:
+            t = stack.pop()
+            if t in seen or (t in known and t not in node.output):
+                continue
+            seen.add(t)
+            if t in producer:
+                own.add(producer[t])
+                stack.extend(x for x in session.graph.node[producer[t]].input if x)
+            elif t in session_inits:  # a constant of the body
+                consts.append(onnx.helper.make_node("Constant", [], [t], name=f"{node.name}/{t}",
+                                                    value=session_inits[t]))
+            else:
+                return []  # not a body poetc can read: leave the graph as generated
+        body = [copy_node(session.graph.node[k]) for k in sorted(own)]
+        for k, n in enumerate(body):
+            n.name = f"{node.name}/{n.op_type}_{k}"
+        bodies[node.name] = consts + body
+    nodes = []
+    for node in g.node:
+        nodes.extend(bodies.get(node.name, [node]) if node.name else [node])
+    del g.node[:]
+    g.node.extend(nodes)
+    domains = {o.domain for o in model.opset_import}
+    for o in session.opset_import:
+        if o.domain not in domains and any(n.domain == o.domain for b in bodies.values() for n in b):
+            model.opset_import.append(o)
+    return [n.name for n in replaced]
+
+
+def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    return out
 
 
 _GENERATED_NAME = re.compile(r"onnx::([A-Za-z_]+)::(\d+)(?!\d)")

@@ -584,6 +584,108 @@ def _resize(b: _Builder, model) -> bool:
     return False
 
 
+def _conv_attrs(node: onnx.NodeProto, spatial: int) -> dict:
+    """A Conv/ConvTranspose node's geometry with ONNX's defaults filled in."""
+    return dict(strides=list(_attr(node, "strides", [1] * spatial)),
+                dilations=list(_attr(node, "dilations", [1] * spatial)),
+                pads=list(_attr(node, "pads", [0] * (2 * spatial))),
+                group=int(_attr(node, "group", 1)))
+
+
+def _auto_pad(node: onnx.NodeProto) -> str:
+    value = _attr(node, "auto_pad", "NOTSET")
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _grouped_conv1d(b: _Builder, model) -> bool:
+    """A 1-D Conv with group > 1 (grouped or depthwise) as the same Conv over [N, C, 1, L]: Unsqueeze the
+    input and the weight at axis 2, a 2-D Conv with a unit first kernel axis (no padding, stride or
+    dilation along it), Squeeze axis 2 of the result. Every output element is the same sum of the same
+    products. onnxruntime-training 1.19.2's CPU ConvGrad corrupts the heap (the process aborts in malloc)
+    when it computes the input gradient of a 1-D grouped Conv; its 2-D path is sound."""
+    node = b.node
+    if int(_attr(node, "group", 1)) <= 1:
+        return False
+    w_shape, x_shape = _shape_of(model, node.input[1]), _shape_of(model, node.input[0])
+    rank = len(w_shape) if w_shape is not None else len(x_shape) if x_shape is not None else None
+    if rank != 3:
+        return False
+    geo = _conv_attrs(node, 1)
+    attrs = dict(strides=[1] + geo["strides"], dilations=[1] + geo["dilations"], group=geo["group"])
+    if _auto_pad(node) == "NOTSET":
+        attrs["pads"] = [0, geo["pads"][0], 0, geo["pads"][1]]
+    else:  # SAME_* / VALID pad the unit axis by nothing
+        attrs["auto_pad"] = _auto_pad(node)
+    kernel = _attr(node, "kernel_shape", None)
+    if kernel is not None:
+        attrs["kernel_shape"] = [1] + list(kernel)
+    axis = b.const(np.array([2], np.int64), "unit_axis")
+    x = b.op("Unsqueeze", [node.input[0], axis], "x_2d")
+    w = b.op("Unsqueeze", [node.input[1], axis], "w_2d")
+    y = b.op("Conv", [x, w] + [i for i in node.input[2:3] if i], "conv_2d", **attrs)
+    b.op("Squeeze", [y, axis], "y_1d", output=node.output[0])
+    return True
+
+
+def _conv_transpose(b: _Builder, model) -> bool:
+    """ConvTranspose by its definition, as a Conv over the input with zeros inserted between
+    neighbouring elements: each spatial axis is strided by Reshape [.., h, 1] + Pad (s - 1 zeros after
+    every element) + Reshape [.., h*s]; the weight [C_in, C_out/g, k..] becomes the Conv weight
+    [C_out, C_in/g, k..] (each group's channel axes swapped by Reshape/Transpose) with every kernel axis
+    reversed (Gather of k-1..0); the Conv pads each axis by d(k-1) - pad (plus output_padding at the
+    end, less the s - 1 trailing zeros), cropping with Slice where that is negative; stride 1, the same
+    dilation and groups. Every output element is the same sum of the same products (float rounding may
+    differ: another summation order). Explicit pads and static shapes only: with auto_pad or
+    output_shape the node is kept and check_cpu_gradients names it."""
+    node = b.node
+    if _auto_pad(node) != "NOTSET" or _attr(node, "output_shape", None) is not None:
+        return False
+    x, w = node.input[0], node.input[1]
+    x_shape, w_shape = _shape_of(model, x), _shape_of(model, w)
+    if x_shape is None or w_shape is None or len(x_shape) != len(w_shape) or len(w_shape) < 3:
+        return False
+    spatial = len(w_shape) - 2
+    geo = _conv_attrs(node, spatial)
+    kernel = list(_attr(node, "kernel_shape", w_shape[2:]))
+    extra = list(_attr(node, "output_padding", [0] * spatial))
+    s, d, g = geo["strides"], geo["dilations"], geo["group"]
+    c_in, c_out_g = w_shape[0], w_shape[1]
+    lengths = list(x_shape[2:])
+    if any(step > 1 for step in s):  # s - 1 zeros after every element
+        inter = [0, 0] + [v for h in lengths for v in (h, 1)]
+        t = b.op("Reshape", [x, b.const(np.array(inter, np.int64), "interleave_shape")], "interleave")
+        pads = [0] * (2 + 2 * spatial) + [0, 0] + [v for step in s for v in (0, step - 1)]
+        t = b.op("Pad", [t, b.const(np.array(pads, np.int64), "stride_pads")], "insert_zeros")
+        lengths = [h * step for h, step in zip(lengths, s)]
+        x = b.op("Reshape", [t, b.const(np.array([0, 0] + lengths, np.int64), "strided_shape")], "strided")
+    begin = [dd * (k - 1) - p for dd, k, p in zip(d, kernel, geo["pads"][:spatial])]
+    end = [dd * (k - 1) - p + e - (step - 1)
+           for dd, k, p, e, step in zip(d, kernel, geo["pads"][spatial:], extra, s)]
+    if any(v < 0 for v in begin + end):
+        starts = [max(-v, 0) for v in begin]
+        ends = [h - max(-v, 0) for h, v in zip(lengths, end)]
+        x = b.op("Slice", [x, b.const(np.array(starts, np.int64), "crop_starts"),
+                           b.const(np.array(ends, np.int64), "crop_ends"),
+                           b.const(np.arange(2, 2 + spatial, dtype=np.int64), "crop_axes")], "crop")
+    if g == 1:
+        wt = b.op("Transpose", [w], "swap_channels", perm=[1, 0] + list(range(2, 2 + spatial)))
+    else:
+        split = [g, c_in // g, c_out_g] + list(w_shape[2:])
+        wt = b.op("Reshape", [w, b.const(np.array(split, np.int64), "group_shape")], "group_split")
+        wt = b.op("Transpose", [wt], "swap_channels", perm=[0, 2, 1] + list(range(3, 3 + spatial)))
+        merged = [g * c_out_g, c_in // g] + list(w_shape[2:])
+        wt = b.op("Reshape", [wt, b.const(np.array(merged, np.int64), "conv_weight_shape")], "group_merge")
+    for a, k in enumerate(w_shape[2:]):
+        if k > 1:
+            wt = b.op("Gather", [wt, b.const(np.arange(k - 1, -1, -1, dtype=np.int64), f"reverse{a}")],
+                      f"flip{a}", axis=2 + a)
+    b.op("Conv", [x, wt] + [i for i in node.input[2:3] if i], "conv", output=node.output[0],
+         kernel_shape=kernel, strides=[1] * spatial, dilations=d, group=g,
+         pads=[max(v, 0) for v in begin] + [max(v, 0) for v in end])
+    return True
+
+
+
 # op type -> (rewrite name, why, function). The function appends replacement nodes to the builder
 # and returns False when it cannot rewrite this instance (the node is then kept unchanged).
 _NO_GRADIENT_REWRITES = {
@@ -623,6 +725,12 @@ _NO_GRADIENT_REWRITES = {
                      "Reshape + Transpose + Reshape (its definition)", _depth_space),
     "Einsum": ("einsum-to-matmul", "Einsum has no gradient in onnxruntime-training 1.19; ReduceSum, Transpose, "
                "Reshape and one batched MatMul", _einsum),
+    "Conv": ("grouped-conv1d-to-2d", "onnxruntime-training 1.19's CPU ConvGrad corrupts the heap (the process "
+             "aborts) computing the input gradient of a 1-D grouped or depthwise Conv; the same Conv over "
+             "[N, C, 1, L]", _grouped_conv1d),
+    "ConvTranspose": ("convtranspose-to-conv", "ConvTransposeGrad has only a CUDA kernel in onnxruntime-training "
+                      "1.19; a Conv over the input with zeros inserted between elements, with the weight's "
+                      "channel axes swapped and its kernel reversed", _conv_transpose),
     "GlobalMaxPool": ("globalmaxpool-to-maxpool", "GlobalMaxPool has no gradient in onnxruntime-training 1.19; "
                       "a MaxPool whose kernel is the whole spatial extent", _global_max_pool),
 }
@@ -658,8 +766,10 @@ def rewrite_without_gradients(model: onnx.ModelProto) -> list[Canonicalization]:
 _NO_CPU_GRADIENT = {
     "Resize": "ResizeGrad has only a CUDA kernel in onnxruntime-training 1.19; poetc rewrites nearest upsampling "
               "by whole factors exactly, so export with mode='nearest' and an integer scale",
-    "ConvTranspose": "ConvTransposeGrad has only a CUDA kernel in onnxruntime-training 1.19; upsample with a "
-                     "nearest Resize (integer scale) followed by a Conv instead",
+    "ConvTranspose": "ConvTransposeGrad has only a CUDA kernel in onnxruntime-training 1.19, and poetc rewrites "
+                     "ConvTranspose exactly only with explicit pads and static shapes; export without auto_pad "
+                     "or output_shape (torch's ConvTranspose does), with --batch N, or upsample with a nearest "
+                     "Resize (integer scale) followed by a Conv",
 }
 
 
@@ -671,10 +781,10 @@ def check_cpu_gradients(model: onnx.ModelProto, trainable: set[str]) -> None:
     for node in model.graph.node:
         if any(x in reached for x in node.input):
             if node.op_type in _NO_CPU_GRADIENT and node.domain in ("", "ai.onnx"):
-                mode = _attr(node, "mode", b"nearest")
-                mode = mode.decode() if isinstance(mode, bytes) else mode
+                mode = _attr(node, "mode", None)
+                mode = f", mode {(mode.decode() if isinstance(mode, bytes) else mode)!r}" if mode is not None else ""
                 raise UnsupportedModelError(
-                    f"op {node.op_type} (node {node.name!r}, mode {mode!r}) lies between a trainable parameter "
+                    f"op {node.op_type} (node {node.name!r}{mode}) lies between a trainable parameter "
                     f"and the loss, and onnxruntime-training 1.19 cannot compute its gradient on CPU",
                     hint=_NO_CPU_GRADIENT[node.op_type])
             reached.update(o for o in node.output if o)

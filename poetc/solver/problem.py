@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InternalError
 from ..ir.graph import Role, TensorKind, TrainGraph
 from ..schedule import SPILL_HANDLE_BYTES, STATE_TOKEN_BYTES, Decision, SimResult, StepCosts, simulate_keep_all
 
@@ -260,8 +259,8 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
                     problem = "it reads its own alias"
                 elif graph.tensors[x].kind is TensorKind.ACTIVATION:  # a forward intermediate nobody saved
                     stack.append(graph.tensors[x].producer)
-                else:
-                    raise InternalError(f"regenerating {cand.name!r} reads {x!r}, which no decision covers")
+                else:  # e.g. a Shape the backward computes early and nothing holds as a decision
+                    problem = f"its recomputation would read {x!r}, which no decision keeps or regenerates"
         # fused optimizer mode: a recompute runs before fb at the latest and must not read an updated weight
         # (or a view of one: Reshape/Unsqueeze of a parameter share its buffer in ONNX Runtime; issue #15)
         late = sorted({view_param[x] for i in ops for x in graph.ops[i].inputs

@@ -10,6 +10,7 @@ trainable fails with an error naming the op, the node and what to do.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import json
 import logging
@@ -147,6 +148,7 @@ def canonicalize(model: onnx.ModelProto, options: ImportOptions) -> tuple[onnx.M
     # data_prop: shapes computed by Shape -> Reshape (torch's GroupNorm, flatten(2)) reach the rewrites that
     # need static shapes (ConvTranspose, LRN, ...)
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    _complete_shapes(model)
     notes += expose_optional_outputs(model)
     notes += rewrite_without_gradients(model)
     notes += seed_random_ops(model)
@@ -377,6 +379,12 @@ def _resolve_output_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...]:
 
 def _run_forward(model: onnx.ModelProto, name: str, rebatched: str | None = None) -> np.ndarray:
     """Run the forward model once on probe data in ONNX Runtime and return output `name`."""
+    return _run_forward_values(model, [name], rebatched)[0]
+
+
+def _run_forward_values(model: onnx.ModelProto, names: list[str], rebatched: str | None = None) -> list[np.ndarray]:
+    """Run the forward model once on probe data in ONNX Runtime and return the values of `names`
+    (graph outputs, or any tensor the model computes: they are added as outputs of a copy)."""
     import onnxruntime as ort
 
     from .runtime.profiling import probe_array
@@ -392,8 +400,17 @@ def _run_forward(model: onnx.ModelProto, name: str, rebatched: str | None = None
     so = contract_session_options()
     so.log_severity_level = 4  # the error comes back as the exception; nothing on stderr
     try:
+        outputs = {o.name for o in model.graph.output}
+        if not set(names) <= outputs:
+            model = copy.deepcopy(model)
+            types = {vi.name: vi for vi in model.graph.value_info}
+            for n in names:
+                if n not in outputs:
+                    out = model.graph.output.add()
+                    out.name = n
+                    out.type.tensor_type.elem_type = types[n].type.tensor_type.elem_type
         session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        value = session.run([name], feeds)[0]
+        values = session.run(names, feeds)
     except MemoryError as exc:
         raise UsageError(f"this machine has not enough memory to run the model once at these input sizes "
                          f"({exc})", hint="choose a smaller --batch") from exc
@@ -410,7 +427,40 @@ def _run_forward(model: onnx.ModelProto, name: str, rebatched: str | None = None
         raise UnsupportedModelError(
             f"ONNX Runtime could not run the forward model at the given input sizes{where}: {text}",
             hint="check the input sizes (--batch, --input-shape) against what the model expects") from exc
-    return value
+    return values
+
+
+def _complete_shapes(model: onnx.ModelProto) -> int:
+    """Static shapes, from one forward run in ONNX Runtime, for the tensors shape inference left open
+    around the ops a rewrite must see whole (canonicalize._NO_GRADIENT_REWRITES: the rewrites need
+    static shapes): a Pad whose pads torch computes from a chain of constants (F.pad(mode='reflect')),
+    a Reshape to a computed shape. Only when every graph input has a static shape; returns how many
+    tensors got one."""
+    from .ir.canonicalize import _NO_GRADIENT_REWRITES
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    if any(not _static(vi) for vi in g.input if vi.name not in inits):
+        return 0
+    infos = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
+    open_ = [x for n in g.node if n.op_type in _NO_GRADIENT_REWRITES and n.domain in ("", "ai.onnx")
+             for x in list(n.input[:1]) + list(n.output[:1])
+             if x and x not in inits and not (x in infos and _static(infos[x]))
+             and x in {vi.name for vi in g.value_info} | {o for m in g.node for o in m.output}]
+    names = sorted({x for x in open_ if x in infos and infos[x].type.HasField("tensor_type")
+                    and infos[x].type.tensor_type.elem_type})
+    if not names:
+        return 0
+    for name, value in zip(names, _run_forward_values(model, names)):
+        shape = infos[name].type.tensor_type.shape
+        shape.ClearField("dim")
+        for d in value.shape:
+            shape.dim.add().dim_value = int(d)
+    return len(names)
+
+
+def _static(vi: onnx.ValueInfoProto) -> bool:
+    t = vi.type.tensor_type
+    return t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim)
 
 
 def trainable_parameters(model: onnx.ModelProto, freeze: list[str]) -> tuple[list[str], list[str]]:

@@ -68,6 +68,12 @@ STATE_TOKEN_BYTES = allocation_bytes(8)  # StateWrite returns an int64[1] token 
 # squeezenet and mobilenet_v3 traces, within 1.1 KB of each).
 FRAME_PER_VALUE_BYTES = 24
 FRAME_PER_INPUT_BYTES = 152
+# A paged step (StateRead/StateWrite in the graph) runs as InferenceSession.run_with_ort_values
+# (poetc.runtime.session.StateSession), whose per-step blocks are larger: 218 B per graph input and 113 B
+# per graph output beyond the output's own buffer and frame value (one-op graphs of 10-410 inputs and
+# outputs under the heap counter, docs/memory-model.md "The paged step")
+STATE_SESSION_PER_INPUT_BYTES = 218
+STATE_SESSION_PER_OUTPUT_BYTES = 113
 
 # Ops ONNX Runtime 1.19.2's CPU kernels run in place (KernelDef MayInplace(0, 0)): when their first
 # input's buffer has no reader after the op and is not a graph input, and the output has its size, the
@@ -78,9 +84,23 @@ INPLACE_OPS = frozenset({"Relu", "LeakyRelu", "Tanh", "Sigmoid", "Elu", "Selu", 
                          "HardSigmoid", "Softplus", "Softsign", "Softmax", "LogSoftmax"})
 
 
-def frame_bytes(values: int, inputs: int) -> int:
-    """The per-step bookkeeping of a graph with `values` values and `inputs` graph inputs."""
+def frame_bytes(values: int, inputs: int, outputs: int = 0, *, state_session: bool = False) -> int:
+    """The per-step bookkeeping of a graph with `values` values, `inputs` graph inputs and `outputs`
+    graph outputs; `state_session`: run as a paged step (StateSession), else through the training API."""
+    if state_session:
+        return (FRAME_PER_VALUE_BYTES * values + STATE_SESSION_PER_INPUT_BYTES * inputs
+                + STATE_SESSION_PER_OUTPUT_BYTES * outputs)
     return FRAME_PER_VALUE_BYTES * values + FRAME_PER_INPUT_BYTES * inputs
+
+
+def state_session_bytes(graph: TrainGraph) -> int:
+    """What the first paged parameter or moment adds to the keep-all step's bookkeeping: the step then
+    runs as a StateSession (frame_bytes), whatever else the schedule does (the paged tensors' own
+    inputs, reads and tokens are counted by their decisions)."""
+    steps = build_steps(graph, {})[0]
+    inputs = graph_inputs(graph, steps)
+    return ((STATE_SESSION_PER_INPUT_BYTES - FRAME_PER_INPUT_BYTES) * inputs
+            + STATE_SESSION_PER_OUTPUT_BYTES * len(graph.model.graph.output))
 
 
 def graph_values(graph: TrainGraph, steps: list["Step"]) -> int:
@@ -457,7 +477,9 @@ def simulate(graph: TrainGraph, steps: list[Step], origin: dict[str, str] | None
     class_timeline: dict[str, list[int]] = {c: [] for c in MEMORY_CLASSES}
     tokens: set[str] = set()
     state_read = state_written = 0
-    frame = frame_bytes(graph_values(graph, steps), graph_inputs(graph, steps))
+    writes_state = sum(1 for step in steps if step.kind is StepKind.STATE_WRITE)  # tokens: graph outputs
+    frame = frame_bytes(graph_values(graph, steps), graph_inputs(graph, steps),
+                        len(graph.model.graph.output) + writes_state, state_session=bool(paged_state))
     live += frame
     class_live["other"] += frame
     for i, step in enumerate(steps):

@@ -178,6 +178,43 @@ def test_div_gradient_runs_as_named_nodes_poetc_can_schedule(tmp_path):
     assert {n.name for n in body} <= {op.name for op in lowered.ops}
 
 
+class _ReflectBilinear(nn.Module):
+    """F.pad(mode='reflect') (torch computes its pads through a chain of constants, so ONNX shape
+    inference leaves every shape after it open) -> Conv -> bilinear downscale (align_corners)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(F.pad(x, (1, 1, 1, 1), mode="reflect"))
+        return F.interpolate(y, scale_factor=0.5, mode="bilinear", align_corners=True).mean((2, 3))
+
+
+def test_shapes_left_open_by_inference_come_from_a_forward_run(tmp_path):
+    """The linear Resize after a reflect pad is rewritten (it needs its input's static shape) and the
+    rewritten model computes what ORT's Resize kernel computes."""
+    torch.manual_seed(0)
+    path = tmp_path / "reflect.onnx"
+    x = torch.randn(2, 3, 10, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ReflectBilinear().train(), (x,), str(path), input_names=["x"], output_names=["y"],
+                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, dynamo=False)
+    original = onnx.load(str(path))
+    assert _shape_of_input_of(onnx.shape_inference.infer_shapes(original, data_prop=True), "Resize") is None
+    canonical, notes = canonicalize(copy.deepcopy(original), ImportOptions(loss="mse"))
+    assert "linear-resize-to-matmul" in {n.name for n in notes}
+    assert "Resize" not in {n.op_type for n in canonical.graph.node}
+    np.testing.assert_allclose(ort_forward(canonical, {"x": x.numpy()}), ort_forward(original, {"x": x.numpy()}),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _shape_of_input_of(model: onnx.ModelProto, op_type: str):
+    from poetc.ir.canonicalize import _shape_of
+    return _shape_of(model, next(n for n in model.graph.node if n.op_type == op_type).input[0])
+
+
 class _Decoder(nn.Module):
     """Conv -> GroupNorm -> SiLU -> ConvTranspose -> depthwise Conv1d over the flattened rows -> mean -> head."""
 

@@ -380,6 +380,59 @@ def test_in_place_ops_are_the_ones_onnx_runtime_runs_in_place():
         assert (1.0 <= ratio[op] < 1.02) if op in INPLACE_OPS else (2.0 <= ratio[op] < 2.02), (op, ratio[op])
 
 
+_STATE_SESSION_SCRIPT = textwrap.dedent("""
+    import ctypes, json
+    import numpy as np, onnxruntime as ort
+    from onnx import helper as oh, TensorProto as TP
+    from poetc.runtime.session import contract_session_options
+    h = ctypes.CDLL(None)
+    for f in (h.poetc_heap_peak_bytes, h.poetc_heap_current_bytes):
+        f.restype = ctypes.c_uint64
+    out = {}
+    for n_in, n_out in [(10, 10), (410, 10), (10, 410)]:
+        # n_in float[4] inputs summed; n_out outputs, each a Neg of the sum
+        ins = [f"x{i}" for i in range(n_in)]
+        nodes = [oh.make_node("Sum", ins, ["s"])] + [oh.make_node("Neg", ["s"], [f"y{j}"]) for j in range(n_out)]
+        g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info(x, TP.FLOAT, [4]) for x in ins],
+                          [oh.make_tensor_value_info(f"y{j}", TP.FLOAT, [4]) for j in range(n_out)])
+        m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+        s = ort.InferenceSession(m.SerializeToString(), contract_session_options(intra_op_threads=1),
+                                 providers=["CPUExecutionProvider"])
+        values = {x: ort.OrtValue.ortvalue_from_numpy(np.ones(4, np.float32)) for x in ins}
+        names = [f"y{j}" for j in range(n_out)]
+        for _ in range(3):  # the last run's peak (the first allocates kernel state)
+            base = h.poetc_heap_current_bytes(); h.poetc_heap_reset_peak()
+            r = s.run_with_ort_values(names, values)
+            peak = h.poetc_heap_peak_bytes() - base
+            del r
+        out[f"{n_in},{n_out}"] = int(peak)
+    print(json.dumps(out))
+""")
+
+
+def test_a_paged_steps_bookkeeping_per_input_and_output():
+    """A paged step runs as InferenceSession.run_with_ort_values (StateSession): each graph input and
+    each graph output costs what poetc.schedule's STATE_SESSION_* constants say, beyond the frame's 24 B
+    per value and an output's own buffer (data block and Tensor object: 264 B for a float[4]), within
+    8 B, measured on one-op graphs of 10 and 410 inputs / outputs under the heap counter."""
+    import json
+
+    from poetc.schedule import (FRAME_PER_VALUE_BYTES, STATE_SESSION_PER_INPUT_BYTES,
+                                STATE_SESSION_PER_OUTPUT_BYTES)
+    from poetc.ir.graph import allocation_bytes
+    lib = nativelib.build_heap_counter()
+    env = dict(os.environ, LD_PRELOAD=str(lib), MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", _STATE_SESSION_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = json.loads(out.stdout.strip().splitlines()[-1])
+    per_input = (peak["410,10"] - peak["10,10"]) / 400
+    per_output = (peak["10,410"] - peak["10,10"]) / 400  # each output is a Neg node's: one value more
+    assert abs(per_input - FRAME_PER_VALUE_BYTES - STATE_SESSION_PER_INPUT_BYTES) <= 8, per_input
+    assert abs(per_output - FRAME_PER_VALUE_BYTES - allocation_bytes(16) - STATE_SESSION_PER_OUTPUT_BYTES) <= 8, per_output
+
+
 @pytest.mark.parametrize("fixture,runs_in_place", [("cnn_graph", False), ("bert_tiny_graph", True)])
 def test_simulator_and_linear_model_agree_to_the_byte_with_in_place_ops(fixture, runs_in_place, request):
     """The simulator's keep-all step and the MILP's linear model (evaluate_linear) give the same bytes

@@ -764,8 +764,10 @@ def rewrite_without_gradients(model: onnx.ModelProto) -> list[Canonicalization]:
 
 # ops left after the rewrites whose gradient onnxruntime-training 1.19 cannot run on CPU, with what to do
 _NO_CPU_GRADIENT = {
-    "Resize": "ResizeGrad has only a CUDA kernel in onnxruntime-training 1.19; poetc rewrites nearest upsampling "
-              "by whole factors exactly, so export with mode='nearest' and an integer scale",
+    "Resize": "ResizeGrad has only a CUDA kernel in onnxruntime-training 1.19; poetc rewrites exactly nearest "
+              "Resize by whole-number factors and linear Resize of the last two axes without antialias, both at "
+              "static shapes (give --batch N): export one of those (mode='nearest' with an integer scale, or "
+              "mode='bilinear')",
     "ConvTranspose": "ConvTransposeGrad has only a CUDA kernel in onnxruntime-training 1.19, and poetc rewrites "
                      "ConvTranspose exactly only with explicit pads and static shapes; export without auto_pad "
                      "or output_shape (torch's ConvTranspose does), with --batch N, or upsample with a nearest "

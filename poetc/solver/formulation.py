@@ -55,7 +55,7 @@ import numpy as np
 from ..plan import Limits
 from ..schedule import Decision
 from . import overlap_rows
-from .problem import LinearEval, Problem, bookkeeping_bytes, state_delta
+from .problem import LinearEval, Problem, state_delta
 
 INF = float("inf")
 
@@ -166,14 +166,23 @@ class MilpVars:
     run: dict[int, int] = field(default_factory=dict)  # group -> its producer reruns
     z: dict[tuple[int, int], int] = field(default_factory=dict)  # (group, stage) -> has rerun by then
     gtau: dict[tuple[int, int], int] = field(default_factory=dict)  # (group, stage) -> reruns there
-    w: dict[tuple[int, int], int] = field(default_factory=dict)  # (member, stage) -> transient copy
+    # (member, stage) -> the run wrote a copy of it by then and it is not recomputed: held to the end
+    w: dict[tuple[int, int], int] = field(default_factory=dict)
     drop: dict[tuple[int, int], int] = field(default_factory=dict)  # (candidate, inner gap) -> paged in again
     # overlap (issue #19, poetc/solver/overlap_rows.py): candidate asynchronous windows and their columns
     windows: list = field(default_factory=list)
     win: dict[int, int] = field(default_factory=dict)
-    # {0: column}: the per-step bookkeeping the decisions add, as a fraction of its largest value
-    # (problem.bookkeeping_bytes; in every memory row)
+    # {0: column}: the execution frame's values the decisions add, as a fraction of its largest value
+    # (problem.bookkeeping_bytes; in every memory row: ONNX Runtime allocates the frame at the start)
     bk: dict[int, int] = field(default_factory=dict)
+    # stage index -> column: the bytes held to the step's end from that stage on (problem.held_profile),
+    # as a fraction of their largest value; in the memory rows of the stage's positions
+    held: dict[int, int] = field(default_factory=dict)
+    held_max: dict[int, float] = field(default_factory=dict)
+    # (recomputed candidate outside a group, stage) -> recomputed and materialized by then
+    h: dict[tuple[int, int], int] = field(default_factory=dict)
+    held_rows: dict[int, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)  # k -> its definition
+    state_session: dict[int, int] = field(default_factory=dict)  # {0: column}: >= every paged state's page_s
 
     def var(self, key: tuple) -> int:
         """The column a memory-row key names: ("keep", i), ("y", i, k), ("ext", b, p), ..."""
@@ -282,22 +291,16 @@ def build_model(problem: Problem, limits: Limits) -> tuple[LinearModel, MilpVars
                 v.gtau[(g, k)] = m.add_var(f"gtau_{g}_{k}")
                 prev = ((v.z[(g, k - 1)], 1.0),) if k > first_k else ()
                 row(0.0, INF, (v.gtau[(g, k)], 1.0), (v.z[(g, k)], -1.0), *prev)
-                for i in members:  # written by the run but not recomputed: transient
+                for i in members:  # written by the run but not recomputed: held to the step's end
                     v.w[(i, k)] = m.add_var(f"w_{i}_{k}")
-                    row(0.0, INF, (v.w[(i, k)], 1.0), (v.gtau[(g, k)], -1.0), (v.rec[i], 1.0))
+                    row(0.0, INF, (v.w[(i, k)], 1.0), (v.z[(g, k)], -1.0), (v.rec[i], 1.0))
 
     for (i, j), col in v.drop.items():  # a recompute that may read it there
         for u in cands[i].inner_conflicts[j]:
             if u in v.rec:
                 row(-INF, 1.0, (col, 1.0), (v.rec[u], 1.0))
 
-    # ONNX Runtime's bookkeeping the decisions add (problem.decision_bookkeeping): one column, in every memory row
-    bk_max = bookkeeping_max(problem)
-    if bk_max > 0:
-        v.bk[0] = m.add_var("bookkeeping", lb=0.0, ub=1.0)
-        row(0.0, INF, (v.bk[0], bk_max), *[(v.rec[i], -float(cands[i].rec_bookkeeping_bytes)) for i in decidable
-                                           if cands[i].rec_bookkeeping_bytes],
-            *[(v.page[i], -float(cands[i].page_bookkeeping_bytes)) for i in decidable if cands[i].page_bookkeeping_bytes])
+    held_rows(problem, limits, m, v, decidable, row)
 
     if limits.overlap is not None:  # issue #19: asynchronous windows and the storage channel
         overlap_rows.add_windows(problem, limits.overlap, m, v, limits.allow_page)
@@ -375,18 +378,34 @@ def memory_rows(problem: Problem, v: MilpVars) -> list[tuple[float, dict[tuple, 
         a, b = cands[i].inner[j]
         for p in range(a + 1, b):
             terms[p][("drop", i, j)] = -cands[i].mem_bytes
+    for i in v.keep:  # held to the step's end before the gap's stages (the stages' own: v.held)
+        c = cands[i]
+        if c.state:
+            continue
+        if c.gap_held_bytes:  # the object of the in-place op it dies at, unless kept
+            const[c.last_before_gap: c.first_after_gap] += c.gap_held_bytes
+            for p in range(c.last_before_gap, c.first_after_gap):
+                terms[p][("keep", i)] = terms[p].get(("keep", i), 0.0) - c.gap_held_bytes
+        if c.orig_held_bytes and c.last_before_gap + 1 < c.first_after_gap:  # kept or recomputed: the original
+            const[c.last_before_gap + 1: c.first_after_gap] += c.mem_bytes
+            for p in range(c.last_before_gap + 1, c.first_after_gap):
+                terms[p][("keep", i)] = terms[p].get(("keep", i), 0.0) - c.mem_bytes
+                terms[p][("page", i)] = terms[p].get(("page", i), 0.0) - c.mem_bytes
+                if terms[p][("keep", i)] == 0.0:
+                    del terms[p][("keep", i)]
     if v.bk:
         bk_max = bookkeeping_max(problem)
         for t in terms:
             t[("bk", 0)] = bk_max
+    for p, k in enumerate(stage_at):
+        if k in v.held:
+            terms[p][("held", k)] = v.held_max[k]
     pre_const = problem.pre_const_bytes + (const - problem.const_bytes)[stages]
     pre_terms: list[dict] = [dict(terms[p]) for p in stages]
     for (u, k) in v.tau:
         pre_terms[k][("tau", u, k)] = cands[u].transient_bytes
     for (g, k) in v.gtau:
         pre_terms[k][("gtau", g, k)] = cands[problem.groups[g][0]].transient_bytes
-    for (i, k) in v.w:
-        pre_terms[k][("w", i, k)] = cands[i].mem_bytes
     overlap_rows.memory_terms(problem, v, terms, pre_terms)  # issue #19: staging buffers of the windows
     return list(zip(map(float, const), terms)) + list(zip(map(float, pre_const), pre_terms))
 
@@ -408,16 +427,116 @@ def start_values(problem: Problem, v: MilpVars, choice: list[Decision], ev: Line
     start += [(col, float(g in at)) for g, col in v.run.items()]
     start += [(col, float(g in at and k >= at[g])) for (g, k), col in v.z.items()]
     start += [(col, float(at.get(g) == k)) for (g, k), col in v.gtau.items()]
-    start += [(col, float(at.get(cands[i].group) == k and choice[i] is not Decision.RECOMPUTE))
+    start += [(col, float(cands[i].group in at and k >= at[cands[i].group] and choice[i] is not Decision.RECOMPUTE))
               for (i, k), col in v.w.items()]
+    start += [(col, float(choice[u] is Decision.RECOMPUTE and ev.y.get((u, k), 0.0) > 0.5)) for (u, k), col in v.h.items()]
+    start += [(col, float(any(choice[i] is Decision.PAGE for i in v.keep if cands[i].state)))
+              for col in v.state_session.values()]
+    # the frame and held columns at the least value their rows allow
+    value = dict(start)
+    for k, col in v.held.items():
+        c0, terms = v.held_rows[k]
+        start.append((col, max(0.0, (c0 + sum(coef * value[j] for j, coef in terms)) / v.held_max[k])))
     if v.bk:
-        start.append((v.bk[0], bookkeeping_bytes(problem, choice) / bookkeeping_max(problem)))
+        c0, terms = v.held_rows[-1]
+        start.append((v.bk[0], max(0.0, (c0 + sum(coef * value[j] for j, coef in terms)) / bookkeeping_max(problem))))
     return start
 
 
+def held_rows(problem: Problem, limits: Limits, m: LinearModel, v: MilpVars, decidable: list[int], row) -> None:
+    """ONNX Runtime's bookkeeping the decisions add (problem.decision_bookkeeping, held_profile):
+    - the execution frame's values, allocated at the step's start: one column v.bk, in every memory row,
+      >= sum rec_i * (own values) + (rec_i outside a group, run_g for a group) * (chain values)
+      + page_i * (page values);
+    - the bytes held to the step's end from a stage on: one column v.held[k] per stage, in the memory
+      rows of the positions from stage k up to the next stage, >= the sum of
+        (1 - keep_i) * (gap_held + fb_held) and rec_i * orig_held  for i past its gap (fb(i) <= stage k),
+        run_held_u * h[u,k] (h[u,k] >= y[u,k] - page_u) before u's own stage, run_held_u * rec_u from it,
+        for a group g: run_held_g * z[g,k] + sum m_i * w[i,k] (z, w at the group's last stage after it).
+    Before a candidate's first stage its gap_held and orig_held bytes are in its gap rows (memory_rows).
+    v.held_rows keeps each definition, {-1: the frame's}, as (constant, [(column, coef)]): the least
+    value of the column is (constant + sum coef * x) / scale."""
+    cands = problem.candidates
+    stages = problem.stages
+    stage_idx = {s: k for k, s in enumerate(stages)}
+    rec_ok = limits.allow_recompute
+    frame_terms: dict[int, float] = {}
+    for i in decidable:
+        c = cands[i]
+        if c.page_frame_bytes:
+            frame_terms[v.page[i]] = frame_terms.get(v.page[i], 0.0) + c.page_frame_bytes
+        if rec_ok and c.recomputable:
+            own = c.rec_own_frame_bytes + (c.rec_frame_bytes if c.group < 0 or c.group not in v.run else 0)
+            frame_terms[v.rec[i]] = frame_terms.get(v.rec[i], 0.0) + own
+    for g, col in v.run.items():
+        frame_terms[col] = float(cands[problem.groups[g][0]].rec_frame_bytes)
+    state = [i for i in decidable if cands[i].state and cands[i].pageable and limits.allow_page]
+    if state and problem.state_session_bytes:  # any paged state: the step runs as a StateSession
+        v.state_session[0] = m.add_var("state_session", lb=0.0, ub=1.0)
+        for i in state:
+            row(0.0, INF, (v.state_session[0], 1.0), (v.page[i], -1.0))
+        frame_terms[v.state_session[0]] = float(problem.state_session_bytes)
+    frame_terms = {j: coef for j, coef in frame_terms.items() if coef}
+    bk_max = bookkeeping_max(problem)
+    if frame_terms and bk_max > 0:
+        v.bk[0] = m.add_var("bookkeeping", lb=0.0, ub=1.0)
+        row(0.0, INF, (v.bk[0], bk_max), *[(j, -coef) for j, coef in frame_terms.items()])
+        v.held_rows[-1] = (0.0, sorted(frame_terms.items()))
+
+    per_stage: list[dict[int, float]] = [dict() for _ in stages]
+    consts = [0.0] * len(stages)
+    top = [0.0] * len(stages)  # the largest value (every term at its largest)
+
+    def add(k: int, col: int, coef: float) -> None:
+        per_stage[k][col] = per_stage[k].get(col, 0.0) + coef
+
+    for i in decidable:
+        c = cands[i]
+        if c.state:
+            continue
+        fb = stage_idx[c.first_after_gap]
+        either = c.gap_held_bytes + c.fb_held_bytes
+        orig = c.orig_held_bytes if rec_ok and c.recomputable else 0
+        run = c.run_held_bytes if rec_ok and c.recomputable and c.group < 0 else 0
+        if run:
+            for k in range(stage_idx[c.first_stage], fb):
+                v.h[(i, k)] = m.add_var(f"h_{i}_{k}")
+                row(0.0, INF, (v.h[(i, k)], 1.0), (v.y[(i, k)], -1.0), (v.page[i], 1.0))
+                add(k, v.h[(i, k)], float(run))
+                top[k] += run
+        for k in range(fb, len(stages)):
+            if either:
+                consts[k] += either
+                add(k, v.keep[i], -float(either))
+            if orig + run:
+                add(k, v.rec[i], float(orig + run))
+            top[k] += either + orig + run
+    for g, members in enumerate(problem.groups):
+        if g not in v.run:
+            continue
+        ks = sorted(k for (gg, k) in v.z if gg == g)
+        held_g = cands[members[0]].run_held_bytes
+        for k in range(ks[0], len(stages)):
+            at = min(k, ks[-1])
+            if held_g:
+                add(k, v.z[(g, at)], float(held_g))
+            for i in members:
+                add(k, v.w[(i, at)], float(cands[i].mem_bytes))
+            top[k] += held_g + sum(cands[i].mem_bytes for i in members)
+    for k, terms in enumerate(per_stage):
+        terms = {j: coef for j, coef in terms.items() if coef}
+        if top[k] <= 0 or not terms:
+            continue
+        v.held[k] = m.add_var(f"held_{k}", lb=0.0, ub=1.0)
+        v.held_max[k] = top[k]
+        row(0.0, INF, (v.held[k], top[k]), -consts[k], *[(j, -coef) for j, coef in terms.items()])
+        v.held_rows[k] = (consts[k], sorted(terms.items()))
+
+
 def bookkeeping_max(problem: Problem) -> float:
-    """The largest per-step bookkeeping any decisions add (the bookkeeping column's scale)."""
-    return float(sum(max(c.rec_bookkeeping_bytes, c.page_bookkeeping_bytes) for c in problem.candidates if not c.fixed))
+    """The most execution-frame values any decisions add (the bookkeeping column's scale)."""
+    return float(problem.state_session_bytes + sum(max(c.rec_frame_bytes + c.rec_own_frame_bytes, c.page_frame_bytes)
+                                                   for c in problem.candidates if not c.fixed))
 
 
 def read_choice(problem: Problem, v: MilpVars, x) -> list[Decision]:

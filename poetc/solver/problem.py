@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Role, TensorKind, TrainGraph
-from ..schedule import SPILL_HANDLE_BYTES, STATE_TOKEN_BYTES, Decision, SimResult, StepCosts, simulate_keep_all
+from ..schedule import (SPILL_HANDLE_BYTES, STATE_TOKEN_BYTES, Decision, SimResult, StepCosts, simulate_keep_all,
+                        state_session_bytes)
 
 # Ops whose output differs between two runs on the same inputs: never recomputed.
 RANDOM_OPS = {"Dropout", "BitmaskDropout", "RandomNormal", "RandomNormalLike", "RandomUniform",
@@ -86,10 +87,16 @@ class Candidate:
     state_writes: int = 0  # StateWrites per step when paged (1 if trainable)
     state_update: int = -1  # position of its update (trainable)
     reads_state: list[int] = field(default_factory=list)  # recomputable: state candidates its chain reads
-    # ONNX Runtime's per-step bookkeeping a RECOMPUTE / PAGE decision adds, charged for the whole step
-    # (decision_bookkeeping: frame values, view and in-place objects held to the step's end)
-    rec_bookkeeping_bytes: int = 0
-    page_bookkeeping_bytes: int = 0
+    # ONNX Runtime's per-step bookkeeping a decision adds (decision_bookkeeping). The execution frame
+    # is allocated when the step starts: its values count at every position (bookkeeping_bytes) ...
+    rec_frame_bytes: int = 0  # the values one run of the chain writes (a group's run: once for the group)
+    rec_own_frame_bytes: int = 0  # ... and this member's own (rebuilt views, StateRead copies)
+    page_frame_bytes: int = 0  # handle, restored copies, rebuilt views (state: StateRead copies, tokens)
+    # ... the rest is held from where the simulator writes it to the step's end (held_profile):
+    run_held_bytes: int = 0  # from the chain's run: its outputs nothing reads, its view/in-place objects
+    gap_held_bytes: int = 0  # from last_before_gap, not kept: the object of an in-place op it dies at
+    fb_held_bytes: int = 0  # from first_after_gap, not kept: the objects of its rebuilt views
+    orig_held_bytes: int = 0  # from prod + 1, recomputed: the original, when no reader precedes the gap
 
 
 @dataclass
@@ -112,6 +119,8 @@ class Problem:
     # per stage: const_bytes before the stage's op writes anything (its outputs and workspace are not
     # there yet): the memory the regeneration steps inserted before that op run on top of
     pre_const_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # the bookkeeping the step adds when it runs as a StateSession (any paged state: schedule.state_session_bytes)
+    state_session_bytes: int = 0
 
     @property
     def positions(self) -> int:
@@ -314,12 +323,15 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
     for cand in candidates:
         if not cand.recomputable:
             continue
-        # every other output the chain's ops write (the intermediates nobody saved, and siblings that
-        # are not candidates), plus the largest kernel workspace of the chain; group members are
-        # counted by the decisions (resident when recomputed, transient otherwise)
+        # every other output the chain's ops write that a later op of the chain reads (the intermediates
+        # nobody saved: freed after that reader), plus the largest kernel workspace of the chain. The
+        # outputs nothing reads (siblings that are not candidates, BN's running statistics) are held to
+        # the step's end (run_held_bytes); group members are counted by the decisions (resident when
+        # recomputed, held otherwise)
         own = {candidates[i].name for i in by_producer[cand.prod]}
+        read_in_chain = {x for i in cand.chain_ops for x in graph.ops[i].inputs}
         others = sum(graph.tensors[o].alloc_bytes for i in cand.chain_ops for o in graph.ops[i].outputs
-                     if o not in own and graph.tensors[o].alias_of is None)
+                     if o and o not in own and graph.tensors[o].alias_of is None and o in read_in_chain)
         cand.transient_bytes = others + max((graph.ops[i].workspace_bytes for i in cand.chain_ops), default=0)
     regen_order = [by_producer[p] for p in sorted(by_producer, reverse=True)]
     if page_state:
@@ -333,57 +345,107 @@ def build_problem(graph: TrainGraph, costs: StepCosts, *, min_candidate_bytes: i
         if not cand.fixed and not cand.state:
             const[cand.prod: cand.last_read + 1] -= cand.mem_bytes
             before[cand.prod + 1: cand.last_read + 1] -= cand.mem_bytes
-    decision_bookkeeping(graph, candidates, alias_ops)
+    decision_bookkeeping(graph, candidates, alias_ops, by_producer)
     return Problem(graph, costs, candidates, stages, const, backward_start, sim.fixed_bytes,
-                   sim.time_s, sim.energy_j, sim.peak_bytes, sim, groups, regen_order, before[stages])
+                   sim.time_s, sim.energy_j, sim.peak_bytes, sim, groups, regen_order, before[stages],
+                   state_session_bytes(graph) if any(c.state for c in candidates) else 0)
 
 
-def decision_bookkeeping(graph: TrainGraph, candidates: list[Candidate], alias_ops: list[set[int]]) -> None:
-    """Set each candidate's rec_/page_bookkeeping_bytes: an upper bound on the per-step bookkeeping of
-    ONNX Runtime that the decision adds, charged at every position (the simulator counts it exactly):
-    the execution frame grows by FRAME_PER_VALUE_BYTES per value the rewrite adds (recomputed outputs,
-    rebuilt views, restored copies, Spill handles, StateRead copies and StateWrite tokens), and every
-    view or in-place output a recompute or a page-in creates holds a Tensor object
-    (TENSOR_OBJECT_BYTES) to the step's end. A recompute is charged every output of its chain."""
+def decision_bookkeeping(graph: TrainGraph, candidates: list[Candidate], alias_ops: list[set[int]],
+                         by_producer: dict[int, list[int]]) -> None:
+    """Set what each candidate's decision adds to ONNX Runtime's per-step bookkeeping, as the
+    simulator counts it. The execution frame grows by FRAME_PER_VALUE_BYTES per value the rewrite adds
+    (recomputed outputs, rebuilt views, restored copies, Spill handles, StateRead copies and StateWrite
+    tokens), from the step's start (*_frame_bytes). Every view or in-place output a recompute or a
+    page-in creates holds a Tensor object (TENSOR_OBJECT_BYTES) to the step's end, and so does every
+    write nothing reads: those are held from where they are written (run_/gap_/fb_/orig_held_bytes,
+    see Candidate and held_profile)."""
     from ..ir.graph import TENSOR_OBJECT_BYTES
-    from ..schedule import FRAME_PER_VALUE_BYTES, INPLACE_OPS
-
-    def cost(values: int, objects: int) -> int:
-        return FRAME_PER_VALUE_BYTES * values + TENSOR_OBJECT_BYTES * objects
+    from ..schedule import (FRAME_PER_VALUE_BYTES, INPLACE_OPS, STATE_SESSION_PER_INPUT_BYTES,
+                            STATE_SESSION_PER_OUTPUT_BYTES)
 
     for i, cand in enumerate(candidates):
         views = alias_ops[i] if i < len(alias_ops) else set()
         if cand.fixed:
             continue
-        if cand.state:
-            cand.page_bookkeeping_bytes = cost(cand.state_reads + cand.state_writes, 0)
+        if cand.state:  # its StateRead copies and token, the token's output; no longer a graph input
+            cand.page_frame_bytes = (FRAME_PER_VALUE_BYTES * (cand.state_reads + cand.state_writes)
+                                     + STATE_SESSION_PER_OUTPUT_BYTES * cand.state_writes
+                                     - STATE_SESSION_PER_INPUT_BYTES)
             continue
         # dropped after its last reader before the gap, it may die at an in-place op there, whose output's
         # object then outlives the output
         last = graph.ops[cand.last_before_gap] if cand.last_before_gap >= 0 else None
         dies_in_place = int(last is not None and last.op_type in INPLACE_OPS and bool(last.inputs)
                             and graph.storage_root(last.inputs[0]) == cand.name)
-        if cand.recomputable:
-            outs = [o for j in cand.chain_ops for o in graph.ops[j].outputs if o]
-            objects = sum(1 for j in cand.chain_ops if graph.ops[j].op_type in INPLACE_OPS
-                          or any(graph.tensors[o].alias_of for o in graph.ops[j].outputs if o))
-            # writes nothing reads are held to the step's end: outputs of the chain it does not read
-            # (the producer's other outputs, a MaxPool's mask, BN's statistics), and the original when
-            # no reader precedes the gap
-            read_in_chain = {x for j in cand.chain_ops for x in graph.ops[j].inputs}
-            unread = sum(graph.tensors[o].alloc_bytes for j in cand.chain_ops for o in graph.ops[j].outputs
-                         if o and o != cand.name and graph.tensors[o].alias_of is None and o not in read_in_chain)
-            unread += cand.mem_bytes if cand.last_before_gap <= cand.prod else 0
-            cand.rec_bookkeeping_bytes = cost(len(outs) + len(views) + len(cand.reads_state),
-                                              objects + len(views) + dies_in_place) + unread
+        cand.gap_held_bytes = TENSOR_OBJECT_BYTES * dies_in_place
+        cand.fb_held_bytes = TENSOR_OBJECT_BYTES * len(views)
         if cand.pageable:
-            cand.page_bookkeeping_bytes = cost(2 + len(cand.inner) + len(views), len(views) + dies_in_place)
+            cand.page_frame_bytes = FRAME_PER_VALUE_BYTES * (2 + len(cand.inner) + len(views))
+        if not cand.recomputable:
+            continue
+        outs = [o for j in cand.chain_ops for o in graph.ops[j].outputs if o]
+        cand.rec_frame_bytes = FRAME_PER_VALUE_BYTES * len(outs)
+        cand.rec_own_frame_bytes = FRAME_PER_VALUE_BYTES * (len(views) + len(cand.reads_state))
+        objects = sum(1 for j in cand.chain_ops if graph.ops[j].op_type in INPLACE_OPS
+                      or any(graph.tensors[o].alias_of for o in graph.ops[j].outputs if o))
+        # writes nothing reads are held to the step's end: outputs of the chain it does not read (the
+        # producer's outputs that are not recomputable candidates, a MaxPool's mask, BN's statistics;
+        # a group's members are the decisions' own), and the original when no reader precedes the gap
+        own = {candidates[j].name for j in by_producer[cand.prod]}
+        read_in_chain = {x for j in cand.chain_ops for x in graph.ops[j].inputs}
+        cand.run_held_bytes = TENSOR_OBJECT_BYTES * objects + sum(
+            graph.tensors[o].alloc_bytes for j in cand.chain_ops for o in graph.ops[j].outputs
+            if o and o not in own and graph.tensors[o].alias_of is None and o not in read_in_chain)
+        cand.orig_held_bytes = cand.mem_bytes if cand.last_before_gap <= cand.prod else 0
 
 
 def bookkeeping_bytes(problem: "Problem", choice: list[Decision]) -> float:
-    """The per-step bookkeeping the decisions add (decision_bookkeeping), at every position."""
-    return float(sum(c.rec_bookkeeping_bytes if d is Decision.RECOMPUTE else c.page_bookkeeping_bytes
-                     for c, d in zip(problem.candidates, choice) if not c.fixed and d is not Decision.KEEP))
+    """The execution frame's values the decisions add (decision_bookkeeping), at every position: a
+    group's producer reruns once for all its recomputed members; a paged parameter or moment makes the
+    step a StateSession (Problem.state_session_bytes)."""
+    total, runs = 0, set()
+    if any(c.state and d is Decision.PAGE for c, d in zip(problem.candidates, choice)):
+        total += problem.state_session_bytes
+    for c, d in zip(problem.candidates, choice):
+        if c.fixed or d is Decision.KEEP:
+            continue
+        if d is Decision.PAGE:
+            total += c.page_frame_bytes
+            continue
+        total += c.rec_own_frame_bytes
+        if c.group < 0 or c.group not in runs:
+            total += c.rec_frame_bytes
+            runs.add(c.group)
+    return float(max(total, 0))  # (paging state takes inputs away; the MILP's column is not negative)
+
+
+def held_profile(problem: "Problem", choice: list[Decision], first) -> np.ndarray:
+    """Per position: the bytes the decisions make ONNX Runtime hold to the step's end, from where the
+    simulator writes them (decision_bookkeeping). `first[i]`: the stage index a recomputed candidate
+    is materialized at (materialization_stage). A group's run holds, besides the chain's unread
+    outputs, the copies it writes of its members that are not recomputed."""
+    cands = problem.candidates
+    stages = problem.stages
+    d = np.zeros(problem.positions + 1)
+    runs: dict[int, int] = {}
+    for i, c in enumerate(cands):
+        if c.fixed or c.state or choice[i] is Decision.KEEP:
+            continue
+        d[c.last_before_gap] += c.gap_held_bytes
+        d[c.first_after_gap] += c.fb_held_bytes
+        if choice[i] is not Decision.RECOMPUTE:
+            continue
+        d[c.prod + 1] += c.orig_held_bytes
+        if c.group < 0:
+            d[stages[first[i]]] += c.run_held_bytes
+        else:
+            runs[c.group] = first[i]
+    for g, k in runs.items():
+        members = problem.groups[g]
+        d[stages[k]] += cands[members[0]].run_held_bytes + sum(
+            cands[m].mem_bytes for m in members if choice[m] is not Decision.RECOMPUTE)
+    return np.cumsum(d)[:problem.positions]
 
 
 def _add_state_candidates(graph: TrainGraph, costs: StepCosts, candidates: list[Candidate]) -> None:
@@ -525,9 +587,8 @@ def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, i
             time_s += c.rec_time_s
             energy += c.rec_energy_j
         elif c.group not in group_stage:  # the group's one run: its members that are not recomputed are transient
-            group_stage[c.group] = first[i]
-            trans[first[i]] += c.transient_bytes + sum(cands[m].mem_bytes for m in problem.groups[c.group]
-                                                       if choice[m] is not Decision.RECOMPUTE)
+            group_stage[c.group] = first[i]  # (its members that are not recomputed: held_profile)
+            trans[first[i]] += c.transient_bytes
             time_s += c.rec_time_s
             energy += c.rec_energy_j
     for u, c in enumerate(cands):
@@ -540,7 +601,7 @@ def evaluate_linear(problem: Problem, choice: list[Decision], early: dict[int, i
                     if (b, p) not in ext:
                         ext[(b, p)] = 1.0
                         res[p] += t.mem_bytes
-    res += bookkeeping_bytes(problem, choice)
+    res += bookkeeping_bytes(problem, choice) + held_profile(problem, choice, first)
     op_rows = problem.const_bytes + res
     pre = problem.pre_const_bytes + res[stages] + trans
     prof = op_rows.copy()
@@ -645,8 +706,6 @@ class ProfileEvaluator:
                 trans[k] += c.transient_bytes
                 if c.group >= 0:
                     groups_done.add(c.group)
-                    trans[k] += sum(cands[m].mem_bytes for m in problem.groups[c.group]
-                                    if choice[m] is not Decision.RECOMPUTE)
                 time_s += c.rec_time_s
                 energy += c.rec_energy_j
             for b in c.boundary:
@@ -655,7 +714,8 @@ class ProfileEvaluator:
         for b, to in ext_to.items():
             d[cands[b].last_read + 1] += cands[b].mem_bytes
             d[to + 1] -= cands[b].mem_bytes
-        op_rows = self.base + np.cumsum(d)[:n] + bookkeeping_bytes(problem, choice)
+        first_of = {i: early.get(i, self.fb_stage_of[i]) for i in rec}
+        op_rows = self.base + np.cumsum(d)[:n] + bookkeeping_bytes(problem, choice) + held_profile(problem, choice, first_of)
         barred = False
         if self.state:
             paged = np.array([choice[i] is Decision.PAGE for i in self.state])

@@ -182,9 +182,9 @@ def main(argv=None) -> int:
             rows.append(_row(name, args.fraction, args.steps, Path(work), args.repeats))
             print(table(rows[-1:]).splitlines()[-2], flush=True)
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+            if args.out:  # after every model: a long run stopped part-way keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
     if args.figure:
         figure(rows, args.figure)
     print(table(rows))

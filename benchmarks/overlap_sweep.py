@@ -9,6 +9,7 @@ Predictions of the target's cost model only: nothing runs, so the numbers do not
 
     python -m benchmarks.overlap_sweep [--models resnet18_cifar mobilenetv2] [--target rpi4]
         [--fraction 0.5] [--time-limit 60] [--out docs/bench/overlap_sweep.json]
+        [--figure docs/figures/overlap_sweep.png]
 """
 
 from __future__ import annotations
@@ -71,6 +72,32 @@ def table(rows: list[dict], factors) -> str:
     return "\n".join(lines)
 
 
+def figure(rows: list[dict], path: Path) -> None:
+    """Energy overhead against the deadline factor, one panel per model, blocking vs overlap (the
+    points where a schedule fits)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for variant, label, marker in (("before", "blocking (--no-overlap)", "s"), ("after", "overlap in the MILP", "o")):
+            pts = sorted((r["deadline_factor"], 100 * (r["energy_j"] / r["keep_all_energy_j"] - 1)) for r in rows
+                         if r["model"] == model and r["variant"] == variant and r["fits"])
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("deadline (x keep-all step time)")
+        ax.set_ylabel("energy overhead vs keep-all (%)")
+        r0 = next(r for r in rows if r["model"] == model)
+        ax.set_title(f"{model} b{r0['batch']}, {r0['target']}, {r0['fraction']:.0%} of keep-all activations")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet18_cifar", "mobilenetv2"])
@@ -79,11 +106,14 @@ def main(argv=None) -> int:
     ap.add_argument("--factors", type=float, nargs="+", default=list(FACTORS))
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--figure", type=Path, default=None, help="write the energy-vs-deadline figure here")
     args = ap.parse_args(argv)
     rows = sweep(args.models, args.target, args.fraction, args.factors, args.time_limit)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+    if args.figure:
+        figure(rows, args.figure)
     print(table(rows, args.factors))
     return 0
 

@@ -328,7 +328,10 @@ def compile_model(model_path: Path, options: CompileOptions, *,
         flash = options.flash_bytes if options.flash_bytes is not None else target.flash_bytes
 
         deadline_notes: dict[int, tuple[Deadline, str]] = {}  # id(plan) -> (deadline used, why), when relaxed
-        overlap_costs = OverlapCosts(target.mem_bytes_per_s, target.active_power_w) if options.overlap else None
+        overlap_costs = None
+        if options.overlap:  # the CPU share of a transfer, when the costs file measured paging (docs/overlap.md)
+            from .cost import load_costs
+            overlap_costs = OverlapCosts.for_target(target, load_costs(options.costs_path) if options.costs_path else None)
 
         def plan_graph(g: TrainGraph):
             problem = build_problem(g, step_costs_for(g, target, options.costs_path), page_state=options.page_state)
@@ -509,15 +512,18 @@ def _overlap(main, problem, budget, target, options: CompileOptions):
     buffers and the overlapped time. The MILP's windows when it chose any (already in the result);
     otherwise (a heuristic strategy, or a deadline loose enough that the energy objective wanted no
     window: each costs its staging copy) the greedy planner within the budget's headroom."""
+    from .cost import load_costs
     from .overlap import plan_overlap
     if main.overlap is not None and main.overlap.asynchronous:  # the MILP's windows, realised exactly
         return main, main.overlap
     if not options.overlap or not any(s.kind is StepKind.PAGE_OUT for s in main.schedule.steps):
         return main, None
     moved = {s.tensor for s in main.schedule.steps if s.tensor is not None}
+    oc = OverlapCosts.for_target(target, load_costs(options.costs_path) if options.costs_path else None)
     plan_ = plan_overlap(main.schedule.steps, main.sim, problem.costs,
                          {t: problem.graph.tensors[t].nbytes for t in moved}, budget.activation_bytes,
-                         copy_bytes_per_s=target.mem_bytes_per_s, copy_power_w=target.active_power_w)
+                         copy_bytes_per_s=oc.copy_bytes_per_s, copy_power_w=oc.copy_power_w,
+                         cpu_out_fraction=oc.cpu_out_fraction, cpu_in_fraction=oc.cpu_in_fraction)
     if not plan_.asynchronous:
         return main, plan_
     sim = plan_.adjusted(main.sim)

@@ -449,8 +449,8 @@ def cmd_profile(args) -> int:
     from .api import open_graph
     from .cost import profile_host, save_costs
     with tempfile.TemporaryDirectory(prefix="poetc-profile-") as work:
-        _, graph = open_graph(args.model, Path(work), _import_options(args))
-        times = profile_host(graph, repeats=args.repeats)
+        artifacts, graph = open_graph(args.model, Path(work), _import_options(args))
+        times = profile_host(graph, repeats=args.repeats, artifacts=artifacts, paging=True)
         save_costs(args.out, graph, times, target="host", meta={"repeats": args.repeats})
     print(f"wrote {len(times)} op times to {args.out}")
     return 0

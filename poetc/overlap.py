@@ -46,13 +46,31 @@ from .schedule import SimResult, Step, StepCosts, StepKind
 @dataclass(frozen=True)
 class OverlapCosts:
     """What an asynchronous transfer costs besides its transfer: the staging copy (read + write of the
-    bytes at the device's memory bandwidth) on the main thread, at the device's active power."""
+    bytes at the device's memory bandwidth) on the main thread, at the device's active power; and the
+    share of the transfer that is CPU work (`cpu_out_fraction`, `cpu_in_fraction`: MAC, copies into
+    and out of the kernel), which the I/O thread takes from compute on a host whose compute uses every
+    core, so overlap cannot hide it (measured by poetc.cost.paging; 0 where the device does DMA)."""
 
     copy_bytes_per_s: float
     copy_power_w: float = 0.0
+    cpu_out_fraction: float = 0.0
+    cpu_in_fraction: float = 0.0
 
     def copy_s(self, nbytes: int) -> float:
         return 2.0 * nbytes / self.copy_bytes_per_s
+
+    def cpu_s(self, kind: str, transfer_s: float) -> float:
+        """The CPU work of a transfer of `transfer_s` ("out" or "in") that compute pays for."""
+        return (self.cpu_out_fraction if kind == "out" else self.cpu_in_fraction) * transfer_s
+
+    @classmethod
+    def for_target(cls, target, measured=None) -> OverlapCosts:
+        """The target's figures, with the CPU shares of `measured` (a costs file, poetc.cost.load_costs)
+        when it carries paging measured through poetc's ops."""
+        paging = getattr(measured, "paging", None)
+        if paging is None:
+            return cls(target.mem_bytes_per_s, target.active_power_w)
+        return cls(target.mem_bytes_per_s, target.active_power_w, paging.out_cpu_fraction, paging.in_cpu_fraction)
 
 
 @dataclass(frozen=True)
@@ -80,10 +98,13 @@ class Window:
     hidden_by_s: float
     copy_s: float
     copy_energy_j: float
+    cpu_s: float = 0.0  # the transfer's CPU work, which compute pays for (OverlapCosts.cpu_s)
 
     @property
     def delta_s(self) -> float:
-        return self.copy_s + max(0.0, self.transfer_s - self.hidden_by_s) - self.transfer_s
+        """Against the blocking transfer: the copy, the CPU work, and what neither the compute nor the
+        CPU work hides (the window takes max(hidden + cpu, transfer) + copy instead of hidden + transfer)."""
+        return self.copy_s + self.cpu_s + max(0.0, self.transfer_s - self.hidden_by_s - self.cpu_s) - self.transfer_s
 
     def op_positions(self) -> range:
         """Positions whose op rows count the staging buffer (an "out" window counts it at its producer
@@ -174,8 +195,11 @@ def _durations(steps: list[Step], costs: StepCosts, nbytes: dict[str, int]) -> n
 
 
 def channel_time(steps: list[Step], durations, transfers: list[AsyncTransfer], nbytes: dict[str, int],
-                 costs: StepCosts, copy_s) -> float:
-    """The step's time under the one-channel model (see the module docstring)."""
+                 costs: StepCosts, copy_s, cpu_s=None) -> float:
+    """The step's time under the one-channel model (see the module docstring). `cpu_s(kind, transfer
+    seconds)`: the CPU work of an asynchronous transfer that the main thread pays at its issue
+    (OverlapCosts.cpu_s; None: none)."""
+    cpu = cpu_s or (lambda kind, t: 0.0)
     by_step = {(t.kind, t.step): t for t in transfers}
     issue_before: dict[int, list[AsyncTransfer]] = {}
     wait_before: dict[int, list[AsyncTransfer]] = {}
@@ -194,6 +218,7 @@ def channel_time(steps: list[Step], durations, transfers: list[AsyncTransfer], n
             start = max(now, free, write_end.get(t.tensor, 0.0))
             free = start + costs.page_in(t.nbytes)[0]
             read_end[t.step] = free
+            now += cpu("in", costs.page_in(t.nbytes)[0])
         if s.kind is StepKind.PAGE_OUT:
             t = by_step.get(("out", i))
             if t is None:
@@ -203,6 +228,7 @@ def channel_time(steps: list[Step], durations, transfers: list[AsyncTransfer], n
                 now += copy_s(t.nbytes)
                 free = max(now, free) + durations[i]
                 write_end[s.tensor] = free
+                now += cpu("out", durations[i])
         elif s.kind is StepKind.PAGE_IN:
             t = by_step.get(("in", i))
             if t is None:
@@ -219,15 +245,15 @@ def channel_time(steps: list[Step], durations, transfers: list[AsyncTransfer], n
 
 
 def plan_overlap(steps: list[Step], sim: SimResult, costs: StepCosts, nbytes: dict[str, int],
-                 activation_budget_bytes: float, *, copy_bytes_per_s: float, copy_power_w: float = 0.0) -> OverlapPlan:
+                 activation_budget_bytes: float, *, copy_bytes_per_s: float, copy_power_w: float = 0.0,
+                 cpu_out_fraction: float = 0.0, cpu_in_fraction: float = 0.0) -> OverlapPlan:
     """Choose the asynchronous transfers of a schedule (see the module docstring). `nbytes`: the byte size
     of every tensor a step transfers (Spill/Restore, and StateRead/StateWrite, which stay blocking);
-    `copy_bytes_per_s`: the device's memory bandwidth (staging copies)."""
+    `copy_bytes_per_s`: the device's memory bandwidth (staging copies); `cpu_*_fraction`: the share of a
+    transfer that is CPU work overlap cannot hide (OverlapCosts)."""
     n = len(steps)
-
-    def copy_s(b: int) -> float:
-        return 2.0 * b / copy_bytes_per_s  # read + write of the staged bytes
-
+    oc = OverlapCosts(copy_bytes_per_s, copy_power_w, cpu_out_fraction, cpu_in_fraction)
+    copy_s = oc.copy_s
     d = _durations(steps, costs, nbytes)
     live = np.asarray(sim.live_bytes, dtype=np.float64)
     extra = np.zeros(n)
@@ -248,11 +274,12 @@ def plan_overlap(steps: list[Step], sim: SimResult, costs: StepCosts, nbytes: di
         first_in = page_ins.get(s.tensor, [n])[0]
         if room(s_idx, s_idx + 1)[0] < b:
             continue
+        hideable = d[s_idx] - oc.cpu_s("out", d[s_idx])
         covered, j = 0.0, s_idx + 1
-        while j < first_in and covered < d[s_idx] and room(j, j + 1)[0] >= b:
+        while j < first_in and covered < hideable and room(j, j + 1)[0] >= b:
             covered += d[j]
             j += 1
-        if min(covered, d[s_idx]) <= copy_s(b):
+        if min(covered, hideable) <= copy_s(b):
             continue  # hides less than its staging copy costs: stays synchronous
         extra[s_idx:j] += b
         spill_end[s.tensor] = j
@@ -273,11 +300,12 @@ def plan_overlap(steps: list[Step], sim: SimResult, costs: StepCosts, nbytes: di
         prev = [i for i in page_ins[s.tensor] if i < r]
         if prev:
             earliest = max(earliest, prev[-1] + 1)
+        hideable = d[r] - oc.cpu_s("in", d[r])
         covered, p = 0.0, r
-        while p > earliest and covered < d[r] and room(p - 1, p)[0] >= b:
+        while p > earliest and covered < hideable and room(p - 1, p)[0] >= b:
             p -= 1
             covered += d[p]
-        if p >= r or min(covered, d[r]) <= copy_s(b):
+        if p >= r or min(covered, hideable) <= copy_s(b):
             continue
         extra[p: r + 1] += b
         transfers.append(AsyncTransfer("in", r, s.tensor, b, p))
@@ -294,20 +322,21 @@ def plan_overlap(steps: list[Step], sim: SimResult, costs: StepCosts, nbytes: di
         fixed.append(t)
     transfers = sorted(fixed, key=lambda t: (t.step, t.kind))
 
-    return _finish(steps, sim, costs, nbytes, transfers, extra, copy_s, copy_power_w, notes)
+    return _finish(steps, sim, costs, nbytes, transfers, extra, oc, notes)
 
 
 def _finish(steps, sim: SimResult, costs: StepCosts, nbytes: dict[str, int], transfers: list[AsyncTransfer],
-            extra: np.ndarray, copy_s, copy_power_w: float, notes: list[str]) -> OverlapPlan:
+            extra: np.ndarray, oc: OverlapCosts, notes: list[str]) -> OverlapPlan:
     """The plan of `transfers` (staging bytes `extra` per step): its peak, channel time and energy; no
     transfer at all if the model says it is slower than blocking."""
     n = len(steps)
     d = _durations(steps, costs, nbytes)
     total = np.asarray(sim.live_bytes, dtype=np.float64) + extra
     peak_step = int(np.argmax(total)) if n else 0
-    time_s = channel_time(steps, d, transfers, nbytes, costs, copy_s)
+    copy_s = oc.copy_s
+    time_s = channel_time(steps, d, transfers, nbytes, costs, copy_s, oc.cpu_s)
     blocking = channel_time(steps, d, [], nbytes, costs, copy_s)
-    energy = sim.energy_j + copy_power_w * sum(copy_s(t.nbytes) for t in transfers)
+    energy = sim.energy_j + oc.copy_power_w * sum(copy_s(t.nbytes) for t in transfers)
     if time_s > blocking:  # the greedy never should; if the model says so, overlap nothing
         notes.append(f"overlap predicted slower ({time_s:.4f} s vs {blocking:.4f} s): kept every transfer blocking")
         return OverlapPlan([], [0] * n, sim.peak_bytes, sim.peak_step, blocking, sim.energy_j, blocking, notes)
@@ -378,8 +407,7 @@ def plan_from_windows(steps: list[Step], sim: SimResult, costs: StepCosts, nbyte
             extra[issue: step + 1] += w.nbytes
             transfers.append(AsyncTransfer("in", step, w.tensor, w.nbytes, issue))
     transfers.sort(key=lambda t: (t.step, t.kind))
-    plan = _finish(steps, sim, costs, nbytes, transfers, extra, overlap_costs.copy_s, overlap_costs.copy_power_w,
-                   notes)
+    plan = _finish(steps, sim, costs, nbytes, transfers, extra, overlap_costs, notes)
     if plan.transfers:
         plan.windows = sorted(windows, key=lambda w: (w.start, w.kind, w.tensor))
     return plan

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poetc.overlap import AsyncTransfer, _durations, channel_time, plan_overlap
+from poetc.overlap import AsyncTransfer, OverlapCosts, _durations, channel_time, plan_overlap
 from poetc.schedule import SimResult, Step, StepCosts, StepKind
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +60,14 @@ def _check_plan(steps, plan, live, budget):
     assert plan.time_s <= plan.blocking_time_s + 1e-12
 
 
-def _replay(steps, costs, transfers, copy_s, nbytes=None):
+def _replay(steps, costs, transfers, copy_s, nbytes=None, cpu_s=None):
     """A brute-force replay of the runtime: a main thread running steps, one I/O thread running a FIFO
     queue; advance time in tiny ticks. Independent of channel_time's bookkeeping. `nbytes`: each
-    transferred tensor's size (default 1 MiB each)."""
+    transferred tensor's size (default 1 MiB each); `cpu_s(kind, transfer seconds)`: the CPU work of a
+    queued transfer, which the I/O thread takes from the main thread's core (the main thread loses it
+    when it queues the transfer)."""
     size = (lambda name: nbytes[name]) if nbytes else (lambda name: 1 << 20)
+    cpu = cpu_s or (lambda kind, t: 0.0)
     by = {(t.kind, t.step): t for t in transfers}
     issue = {}
     for t in transfers:
@@ -97,6 +100,7 @@ def _replay(steps, costs, transfers, copy_s, nbytes=None):
             tick(until=lambda tensor=tensor: ("w", tensor) in done)
         for t in issue.get(i, ()):
             queue.append([costs.page_in(t.nbytes)[0], ("r", t.step)])
+            tick(cpu("in", costs.page_in(t.nbytes)[0]))
         if s.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
             tick(costs.op_time_s[s.op])
         elif s.kind is StepKind.PAGE_OUT:
@@ -108,6 +112,7 @@ def _replay(steps, costs, transfers, copy_s, nbytes=None):
             else:
                 tick(copy_s(t.nbytes))
                 queue.append([costs.page_out(n)[0], ("w", s.tensor)])
+                tick(cpu("out", costs.page_out(n)[0]))
         else:
             t = by.get(("in", i))
             if t is None:
@@ -158,8 +163,10 @@ def test_with_room_the_transfers_hide_behind_compute():
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000))
-def test_channel_model_matches_a_brute_force_replay(seed):
+@given(seed=st.integers(0, 10_000), cpu=st.sampled_from([(0.0, 0.0), (0.4, 0.3), (0.9, 0.9)]))
+def test_channel_model_matches_a_brute_force_replay(seed, cpu):
+    """Also with a share of each transfer being CPU work the main thread pays (a host whose compute
+    uses every core): the model, the replay, and the plan never slower than blocking."""
     rng = np.random.default_rng(seed)
     n_ops = 10
     paged = {k: 1 << 20 for k in range(4) if rng.random() < 0.7}
@@ -167,14 +174,25 @@ def test_channel_model_matches_a_brute_force_replay(seed):
     costs = _costs(rng.uniform(1e-3, 2e-2, n_ops))
     live = [1 << 20] * len(steps)
     plan = plan_overlap(steps, _sim(steps, live), costs, dict((f"T{k}", b) for k, b in paged.items()),
-                        float(rng.choice([1.5, 3.0, 8.0]) * (1 << 20)), copy_bytes_per_s=5e9)
-
-    def copy_s(b):
-        return 2.0 * b / 5e9
+                        float(rng.choice([1.5, 3.0, 8.0]) * (1 << 20)), copy_bytes_per_s=5e9,
+                        cpu_out_fraction=cpu[0], cpu_in_fraction=cpu[1])
+    oc = OverlapCosts(5e9, 0.0, *cpu)
     durations = _durations(steps, costs, {f"T{k}": b for k, b in paged.items()})
-    model = channel_time(steps, durations, plan.transfers, {}, costs, copy_s)
-    replay = _replay(steps, costs, plan.transfers, copy_s)
+    model = channel_time(steps, durations, plan.transfers, {}, costs, oc.copy_s, oc.cpu_s)
+    replay = _replay(steps, costs, plan.transfers, oc.copy_s, cpu_s=oc.cpu_s)
     assert model == pytest.approx(replay, abs=5e-4)  # the replay ticks in 10 us steps
+    assert plan.time_s == pytest.approx(model) and plan.time_s <= plan.blocking_time_s + 1e-12
+
+
+def test_a_transfer_that_is_all_cpu_work_stays_blocking():
+    """If every second of a transfer is CPU work (nothing for a device to do alone), overlap hides
+    nothing and costs the staging copy: the greedy keeps everything blocking."""
+    steps = _chain(10, {0: 1 << 20, 1: 1 << 20})
+    costs = _costs([2e-2] * 10)
+    live = [1 << 20] * len(steps)
+    plan = plan_overlap(steps, _sim(steps, live), costs, {"T0": 1 << 20, "T1": 1 << 20}, float(8 << 20),
+                        copy_bytes_per_s=5e9, cpu_out_fraction=1.0, cpu_in_fraction=1.0)
+    assert plan.transfers == []
 
 
 def test_compiled_graph_is_topological_and_its_awaits_read_prefetch_tickets(tmp_path):
@@ -227,23 +245,24 @@ def test_async_transfer_json_round_trip():
 # ---------------------------------------------------------------------------------------------------
 # the MILP's windows (poetc/solver/overlap_rows.py) on a real graph
 
-def _milp(cnn_graph, frac, deadline, overlap=True, objective="time", seed_scale=0.3, page_scale=0.3):
+def _milp(cnn_graph, frac, deadline, overlap=True, objective="time", seed_scale=0.3, page_scale=0.3, cpu=(0.0, 0.0)):
     from poetc.overlap import OverlapCosts
     from poetc.solver import Limits, build_problem, run_strategy
     from test_solver import costs_for
     _, g = cnn_graph
     problem = build_problem(g, costs_for(g, seed_scale, page_scale))  # seeded rpi4-roofline costs, not measured
     limits = Limits(problem.keep_all_peak_bytes * frac, problem.base_time_s * (deadline - 1), 1e12, objective,
-                    overlap=OverlapCosts(5.5e9, 3.0) if overlap else None)
+                    overlap=OverlapCosts(5.5e9, 3.0, *cpu) if overlap else None)
     return problem, limits, run_strategy(problem, limits, "poet", time_limit_s=60)
 
 
-@pytest.mark.parametrize("frac", [0.6, 0.7])
-def test_milp_windows_time_is_the_channel_model_and_the_replay(cnn_graph, frac):
+@pytest.mark.parametrize("frac,cpu", [(0.6, (0.0, 0.0)), (0.7, (0.0, 0.0)), (0.6, (0.35, 0.3))])
+def test_milp_windows_time_is_the_channel_model_and_the_replay(cnn_graph, frac, cpu):
     """The MILP's time for its windows (blocking time + each window's delta) against the channel model
     and the brute-force replay of the realised schedule: equal when no recompute runs inside a window,
-    an upper bound otherwise; and no other transfer is issued while a window is open."""
-    problem, limits, r = _milp(cnn_graph, frac, 1.5)
+    an upper bound otherwise; and no other transfer is issued while a window is open. Also with a
+    share of each transfer being CPU work that overlap cannot hide (the host's measured paging)."""
+    problem, limits, r = _milp(cnn_graph, frac, 1.5, cpu=cpu)
     assert r.overlap is not None and r.overlap.windows, "the MILP chose no window"
     _check_milp_windows(problem, limits, r)
 
@@ -251,12 +270,13 @@ def test_milp_windows_time_is_the_channel_model_and_the_replay(cnn_graph, frac):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(frac=st.sampled_from([0.6, 0.7, 0.8]), page_scale=st.sampled_from([0.1, 0.3, 1.0, 3.0]),
        seed_scale=st.sampled_from([0.0, 0.3, 1.0]), objective=st.sampled_from(["time", "energy"]),
-       deadline=st.sampled_from([1.02, 1.05, 1.5]))
-def test_milp_windows_under_random_costs(cnn_graph, frac, page_scale, seed_scale, objective, deadline):
-    """Whatever the costs, budget, objective and deadline: a schedule the MILP says fits, fits in the
-    simulator with its staging bytes and the channel time, and its windows' time is the replay's."""
+       deadline=st.sampled_from([1.02, 1.05, 1.5]), cpu=st.sampled_from([(0.0, 0.0), (0.35, 0.3)]))
+def test_milp_windows_under_random_costs(cnn_graph, frac, page_scale, seed_scale, objective, deadline, cpu):
+    """Whatever the costs, budget, objective, deadline and CPU share of a transfer: a schedule the MILP
+    says fits, fits in the simulator with its staging bytes and the channel time, and its windows' time
+    is the replay's."""
     problem, limits, r = _milp(cnn_graph, frac, deadline, objective=objective, seed_scale=seed_scale,
-                               page_scale=page_scale)
+                               page_scale=page_scale, cpu=cpu)
     if r.status in ("optimal", "feasible"):
         assert r.fits, r.notes
     if r.overlap is not None and r.overlap.windows:
@@ -274,7 +294,7 @@ def _check_milp_windows(problem, limits, r):
 
     def copy_s(b):
         return limits.overlap.copy_s(b)
-    replay = _replay(steps, problem.costs, plan.transfers, copy_s, nbytes)
+    replay = _replay(steps, problem.costs, plan.transfers, copy_s, nbytes, cpu_s=limits.overlap.cpu_s)
     assert plan.time_s == pytest.approx(replay, abs=2e-5 * len(steps))
     assert r.sim.time_s == plan.time_s
     spans = []

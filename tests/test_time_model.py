@@ -86,3 +86,54 @@ def test_profile_host_fits_an_overhead(mlp_graph):
     oh = times.overhead
     assert oh is not None and oh.samples == len(g.ops) - 1
     assert all(math.isfinite(x) and x >= 0 for x in (oh.per_node_s, oh.per_byte_s, oh.per_run_s, oh.run_s))
+
+
+# ---------------------------------------------------------------------------------------------------
+# what the training API's step adds, and paging through poetc's own ops (docs/time-model.md)
+
+def test_step_extras_round_trip_and_reject_bad_values():
+    from poetc.cost.timemodel import StepExtras
+    e = StepExtras(1e-4, 2e-3, 1e-6, 5e-6, 0.01, 0.0099, 3)
+    assert StepExtras.from_json(e.to_json()) == e
+    assert e.step_s == pytest.approx(1e-4 + 2e-3 + 1e-6)
+    assert StepExtras.from_json({**e.to_json(), "optimizer_s": -1.0}) is None
+    assert StepExtras.from_json({**e.to_json(), "api_s": float("nan")}) is None
+    assert StepExtras.from_json({"api_s": 1.0}) is None
+
+
+def test_without_profiler_takes_the_measured_share_off_per_node():
+    oh = HostOverhead(10e-6, 1e-12, 3e-4)
+    assert oh.without_profiler(4e-6).per_node_s == pytest.approx(6e-6)
+    assert oh.without_profiler(4e-6).profiler_per_node_s == pytest.approx(4e-6)
+    assert oh.without_profiler(20e-6).per_node_s == 0.0  # never negative
+    assert HostOverhead.from_json(oh.without_profiler(4e-6).to_json()) == oh.without_profiler(4e-6)
+
+
+def test_profile_host_times_the_training_api_and_paging(mlp_onnx, tmp_path):
+    """On the real MLP artifacts: the step extras and the paging figures are measured, finite, of the
+    right sign, stored in the costs file and read back; the cost table pages at the measured rates.
+    No value is asserted against a number: they depend on the machine."""
+    from poetc.api import open_graph
+    from poetc.importer import ImportOptions
+    from poetc.runtime import nativelib
+    try:
+        nativelib.build_spill_library("host")
+    except nativelib.NativeBuildError as exc:
+        pytest.skip(f"cannot build the op library here: {exc}")
+    artifacts, g = open_graph(mlp_onnx, tmp_path / "imp", ImportOptions())
+    times = profile_host(g, repeats=2, artifacts=artifacts, paging=True)
+    ex, pg = times.step_extras, times.paging
+    assert ex is not None and pg is not None, times.notes
+    assert ex.optimizer_s > 0 and ex.module_s > 0 and ex.run_s > 0 and ex.api_s >= 0 and ex.reset_s >= 0
+    assert ex.api_s == pytest.approx(max(ex.module_s - ex.run_s, 0.0))
+    assert pg.out_bytes_per_s > 0 and pg.in_bytes_per_s > 0 and pg.out_latency_s >= 0 and pg.in_latency_s >= 0
+    assert 0 <= pg.out_cpu_fraction <= 1 and 0 <= pg.in_cpu_fraction <= 1
+    path = tmp_path / "costs.json"
+    save_costs(path, g, times, target="host")
+    saved = load_costs(path, g)
+    assert saved.paging == pg and saved.step_extras == ex and saved.overhead == times.overhead
+    table = build_cost_table(g, load_target("host"), saved)
+    assert table.page_out(1 << 20)[0] == pytest.approx(pg.out_s(1 << 20))
+    assert table.page_in(1 << 20)[0] == pytest.approx(pg.in_s(1 << 20))
+    plain = build_cost_table(g, load_target("host"), None)
+    assert plain.page_out(1 << 20) == load_target("host").page_out(1 << 20)  # no costs file: the target's figures

@@ -21,10 +21,13 @@ A `measured` dict passed for an analytic target overrides its analytic times too
 times measured on that device (e.g. a costs file written by profiling on the device itself).
 
 Paging n bytes: time = latency + n / bandwidth, energy = time x storage_power_w (POET's formula).
+With a costs file that carries paging measured through poetc's own Spill/Restore ops (`meta.paging`,
+poetc.cost.paging), the host's latency and bandwidth are those instead of the target file's raw I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -123,13 +126,19 @@ def build_cost_table(graph: TrainGraph, target: Target,
 
     `measured` maps op name -> seconds, e.g. from `profile_host` or `load_costs(...)`. A loaded
     costs file that records the target it was measured on must match `target` (TargetError). When
-    `measured` carries a host overhead (`.overhead`), each measured op's share of it is added.
+    `measured` carries a host overhead (`.overhead`), each measured op's share of it is added; when it
+    carries measured paging (`.paging`), the table's page_out/page_in use it.
     """
     measured_on = getattr(measured, "target", None)
     if isinstance(measured_on, str) and measured_on != target.name:
         raise TargetError(
             f"the per-op costs were measured on target {measured_on!r}, not {target.name!r}",
             hint=f"use --target {measured_on}, or profile on the {target.name} device itself")
+    paging = getattr(measured, "paging", None)  # poetc.cost.paging.PagingCosts: Spill/Restore as measured
+    if paging is not None:
+        target = dataclasses.replace(target, page_out_bytes_per_s=paging.out_bytes_per_s,
+                                     page_out_latency_s=paging.out_latency_s,
+                                     page_in_bytes_per_s=paging.in_bytes_per_s, page_in_latency_s=paging.in_latency_s)
     nodes = node_map(graph)
     overhead = getattr(measured, "overhead", None)  # poetc.cost.timemodel.HostOverhead (docs/time-model.md)
     costs: list[OpCost] = []

@@ -48,19 +48,29 @@ def random_feeds(graph: TrainGraph, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 class HostTimes(dict):
-    """op name -> median kernel seconds (a plain dict), with the host overhead fitted from the same
-    runs (`overhead`, poetc.cost.timemodel.HostOverhead)."""
+    """op name -> kernel seconds (a plain dict), with what profile_host measured besides: the host
+    overhead fitted from the same runs (`overhead`, poetc.cost.timemodel.HostOverhead), Spill/Restore
+    through poetc's ops (`paging`, poetc.cost.paging.PagingCosts) and the training API's step
+    (`step_extras`, poetc.cost.timemodel.StepExtras), each None when not measured (`notes` say why)."""
 
     overhead = None
+    paging = None
+    step_extras = None
+    notes: tuple = ()
 
 
 def profile_host(graph: TrainGraph, repeats: int = 5, seed: int = 0, *, warmup: int = 1,
-                 intra_op_threads: int | None = None) -> HostTimes:
-    """op name -> median kernel time in seconds on this machine, for every op of `graph`, and
-    (`.overhead`) what the step costs beyond its kernels (poetc.cost.timemodel, from the same runs).
+                 intra_op_threads: int | None = None, artifacts: str | os.PathLike | None = None,
+                 paging: bool = False) -> HostTimes:
+    """op name -> kernel time in seconds on this machine (the minimum over the timed runs: other
+    processes only add time), for every op of `graph`, and (`.overhead`) what the step costs beyond
+    its kernels (poetc.cost.timemodel, from the same runs).
 
     Runs `warmup` untimed and `repeats` timed steps of `graph.model` in one ONNX Runtime session.
     Readings of 0 us (below the profiler's 1 us resolution) become MIN_MEASURED_OP_TIME_S.
+    With `artifacts` (the keep-all training artifacts `graph` was lowered from) it also times the
+    training API's step (`.step_extras`) and takes the profiler's own per-node cost off the overhead;
+    with `paging`, poetc's Spill/Restore (`.paging`; needs the op library, built if absent).
     Raises RuntimeFailure if ONNX Runtime fails or an op never shows up in the profile.
     """
     from ..runtime.profiling import profile_kernels
@@ -86,12 +96,34 @@ def profile_host(graph: TrainGraph, repeats: int = 5, seed: int = 0, *, warmup: 
             missing.append(op.name)
             continue
         timed = runs[-repeats:]  # drop the warm-up run(s)
-        result[op.name] = max(statistics.median(timed), MIN_MEASURED_OP_TIME_S)
+        result[op.name] = max(min(timed), MIN_MEASURED_OP_TIME_S)
     if missing:
         raise RuntimeFailure(f"{len(missing)} op(s) did not appear in the ONNX Runtime profile, "
                              f"e.g. {missing[0]!r}")
-    from .timemodel import overhead_from_events
+    from .timemodel import measure_step_extras, overhead_from_events
     result.overhead = overhead_from_events(graph, events, walls, warmup)
+    notes = []
+    if artifacts is not None:
+        try:
+            extras = measure_step_extras(graph, artifacts, feeds, repeats=repeats)
+        except Exception as exc:  # ORT raises its own exception types
+            raise RuntimeFailure(f"ONNX Runtime failed while timing the training API's step on {artifacts}: "
+                                 f"{str(exc).strip()[:600]}") from exc
+        result.step_extras = extras
+        result.overhead = result.overhead.without_profiler(extras.profiler_per_node_s)
+    if paging:
+        from ..runtime import nativelib
+        from .paging import measure_paging
+        try:
+            library = nativelib.build_spill_library("host")
+        except nativelib.NativeBuildError as exc:
+            notes.append(f"paging not measured: the op library could not be built ({str(exc)[:200]})")
+        else:
+            try:
+                result.paging = measure_paging(library, repeats=repeats)
+            except Exception as exc:  # ORT raises its own exception types
+                raise RuntimeFailure(f"poetc's Spill/Restore failed while timing them: {str(exc).strip()[:600]}") from exc
+    result.notes = tuple(notes)
     return result
 
 
@@ -112,6 +144,18 @@ class SavedCosts(Mapping[str, float]):
         """The host overhead stored with the times (poetc.cost.timemodel.HostOverhead), or None."""
         from .timemodel import HostOverhead
         return HostOverhead.from_json(self.meta.get("overhead"))
+
+    @property
+    def paging(self):
+        """Spill/Restore costs measured with the times (poetc.cost.paging.PagingCosts), or None."""
+        from .paging import PagingCosts
+        return PagingCosts.from_json(self.meta.get("paging"))
+
+    @property
+    def step_extras(self):
+        """What the training API's step adds to the graph's run (poetc.cost.timemodel.StepExtras), or None."""
+        from .timemodel import StepExtras
+        return StepExtras.from_json(self.meta.get("step_extras"))
 
     def __getitem__(self, op_name: str) -> float:
         return self.times[op_name]
@@ -141,9 +185,13 @@ def save_costs(path: str | os.PathLike[str], graph: TrainGraph,
     its target's name. Ops absent from a mapping are left out. `meta` is free-form (e.g. repeats);
     times from `profile_host` add their host overhead to it (`meta.overhead`, docs/time-model.md).
     """
-    overhead = getattr(costs, "overhead", None)
-    if overhead is not None and not isinstance(costs, CostTable):
-        meta = {**(meta or {}), "overhead": overhead.to_json()}
+    if not isinstance(costs, CostTable):
+        for key in ("overhead", "paging", "step_extras"):  # what profile_host measured besides the op times
+            value = getattr(costs, key, None)
+            if value is not None:
+                meta = {**(meta or {}), key: value.to_json()}
+        if getattr(costs, "notes", None):
+            meta = {**(meta or {}), "notes": list(costs.notes)}
     records = []
     if isinstance(costs, CostTable):
         if costs.op_names != tuple(op.name for op in graph.ops):

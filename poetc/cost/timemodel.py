@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +38,12 @@ class HostOverhead:
     per_run_s: float
     samples: int = 0  # gaps the fit used
     run_s: float = 0.0  # the profiled runs' median wall time (session.run, profiler on): a diagnostic
+    profiler_per_node_s: float = 0.0  # taken off per_node_s: the profiler's own cost (StepExtras)
+
+    def without_profiler(self, per_node_s: float) -> HostOverhead:
+        """This overhead with the profiler's own cost per node (measured) taken off per_node_s."""
+        return dataclasses.replace(self, per_node_s=max(self.per_node_s - per_node_s, 0.0),
+                                   profiler_per_node_s=min(per_node_s, self.per_node_s))
 
     def op_s(self, out_bytes: int) -> float:
         """What one node executing costs besides its kernel, given the bytes its outputs allocate."""
@@ -44,7 +51,7 @@ class HostOverhead:
 
     def to_json(self) -> dict:
         return {"per_node_s": self.per_node_s, "per_byte_s": self.per_byte_s, "per_run_s": self.per_run_s,
-                "samples": self.samples, "run_s": self.run_s}
+                "samples": self.samples, "run_s": self.run_s, "profiler_per_node_s": self.profiler_per_node_s}
 
     @classmethod
     def from_json(cls, doc) -> HostOverhead | None:
@@ -57,7 +64,8 @@ class HostOverhead:
             return None
         if not all(np.isfinite(values)) or min(values) < 0:
             return None
-        return cls(*values, int(doc.get("samples", 0)), float(doc.get("run_s", 0.0)))
+        return cls(*values, int(doc.get("samples", 0)), float(doc.get("run_s", 0.0)),
+                   float(doc.get("profiler_per_node_s", 0.0)))
 
 
 def fit_overhead(gaps_s, freed_bytes, run_extra_s) -> HostOverhead:
@@ -144,4 +152,102 @@ def predict_step_s(graph: TrainGraph, kernel_s: dict[str, float], overhead: Host
     return total
 
 
-__all__ = ["HostOverhead", "fit_overhead", "freed_after", "output_bytes", "overhead_from_events", "predict_step_s"]
+@dataclass(frozen=True)
+class StepExtras:
+    """What a training step through ONNX Runtime's training API (`Module` + `Optimizer`, the step
+    `poetc verify`/`train` time) costs besides the training graph's run, measured by
+    `measure_step_extras` on the keep-all artifacts. Every figure is the minimum over the repeats (the
+    least disturbed reading: other processes only add time):
+
+    - module_s - run_s = `api_s`: the Module call (binding parameters, gradients and feeds, fetching
+      the loss) beyond an unprofiled `session.run` of the same graph;
+    - `optimizer_s`: `Optimizer.step()` (ORT's AdamW session over every parameter);
+    - `reset_s`: `lazy_reset_grad()`;
+    - `profiler_per_node_s`: (profiled run - unprofiled run) / nodes, the profiler's own cost per node,
+      which the gaps `fit_overhead` sees include (HostOverhead.per_node_s is measured under it).
+    """
+
+    api_s: float
+    optimizer_s: float
+    reset_s: float
+    profiler_per_node_s: float
+    module_s: float = 0.0
+    run_s: float = 0.0
+    repeats: int = 0
+
+    @property
+    def step_s(self) -> float:
+        """What the step adds to the graph's run: the API's work, the optimizer, the reset."""
+        return self.api_s + self.optimizer_s + self.reset_s
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc) -> StepExtras | None:
+        """None unless `doc` holds the four finite non-negative figures."""
+        if not isinstance(doc, dict):
+            return None
+        try:
+            values = [float(doc[k]) for k in ("api_s", "optimizer_s", "reset_s", "profiler_per_node_s")]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not all(np.isfinite(values)) or min(values) < 0:
+            return None
+        return cls(*values, float(doc.get("module_s", 0.0)), float(doc.get("run_s", 0.0)), int(doc.get("repeats", 0)))
+
+
+def measure_step_extras(graph: TrainGraph, artifacts, feeds: dict, repeats: int = 5) -> StepExtras:
+    """Time the training API's step on the keep-all `artifacts` (an unfused directory: `Module` and
+    `Optimizer`) against an unprofiled and a profiled `session.run` of `graph.model` with `feeds` (every
+    input), all in alternation (so that a change of load hits each alike), `repeats` times after one
+    warm-up. ONNX Runtime's exceptions propagate."""
+    import tempfile
+    import time
+
+    import onnxruntime as ort
+
+    from ..runtime.session import contract_session_options, open_training
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    sess = open_training(artifacts)
+    user = [feeds[n] for n in sess.input_names]
+    model = graph.model.SerializeToString()
+    plain = ort.InferenceSession(model, contract_session_options(), providers=["CPUExecutionProvider"])
+    tmp = tempfile.TemporaryDirectory(prefix="poetc-extras-")
+    so = contract_session_options()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tmp.name) / "p")
+    profiled = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    best = {"module": float("inf"), "optimizer": float("inf"), "reset": float("inf"), "run": float("inf"),
+            "profiled": float("inf")}
+    for i in range(repeats + 1):
+        tp = time.perf_counter()
+        profiled.run(None, feeds)
+        t0 = time.perf_counter()
+        plain.run(None, feeds)
+        t1 = time.perf_counter()
+        sess.module.train()
+        sess.module(*user)
+        t2 = time.perf_counter()
+        if sess.optimizer is not None:
+            sess.optimizer.step()
+        t3 = time.perf_counter()
+        sess.module.lazy_reset_grad()
+        t4 = time.perf_counter()
+        if i == 0:
+            continue  # warm-up
+        for key, dt in (("profiled", t0 - tp), ("run", t1 - t0), ("module", t2 - t1), ("optimizer", t3 - t2),
+                        ("reset", t4 - t3)):
+            best[key] = min(best[key], dt)
+    profiled.end_profiling()
+    del profiled
+    tmp.cleanup()
+    nodes = max(len(graph.model.graph.node), 1)
+    return StepExtras(api_s=max(best["module"] - best["run"], 0.0), optimizer_s=best["optimizer"],
+                      reset_s=best["reset"], profiler_per_node_s=max(best["profiled"] - best["run"], 0.0) / nodes,
+                      module_s=best["module"], run_s=best["run"], repeats=repeats)
+
+
+__all__ = ["HostOverhead", "StepExtras", "measure_step_extras", "fit_overhead", "freed_after", "output_bytes", "overhead_from_events", "predict_step_s"]

@@ -41,8 +41,9 @@ MAX_WINDOW_OPS = 64
 
 def _lengths(times: list[float], transfer_s: float, copy_s: float) -> list[tuple[int, float]]:
     """(ops, hidden compute) of the candidate windows over `times` (the compute they could span, nearest
-    first): the shortest covering the transfer (or the longest allowed) and up to SHORTER_WINDOWS
-    halvings of it, each hiding more than its staging copy costs."""
+    first): the shortest covering `transfer_s` (the hideable part of the transfer: less its CPU work) or
+    the longest allowed, and up to SHORTER_WINDOWS halvings of it, each hiding more than its staging
+    copy costs."""
     acc = np.cumsum(times[:MAX_WINDOW_OPS]) if times else np.zeros(0)
     if not len(acc):
         return []
@@ -73,13 +74,15 @@ def candidate_windows(problem: Problem, costs: OverlapCosts, allow_page: bool = 
         copy_e = costs.copy_power_w * copy_s
         t_out = problem.costs.page_out(c.nbytes)[0]
         t_in = problem.costs.page_in(c.nbytes)[0]
+        cpu_out, cpu_in = costs.cpu_s("out", t_out), costs.cpu_s("in", t_in)  # not hideable (OverlapCosts)
         fb = c.first_after_gap
         # out: the Spill after op prod, hidden by ops prod+1 .. end-1, flushed before slot end <= fb
-        for length, hidden in _lengths([op_t[p] for p in range(c.prod + 1, fb)], t_out, copy_s):
-            out.append(Window("out", i, c.name, c.nbytes, c.prod, c.prod + 1 + length, t_out, hidden, copy_s, copy_e))
+        for length, hidden in _lengths([op_t[p] for p in range(c.prod + 1, fb)], t_out - cpu_out, copy_s):
+            out.append(Window("out", i, c.name, c.nbytes, c.prod, c.prod + 1 + length, t_out, hidden, copy_s, copy_e,
+                              cpu_out))
         # in: the Prefetch before slot start >= prod + 1, hidden by ops start .. fb-1, awaited in slot fb
-        for length, hidden in _lengths([op_t[p] for p in range(fb - 1, c.prod, -1)], t_in, copy_s):
-            out.append(Window("in", i, c.name, c.nbytes, fb - length, fb, t_in, hidden, copy_s, copy_e))
+        for length, hidden in _lengths([op_t[p] for p in range(fb - 1, c.prod, -1)], t_in - cpu_in, copy_s):
+            out.append(Window("in", i, c.name, c.nbytes, fb - length, fb, t_in, hidden, copy_s, copy_e, cpu_in))
     return out
 
 

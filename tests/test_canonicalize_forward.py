@@ -53,8 +53,11 @@ def ort_forward(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-def ort_gradients(model: onnx.ModelProto, tmp_path, labels: np.ndarray, loss: str = "mse") -> tuple[float, dict]:
-    """Loss and parameter gradients of one step of onnxruntime-training's graph for `model`."""
+def ort_gradients(model: onnx.ModelProto, tmp_path, labels: np.ndarray, loss: str = "mse",
+                  inputs: dict[str, np.ndarray] | None = None) -> tuple[float, dict]:
+    """Loss and parameter gradients of one step of onnxruntime-training's graph for `model`, fed
+    `inputs` (default: x = X)."""
+    inputs = {"x": X} if inputs is None else inputs
     import onnxruntime as ort
     out = generate_training_artifacts(model, tmp_path / "art", ImportOptions(loss=loss))
     training = onnx.load(str(out / "training_model.onnx"))
@@ -64,8 +67,8 @@ def ort_gradients(model: onnx.ModelProto, tmp_path, labels: np.ndarray, loss: st
     for vi in training.graph.input:
         if vi.name in inits:
             continue
-        if vi.name == "x":
-            feeds[vi.name] = X
+        if vi.name in inputs:
+            feeds[vi.name] = inputs[vi.name]
         elif vi.name in ("labels", "target"):
             feeds[vi.name] = labels
         elif vi.name == "lazy_reset_grad":

@@ -33,40 +33,7 @@ from torch import nn
 
 from poetc.importer import ImportOptions, canonicalize, generate_training_artifacts
 
-from tests.test_canonicalize_forward import ort_forward
-
-
-def _ort_step(model: onnx.ModelProto, tmp_path, feeds: dict, labels: np.ndarray) -> tuple[float, dict]:
-    """Loss and every parameter's gradient of one step of ORT's training graph for `model` (mse)."""
-    import onnxruntime as ort
-    art = generate_training_artifacts(model, tmp_path / "art", ImportOptions(loss="mse"))
-    training = onnx.load(str(art / "training_model.onnx"))
-    params = {t.name: nh.to_array(t) for t in model.graph.initializer}
-    inits = {t.name for t in training.graph.initializer}
-    run_feeds = {}
-    for vi in training.graph.input:
-        if vi.name in inits:
-            continue
-        if vi.name in feeds:
-            run_feeds[vi.name] = feeds[vi.name]
-        elif vi.name in ("labels", "target"):
-            run_feeds[vi.name] = labels
-        elif vi.name == "lazy_reset_grad":
-            run_feeds[vi.name] = np.array([True])
-        elif vi.name.endswith("_grad.accumulation.buffer"):
-            run_feeds[vi.name] = np.zeros_like(params[vi.name[: -len("_grad.accumulation.buffer")]])
-        else:
-            run_feeds[vi.name] = params[vi.name]
-    trained = [n[: -len("_grad.accumulation.buffer")] for n in run_feeds if n.endswith("_grad.accumulation.buffer")]
-    for name in trained:
-        training.graph.output.append(oh.make_tensor_value_info(f"{name}_grad", TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 4
-    names = [o.name for o in training.graph.output]
-    values = ort.InferenceSession(training.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
-        None, run_feeds)
-    return float(values[0]), {n: values[names.index(f"{n}_grad")] for n in trained}
+from tests.test_canonicalize_forward import ort_forward, ort_gradients
 
 
 def _conv_model(op: str, x_shape, weight: np.ndarray, attrs: dict) -> onnx.ModelProto:
@@ -132,7 +99,7 @@ def test_conv_rewrite_matches_ort_kernel_and_torch_gradients(case, tmp_path):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     labels = rng.standard_normal(want.shape).astype(np.float32)
-    loss, grads = _ort_step(canonical, tmp_path, {"x": x}, labels)
+    loss, grads = ort_gradients(canonical, tmp_path, labels, inputs={"x": x})
     ref_loss, ref = _torch_step(fn, x, labels, model)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert set(grads) == {"S", "K", "B"}
